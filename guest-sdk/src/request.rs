@@ -1,0 +1,72 @@
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+
+/// An exact amount of money. Never a float: `amount` is a decimal with the
+/// currency's precision (12.50 USD has two decimals, 1000 JPY none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Money {
+    pub amount: Decimal,
+    /// ISO 4217 code or token ticker, upper case ("USD", "EUR", "USDC").
+    pub currency: String,
+}
+
+impl Money {
+    /// `Money::new(dec!(12.50), "USD")`.
+    pub fn new(amount: Decimal, currency: impl Into<String>) -> Self {
+        Money {
+            amount,
+            currency: currency.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Money {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.amount, self.currency)
+    }
+}
+
+/// Where the money would go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merchant {
+    /// Stable merchant id: the acquirer's merchant id or the site's domain.
+    pub id: String,
+    pub name: String,
+    /// ISO 18245 merchant category code, four digits ("5734").
+    pub mcc: String,
+    /// ISO 3166-1 alpha-2 country ("US"), empty when unknown.
+    pub country: String,
+}
+
+/// The agent that proposed the spend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    pub id: String,
+    pub name: String,
+    /// The operator's labels on the agent (`team = research`).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Agent {
+    /// The value of one label, if the operator set it.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+}
+
+/// One proposed spend, as the host received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendRequest {
+    /// The id the host gave this proposal.
+    pub id: String,
+    pub agent: Agent,
+    pub amount: Money,
+    pub merchant: Merchant,
+    /// The agent's own words: what it buys and why.
+    pub purpose: String,
+    /// When the host received the proposal, in ms since the Unix epoch (UTC).
+    /// The only clock a policy sees, so evaluation is deterministic: measure
+    /// windows back from here, never from a system clock.
+    pub received_at_ms: u64,
+}

@@ -1,0 +1,234 @@
+//! `spendguard policy check | eval | test`: a policy in the real sandbox,
+//! with no daemon and no money.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use spendguard::cases::{self, CasesFile, HistoryEntry, Outcome, RequestDoc};
+use spendguard::sandbox::{LoadedPolicy, Sandbox};
+
+use super::{EXIT_FAILURE, EXIT_INVALID_INPUT, LimitArgs};
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Load a module as the host would and describe it, or say why it is refused.
+    Check(CheckArgs),
+    /// Evaluate one request in the real sandbox and print the decision as JSON.
+    Eval(EvalArgs),
+    /// Run every case of a cases file in the real sandbox.
+    Test(TestArgs),
+}
+
+pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PolicyCommand::Check(args) => check(args),
+        PolicyCommand::Eval(args) => eval(args),
+        PolicyCommand::Test(args) => test(args),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The policy module (.wasm).
+    file: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The policy module (.wasm).
+    file: PathBuf,
+    /// A request document (the `request` object of a case).
+    #[arg(long, value_name = "REQ.json")]
+    request: PathBuf,
+    /// The config document attached with the policy (default `{}`).
+    #[arg(long, value_name = "CFG.json")]
+    config: Option<PathBuf>,
+    /// A history list (the `history` array of a case).
+    #[arg(long, value_name = "HIST.json")]
+    history: Option<PathBuf>,
+    /// The policy's name in reasons (default: the file's stem).
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// The policy module (.wasm).
+    file: PathBuf,
+    /// The cases file.
+    cases: PathBuf,
+    /// The policy's name in reasons (default: the file's stem).
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+fn policy_name(file: &Path, name: Option<String>) -> String {
+    name.unwrap_or_else(|| {
+        file.file_stem()
+            .map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned())
+    })
+}
+
+/// Read and load a module; the error says which file and why.
+fn load(sandbox: &Sandbox, file: &Path) -> anyhow::Result<LoadedPolicy> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read `{}`", file.display()))?;
+    sandbox
+        .load(&bytes)
+        .with_context(|| format!("`{}` refused", file.display()))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(file: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read `{}`", file.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("invalid `{}`", file.display()))
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let sandbox = Sandbox::new(args.limits.limits())?;
+    let policy = match load(&sandbox, &args.file) {
+        Ok(policy) => policy,
+        Err(err) => {
+            if args.json {
+                println!("{}", json!({ "ok": false, "error": format!("{err:#}") }));
+            } else {
+                eprintln!("error: {err:#}");
+            }
+            return Ok(ExitCode::from(EXIT_FAILURE));
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "ok": true,
+                "sha256": policy.sha256(),
+                "size": policy.size(),
+                "world": policy.world(),
+                "imports": policy.imports(),
+                "exports": policy.exports(),
+            })
+        );
+    } else {
+        println!("ok: `{}` loads as a spendguard policy", args.file.display());
+        println!("sha256:  {}", policy.sha256());
+        println!("size:    {} bytes", policy.size());
+        println!("world:   {}", policy.world());
+        println!("imports: {}", policy.imports().join(", "));
+        println!("exports: {}", policy.exports().join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let name = policy_name(&args.file, args.name);
+    let sandbox = Sandbox::new(args.limits.limits())?;
+    let policy = load(&sandbox, &args.file)?;
+    let request = read_json::<RequestDoc>(&args.request)?
+        .to_request()
+        .with_context(|| format!("invalid `{}`", args.request.display()))?;
+    let config = match &args.config {
+        Some(file) => read_json::<serde_json::Value>(file)?.to_string(),
+        None => cases::DEFAULT_CONFIG.to_owned(),
+    };
+    if config.len() > sandbox.limits().max_config_bytes {
+        bail!(
+            "config is {} bytes, over the limit of {}",
+            config.len(),
+            sandbox.limits().max_config_bytes
+        );
+    }
+    let history = match &args.history {
+        Some(file) => cases::to_history(&read_json::<Vec<HistoryEntry>>(file)?)
+            .with_context(|| format!("invalid `{}`", file.display()))?,
+        None => Default::default(),
+    };
+    let outcome = cases::evaluate(&sandbox, &policy, &request, &config, history);
+    let decision = outcome.decision(&name);
+    let (fuel_used, elapsed, logs, fault) = match &outcome {
+        Outcome::Evaluated(run) => (
+            run.fuel_used,
+            run.elapsed,
+            &run.logs,
+            run.outcome.as_ref().err(),
+        ),
+        Outcome::ConfigRefused(run) => (
+            run.fuel_used,
+            run.elapsed,
+            &run.logs,
+            run.outcome.as_ref().err(),
+        ),
+    };
+    println!(
+        "{}",
+        json!({
+            "decision": decision.kind(),
+            "reason": decision.reason(),
+            "card_terms": decision.card_terms(),
+            "fuel_used": fuel_used,
+            "elapsed_us": u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            "logs": logs,
+            "fault": fault,
+        })
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
+    let name = policy_name(&args.file, args.name);
+    let invalid = |err: anyhow::Error| {
+        eprintln!("error: {err:#}");
+        Ok(ExitCode::from(EXIT_INVALID_INPUT))
+    };
+    let file: CasesFile = match read_json(&args.cases) {
+        Ok(file) => file,
+        Err(err) => return invalid(err),
+    };
+    // Every case must be well-formed before any runs: a typo is not a failure
+    // of the policy.
+    for case in &file.cases {
+        let checked = case
+            .request
+            .to_request()
+            .and_then(|_| cases::to_history(&case.history))
+            .with_context(|| format!("case {:?} in `{}`", case.name, args.cases.display()));
+        if let Err(err) = checked {
+            return invalid(err);
+        }
+    }
+    let sandbox = Sandbox::new(args.limits.limits())?;
+    let policy = match load(&sandbox, &args.file) {
+        Ok(policy) => policy,
+        Err(err) => return invalid(err),
+    };
+    let (mut passed, mut failed) = (0usize, 0usize);
+    for case in &file.cases {
+        match case.run(&sandbox, &policy, &name) {
+            Ok(_) => {
+                passed += 1;
+                println!("ok    {}", case.name);
+            }
+            Err(failure) => {
+                failed += 1;
+                println!("FAIL  {}: {failure}", case.name);
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
+    })
+}

@@ -1,0 +1,10 @@
+//! spendguard: let AI agents spend money safely.
+//!
+//! The host holds the wallet; agents propose spends; the operator's policies,
+//! WebAssembly modules run in [`sandbox`], decide.
+
+pub mod cases;
+pub mod history;
+pub mod money;
+pub mod policy;
+pub mod sandbox;

@@ -1,0 +1,111 @@
+//! What a policy sees and decides, in the host's own types. Nothing here
+//! depends on the Wasm engine: the sandbox converts at its edge.
+
+use serde::Serialize;
+
+use crate::money::Amount;
+
+/// The agent that proposed a spend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Agent {
+    pub id: String,
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+}
+
+/// Where the money would go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Merchant {
+    pub id: String,
+    pub name: String,
+    /// ISO 18245 merchant category code, four digits.
+    pub mcc: String,
+    /// ISO 3166-1 alpha-2, empty when unknown.
+    pub country: String,
+}
+
+/// One proposed spend, as policies see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SpendRequest {
+    pub id: String,
+    pub agent: Agent,
+    pub amount: Amount,
+    pub merchant: Merchant,
+    pub purpose: String,
+    /// When the host received it, ms since the Unix epoch: the policies' only clock.
+    pub received_at_ms: u64,
+}
+
+/// How an allowing policy narrows the card.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CardTerms {
+    pub ttl_seconds: Option<u32>,
+    pub max_amount: Option<Amount>,
+}
+
+impl CardTerms {
+    /// The narrowest of two sets of terms: the shorter life, the lower cap.
+    pub fn narrowest(self, other: CardTerms) -> CardTerms {
+        let ttl_seconds = match (self.ttl_seconds, other.ttl_seconds) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let max_amount = match (self.max_amount, other.max_amount) {
+            (Some(a), Some(b)) => Some(if a.units() <= b.units() { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        CardTerms {
+            ttl_seconds,
+            max_amount,
+        }
+    }
+}
+
+/// One policy's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow(CardTerms),
+    Deny(String),
+    RequireApproval(String),
+}
+
+impl Decision {
+    /// `allow`, `deny` or `require_approval`, as the CLI and the API print it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Decision::Allow(_) => "allow",
+            Decision::Deny(_) => "deny",
+            Decision::RequireApproval(_) => "require_approval",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Decision::Allow(_) => None,
+            Decision::Deny(r) | Decision::RequireApproval(r) => Some(r),
+        }
+    }
+
+    pub fn card_terms(&self) -> Option<&CardTerms> {
+        match self {
+            Decision::Allow(terms) => Some(terms),
+            _ => None,
+        }
+    }
+}
+
+/// Which committed spend a policy's history query adds up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendFilter {
+    pub since_ms: u64,
+    pub merchant_id: Option<String>,
+    pub mcc: Option<String>,
+    pub wallet_wide: bool,
+}
+
+/// The answer to a history query: units of the request's currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpendSummary {
+    pub total_units: i64,
+    pub count: u32,
+}
