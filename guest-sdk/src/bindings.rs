@@ -64,7 +64,11 @@ pub fn validate_config_wit<P: Policy>(config: String) -> Result<(), String> {
 fn install_panic_hook() {
     #[cfg(target_arch = "wasm32")]
     std::panic::set_hook(Box::new(|info| {
-        let mut message = format!("panic: {info}");
+        let payload = info.payload_as_str().unwrap_or("(no message)");
+        let mut message = match info.location() {
+            Some(at) => format!("panic: {payload} (at {}:{})", at.file(), at.line()),
+            None => format!("panic: {payload}"),
+        };
         if message.len() > crate::log::PANIC_MESSAGE_MAX {
             let mut end = crate::log::PANIC_MESSAGE_MAX;
             while !message.is_char_boundary(end) {

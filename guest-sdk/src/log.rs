@@ -7,13 +7,17 @@
 /// How important a log line is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
+    /// Detail useful when debugging the policy.
     Debug,
+    /// What the policy saw and why it decided.
     Info,
+    /// Something the operator should look at.
     Warn,
 }
 
 /// A panic's message is cut to this many bytes before it is logged, so a
 /// panicking policy is reported as a panic and not as oversize output.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 pub(crate) const PANIC_MESSAGE_MAX: usize = 512;
 
 /// Record a line at `level`.

@@ -6,6 +6,7 @@ use rust_decimal::Decimal;
 /// currency's precision (12.50 USD has two decimals, 1000 JPY none).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Money {
+    /// The exact amount, with the currency's precision.
     pub amount: Decimal,
     /// ISO 4217 code or token ticker, upper case ("USD", "EUR", "USDC").
     pub currency: String,
@@ -32,6 +33,7 @@ impl std::fmt::Display for Money {
 pub struct Merchant {
     /// Stable merchant id: the acquirer's merchant id or the site's domain.
     pub id: String,
+    /// The merchant's display name.
     pub name: String,
     /// ISO 18245 merchant category code, four digits ("5734").
     pub mcc: String,
@@ -42,7 +44,9 @@ pub struct Merchant {
 /// The agent that proposed the spend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agent {
+    /// The agent's id, stable for its life.
     pub id: String,
+    /// The name the operator gave it.
     pub name: String,
     /// The operator's labels on the agent (`team = research`).
     pub labels: BTreeMap<String, String>,
@@ -60,8 +64,11 @@ impl Agent {
 pub struct SpendRequest {
     /// The id the host gave this proposal.
     pub id: String,
+    /// Who proposes the spend.
     pub agent: Agent,
+    /// How much, in which currency.
     pub amount: Money,
+    /// Where the money would go.
     pub merchant: Merchant,
     /// The agent's own words: what it buys and why.
     pub purpose: String,

@@ -44,8 +44,11 @@ pub const DEFAULT_AGENT_ID: &str = "test-agent";
 /// A committed spend in the fake history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PastSpend {
+    /// How much was spent.
     pub amount: Money,
+    /// At which merchant.
     pub merchant_id: String,
+    /// The merchant's category code.
     pub mcc: String,
     /// When it was received, ms since the epoch.
     pub at_ms: u64,
@@ -124,7 +127,9 @@ pub fn request(amount: &str, currency: &str) -> SpendRequest {
 /// What one evaluation decided and logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
+    /// What the policy decided (a config it refused is a deny).
     pub decision: Decision,
+    /// The lines it logged, in order.
     pub logs: Vec<(Level, String)>,
     /// How many history queries the policy made.
     pub history_calls: u32,

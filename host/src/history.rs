@@ -75,3 +75,60 @@ impl History for StaticHistory {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spend(
+        amount: &str,
+        currency: &str,
+        merchant: &str,
+        mcc: &str,
+        at_ms: u64,
+        agent: Option<&str>,
+    ) -> PastSpend {
+        PastSpend {
+            amount: Amount::parse(amount, currency).unwrap(),
+            merchant_id: merchant.into(),
+            mcc: mcc.into(),
+            at_ms,
+            agent: agent.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn filters_select_what_the_contract_says() {
+        let history = StaticHistory(vec![
+            spend("10.00", "USD", "a.com", "5734", 1_000, None),
+            spend("0.10", "USD", "b.com", "5815", 2_000, None),
+            spend("0.20", "USD", "a.com", "5734", 3_000, Some("test-agent")),
+            spend("7.00", "EUR", "a.com", "5734", 3_000, None),
+            spend("5.00", "USD", "a.com", "5734", 3_000, Some("other-bot")),
+        ]);
+        let scope = HistoryScope {
+            agent_id: "test-agent".into(),
+            currency: "USD".into(),
+        };
+        let filter =
+            |since_ms, merchant: Option<&str>, mcc: Option<&str>, wallet_wide| SpendFilter {
+                since_ms,
+                merchant_id: merchant.map(Into::into),
+                mcc: mcc.map(Into::into),
+                wallet_wide,
+            };
+        let sum = |f: SpendFilter| {
+            let s = history.summarize(&scope, &f).unwrap();
+            (s.total_units, s.count)
+        };
+        // Own spends in USD only; 0.10 + 0.20 is exactly 0.30.
+        assert_eq!(sum(filter(2_000, None, None, false)), (30, 2));
+        // since_ms is inclusive.
+        assert_eq!(sum(filter(1_000, None, None, false)), (1030, 3));
+        assert_eq!(sum(filter(1_001, None, None, false)), (30, 2));
+        assert_eq!(sum(filter(0, Some("a.com"), None, false)), (1020, 2));
+        assert_eq!(sum(filter(0, None, Some("5815"), false)), (10, 1));
+        // Other agents count only wallet-wide; EUR never counts for USD.
+        assert_eq!(sum(filter(0, None, None, true)), (1530, 4));
+    }
+}

@@ -94,8 +94,10 @@ impl Amount {
     /// currency, more decimals than the currency has, zero, negative and
     /// absurd amounts.
     pub fn parse(amount: &str, currency: &str) -> Result<Self, MoneyError> {
-        let value = Decimal::from_str(amount.trim())
-            .map_err(|_| MoneyError::NotANumber(amount.to_owned()))?;
+        if !is_plain_decimal(amount) {
+            return Err(MoneyError::NotANumber(amount.to_owned()));
+        }
+        let value = Decimal::from_str(amount).map_err(|_| MoneyError::NotANumber(amount.to_owned()))?;
         Amount::from_decimal(value, currency)
     }
 
@@ -165,6 +167,15 @@ impl Amount {
     }
 }
 
+/// Digits with an optional sign and fraction (`12.50`, `-3`): no exponent,
+/// no spaces, no thousands separators, nothing a reader could misread.
+fn is_plain_decimal(s: &str) -> bool {
+    let unsigned = s.strip_prefix(['-', '+']).unwrap_or(s);
+    let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, "0"));
+    let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    digits(whole) && digits(fraction)
+}
+
 /// Format `units` of a currency with `exponent` decimals (`1250`, 2 → `12.50`).
 pub fn format_units(units: i64, exponent: u8) -> String {
     Decimal::new(units, u32::from(exponent)).to_string()
@@ -211,6 +222,12 @@ mod tests {
             ("12.50", "usd", Err("unknown currency")),
             ("twelve", "USD", Err("not a decimal")),
             ("1e3", "USD", Err("not a decimal")),
+            (" 12.50", "USD", Err("not a decimal")),
+            ("12.", "USD", Err("not a decimal")),
+            (".5", "USD", Err("not a decimal")),
+            ("1,000.00", "USD", Err("not a decimal")),
+            ("", "USD", Err("not a decimal")),
+            ("+12.50", "USD", Ok(1250)),
         ];
         for (amount, currency, want) in cases {
             let got = Amount::parse(amount, currency);

@@ -529,9 +529,12 @@ fn classify(err: wasmtime::Error, state: &GuestState) -> Fault {
         Some(_) | None if state.memory_refused => Fault::MemoryLimit,
         Some(Trap::UnreachableCodeReached) => match panic_message(&state.logs) {
             Some(message) => Fault::Panic(message.to_owned()),
-            None => Fault::Trap(Trap::UnreachableCodeReached.to_string()),
+            None => Fault::Trap("unreachable instruction executed".into()),
         },
-        Some(trap) => Fault::Trap(trap.to_string()),
+        Some(Trap::MemoryOutOfBounds) => Fault::Trap(
+            "out of bounds memory access (a policy that overflows its own Wasm stack ends here too)".into(),
+        ),
+        Some(trap) => Fault::Trap(trap.to_string().trim_start_matches("wasm trap: ").to_owned()),
         None => Fault::HostError(format!("{err:#}")),
     }
 }

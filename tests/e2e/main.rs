@@ -1,1 +1,8 @@
-fn main() {}
+//! End-to-end tests: real policies built from source, the real sandbox, the
+//! real `spendguard` binary. One test binary for the whole product, a module
+//! per topic (wasmtime's `tests/all` layout).
+
+mod cli;
+mod guests;
+mod policies;
+mod sandbox;

@@ -13,7 +13,7 @@ wasmtime::component::bindgen!({
     imports: { default: trappable },
 });
 
-use spendguard::policy::{history, log, types};
+use self::spendguard::policy::{history, log, types};
 
 pub(super) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
     SpendPolicy::add_to_linker::<GuestState, HasSelf<GuestState>>(linker, |state| state)

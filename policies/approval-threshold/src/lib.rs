@@ -1,0 +1,187 @@
+//! # approval-threshold
+//!
+//! A human in the loop for large purchases: a proposal whose amount is above
+//! `threshold` is held until an operator approves or denies it; a proposal at
+//! or under the threshold is allowed. Pair it with other policies (a spend
+//! limit, merchant rules): across policies deny wins over require-approval,
+//! which wins over allow, so this policy never lets through what another one
+//! denies.
+//!
+//! **A proposal in another currency than `currency` requires approval.**
+//! Amounts are never converted, so this policy cannot tell whether 90 EUR is
+//! above a 100 USD threshold. Asking a human is the safe answer that still
+//! lets a legitimate foreign purchase through; an operator who wants foreign
+//! currencies refused outright should add a policy that denies them (for
+//! instance `spend-limit` or `purchase-cap`, which deny a currency mismatch).
+//!
+//! ## Config
+//!
+//! ```json
+//! { "threshold": "100.00", "currency": "USD" }
+//! ```
+//!
+//! - `threshold` (required): a decimal string. Amounts strictly above it
+//!   need approval; an amount equal to it does not. `"0"` sends every
+//!   proposal to an operator.
+//! - `currency` (required): the threshold's currency, an upper-case code
+//!   (`"USD"`, `"EUR"`, `"USDC"`).
+//!
+//! Unknown fields are refused, so a typo is caught when the policy is
+//! attached.
+
+use serde::Deserialize;
+use spendguard_sdk::{Decimal, Decision, Policy, SpendRequest};
+
+/// The policy. Register it with the host by building this crate for
+/// `wasm32-unknown-unknown`.
+#[derive(Debug)]
+pub struct ApprovalThreshold;
+
+/// The operator's config; see the crate documentation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub threshold: Decimal,
+    pub currency: String,
+}
+
+impl Policy for ApprovalThreshold {
+    type Config = Config;
+
+    fn check_config(config: &Config) -> Result<(), String> {
+        if config.threshold < Decimal::ZERO {
+            return Err(format!(
+                "`threshold` must not be negative, got `{}`",
+                config.threshold
+            ));
+        }
+        let currency = &config.currency;
+        if !((3..=10).contains(&currency.len()) && currency.bytes().all(|b| b.is_ascii_uppercase()))
+        {
+            return Err(format!(
+                "`currency` must be an upper-case currency code like `USD`, got `{currency}`"
+            ));
+        }
+        Ok(())
+    }
+
+    fn evaluate(request: &SpendRequest, config: &Config) -> Decision {
+        let amount = &request.amount;
+        if amount.currency != config.currency {
+            return Decision::require_approval(format!(
+                "this spend is in {}, but the approval threshold is in {}: amounts are not \
+                 converted, so an operator must decide",
+                amount.currency, config.currency
+            ));
+        }
+        if amount.amount > config.threshold {
+            return Decision::require_approval(format!(
+                "{amount} is above the approval threshold of {} {}",
+                config.threshold, config.currency
+            ));
+        }
+        Decision::allow()
+    }
+}
+
+spendguard_sdk::export_policy!(ApprovalThreshold);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spendguard_sdk::testing::{TestHost, request};
+
+    const CONFIG: &str = r#"{ "threshold": "100.00", "currency": "USD" }"#;
+
+    fn decide(amount: &str, currency: &str, config: &str) -> Decision {
+        TestHost::new()
+            .evaluate::<ApprovalThreshold>(&request(amount, currency), config)
+            .decision
+    }
+
+    #[test]
+    fn under_the_threshold_is_allowed() {
+        assert_eq!(decide("99.99", "USD", CONFIG), Decision::allow());
+    }
+
+    #[test]
+    fn exactly_the_threshold_is_allowed() {
+        assert_eq!(decide("100.00", "USD", CONFIG), Decision::allow());
+        assert_eq!(decide("100", "USD", CONFIG), Decision::allow());
+    }
+
+    #[test]
+    fn above_the_threshold_requires_approval() {
+        assert_eq!(
+            decide("100.01", "USD", CONFIG),
+            Decision::require_approval("100.01 USD is above the approval threshold of 100.00 USD")
+        );
+    }
+
+    #[test]
+    fn another_currency_requires_approval() {
+        let decision = decide("5.00", "EUR", CONFIG);
+        assert!(
+            matches!(&decision, Decision::RequireApproval(r) if r.contains("EUR") && r.contains("USD")),
+            "{decision:?}"
+        );
+    }
+
+    #[test]
+    fn a_zero_threshold_escalates_everything() {
+        let config = r#"{ "threshold": "0", "currency": "USD" }"#;
+        assert!(matches!(
+            decide("0.01", "USD", config),
+            Decision::RequireApproval(_)
+        ));
+    }
+
+    #[test]
+    fn the_policy_never_reads_history() {
+        let outcome =
+            TestHost::new().evaluate::<ApprovalThreshold>(&request("500.00", "USD"), CONFIG);
+        assert_eq!(outcome.history_calls, 0);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_a_message() {
+        let cases = [
+            (
+                r#"{ "threshold": "-1", "currency": "USD" }"#,
+                "`threshold` must not be negative",
+            ),
+            (
+                r#"{ "threshold": "100", "currency": "dollars" }"#,
+                "`currency` must be",
+            ),
+            (
+                r#"{ "threshold": "100", "currency": "" }"#,
+                "`currency` must be",
+            ),
+            (
+                r#"{ "threshold": 100, "currency": "USD" }"#,
+                "invalid config",
+            ),
+            (
+                r#"{ "threshold": "lots", "currency": "USD" }"#,
+                "invalid config",
+            ),
+            (r#"{ "threshold": "100" }"#, "missing field `currency`"),
+            (
+                r#"{ "threshold": "100", "currency": "USD", "treshold": "5" }"#,
+                "unknown field",
+            ),
+        ];
+        for (config, fragment) in cases {
+            let result = TestHost::validate_config::<ApprovalThreshold>(config);
+            assert!(
+                matches!(&result, Err(message) if message.contains(fragment)),
+                "{config}: {result:?}"
+            );
+        }
+        assert_eq!(
+            TestHost::validate_config::<ApprovalThreshold>(CONFIG),
+            Ok(())
+        );
+    }
+}

@@ -1,0 +1,46 @@
+//! The example policies, built from source, against their own cases files,
+//! through the library (the CLI runs the same files in `cli.rs`).
+
+use spendguard::cases::CasesFile;
+use spendguard::sandbox::{Limits, Sandbox};
+
+use crate::guests;
+
+#[test]
+fn every_example_policy_passes_its_cases() {
+    let policies = guests::crates("policies");
+    assert!(
+        policies.len() >= 4,
+        "expected at least four example policies, found {policies:?}"
+    );
+    let sandbox = Sandbox::new(Limits::default()).unwrap();
+    for (name, dir) in policies {
+        let text = std::fs::read_to_string(dir.join("cases.json"))
+            .expect("every example policy has cases.json");
+        let file: CasesFile =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}/cases.json: {e}"));
+        assert!(
+            file.cases.len() >= 5,
+            "{name}: only {} cases",
+            file.cases.len()
+        );
+        let kinds: Vec<_> = file
+            .cases
+            .iter()
+            .map(|c| c.expect.decision.as_str())
+            .collect();
+        assert!(kinds.contains(&"allow"), "{name}: no case allows");
+        assert!(
+            kinds.iter().any(|k| *k != "allow"),
+            "{name}: no case refuses"
+        );
+        let policy = sandbox
+            .load(&guests::bytes(&name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for case in &file.cases {
+            if let Err(failure) = case.run(&sandbox, &policy, &name) {
+                panic!("{name}: case {:?}: {failure}", case.name);
+            }
+        }
+    }
+}

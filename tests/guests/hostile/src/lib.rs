@@ -1,0 +1,109 @@
+//! A policy that misbehaves on purpose. Its config picks the attack:
+//! `{"attack": "loop"}`. With `"none"` it behaves and allows, so the same
+//! module also shows the host still works after an attack.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use serde::Deserialize;
+use spendguard_sdk::{
+    CardTerms, Decimal, Decision, Money, Policy, SpendFilter, SpendRequest, history, log,
+};
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Attack {
+    /// Behave: allow.
+    None,
+    /// Spin forever.
+    Loop,
+    /// Allocate until memory runs out.
+    Memory,
+    /// Recurse without end.
+    Recursion,
+    /// Panic with a message.
+    Panic,
+    /// Deny with a 3 MiB reason.
+    HugeReason,
+    /// Log one 1 MiB line.
+    HugeLog,
+    /// Log a short line, a thousand times.
+    LogFlood,
+    /// Ask history a million times.
+    HistoryFlood,
+    /// Allow with a card cap in another currency.
+    ForeignCap,
+    /// Count calls in a static: a fresh instance always says 1.
+    Count,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    attack: Attack,
+}
+
+static CALLS: AtomicU32 = AtomicU32::new(0);
+
+/// Recurses until the stack runs out. Only Wasm locals, no address taken, so
+/// the depth is spent on the engine's stack, not the module's own.
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    if depth == u64::MAX {
+        return 0;
+    }
+    recurse(depth + 1).rotate_left((depth % 63) as u32) ^ depth
+}
+
+struct Hostile;
+
+impl Policy for Hostile {
+    type Config = Config;
+
+    fn evaluate(request: &SpendRequest, config: &Config) -> Decision {
+        match config.attack {
+            Attack::None => Decision::allow(),
+            Attack::Loop => {
+                let mut n: u64 = 0;
+                loop {
+                    n = black_box(n.wrapping_add(1));
+                }
+            }
+            Attack::Memory => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(black_box(vec![1u8; 1 << 20]));
+                }
+            }
+            Attack::Recursion => Decision::deny(format!("depth {}", recurse(0))),
+            Attack::Panic => panic!("the policy gave up on {}", request.merchant.id),
+            Attack::HugeReason => Decision::deny("x".repeat(3 << 20)),
+            Attack::HugeLog => {
+                log::info(&"y".repeat(1 << 20));
+                Decision::allow()
+            }
+            Attack::LogFlood => {
+                for i in 0..1000 {
+                    log::debug(&format!("line {i}"));
+                }
+                Decision::allow()
+            }
+            Attack::HistoryFlood => {
+                let mut total = Decimal::ZERO;
+                for _ in 0..1_000_000 {
+                    total += history::summarize(&SpendFilter::since_ms(0)).total.amount;
+                }
+                Decision::deny(format!("total {total}"))
+            }
+            Attack::ForeignCap => {
+                Decision::Allow(CardTerms::default().max_amount(Money::new(Decimal::ONE, "EUR")))
+            }
+            Attack::Count => {
+                let n = CALLS.fetch_add(1, Ordering::SeqCst) + 1;
+                Decision::deny(format!("call number {n}"))
+            }
+        }
+    }
+}
+
+spendguard_sdk::export_policy!(Hostile);
