@@ -75,12 +75,12 @@ pub fn summarize(filter: &SpendFilter) -> SpendSummary {
             mcc: filter.mcc.clone(),
             wallet_wide: filter.wallet_wide,
         });
-        let currency = summary.total.currency.clone();
-        let total = Money::try_from(summary.total).unwrap_or(Money {
-            // Fail closed: a total we cannot read counts as "everything".
-            amount: rust_decimal::Decimal::MAX,
-            currency,
-        });
+        // INVARIANT: the host sends totals at the currency's exponent (at
+        // most 8 decimals). Should that ever break, the panic traps and the
+        // spend is denied, naming this message: failing closed.
+        #[allow(clippy::panic)]
+        let total = Money::try_from(summary.total)
+            .unwrap_or_else(|e| panic!("the host sent an unreadable history total: {e}"));
         SpendSummary {
             total,
             count: summary.count,

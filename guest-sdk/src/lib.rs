@@ -12,7 +12,7 @@ pub mod testing;
 pub use decision::{CardTerms, Decision};
 pub use history::{SpendFilter, SpendSummary};
 pub use request::{Agent, Merchant, Money, SpendRequest};
-pub use rust_decimal::Decimal;
+pub use rust_decimal::{Decimal, RoundingStrategy};
 pub use serde;
 
 // The generated bindings name the SDK by its crate name, also from inside it.

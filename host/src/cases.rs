@@ -361,19 +361,19 @@ impl Expect {
         if got.kind() != self.decision.as_str() {
             return mismatch(self.decision.as_str().to_owned());
         }
-        if let Some(fragment) = &self.reason_contains {
-            if !got.reason().unwrap_or_default().contains(fragment.as_str()) {
-                return mismatch(format!(
-                    "{} with a reason containing {fragment:?}",
-                    self.decision.as_str()
-                ));
-            }
+        if let Some(fragment) = &self.reason_contains
+            && !got.reason().unwrap_or_default().contains(fragment.as_str())
+        {
+            return mismatch(format!(
+                "{} with a reason containing {fragment:?}",
+                self.decision.as_str()
+            ));
         }
         let terms = got.card_terms().cloned().unwrap_or_default();
-        if let Some(ttl) = self.ttl_seconds {
-            if terms.ttl_seconds != Some(ttl) {
-                return mismatch(format!("allow with ttl {ttl}s"));
-            }
+        if let Some(ttl) = self.ttl_seconds
+            && terms.ttl_seconds != Some(ttl)
+        {
+            return mismatch(format!("allow with ttl {ttl}s"));
         }
         if let Some(cap) = &self.max_amount {
             let want = Amount::parse(cap, request.amount.currency())

@@ -97,7 +97,8 @@ impl Amount {
         if !is_plain_decimal(amount) {
             return Err(MoneyError::NotANumber(amount.to_owned()));
         }
-        let value = Decimal::from_str(amount).map_err(|_| MoneyError::NotANumber(amount.to_owned()))?;
+        let value =
+            Decimal::from_str(amount).map_err(|_| MoneyError::NotANumber(amount.to_owned()))?;
         Amount::from_decimal(value, currency)
     }
 

@@ -65,8 +65,10 @@ pub enum LoadError {
     MissingExport(String),
     #[error("exports do not match spendguard:policy@0.1.0: {0}")]
     WrongExports(String),
-    #[error("cannot compile: {0}")]
-    Compile(String),
+    #[error("module needs {needs} bytes of memory at start, over the sandbox's limit of {max}")]
+    MemoryTooLarge { needs: u64, max: usize },
+    #[error("module does not fit the sandbox's limits: {0}")]
+    OverLimits(String),
 }
 
 /// Why an evaluation failed. Each makes the spend deny.
@@ -303,14 +305,22 @@ impl Sandbox {
         }
         let sha256 = hex::encode(Sha256::digest(bytes));
         let component_bytes: Cow<'_, [u8]> = if wasmparser::Parser::is_core_wasm(bytes) {
-            Cow::Owned(componentize(bytes)?)
+            Cow::Owned(componentize(bytes, self.limits.max_memory_bytes)?)
         } else if wasmparser::Parser::is_component(bytes) {
             Cow::Borrowed(bytes)
         } else {
             return Err(LoadError::NotWasm);
         };
-        let component = Component::new(&self.engine, &component_bytes)
-            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let component = Component::new(&self.engine, &component_bytes).map_err(|e| {
+            let message = format!("{e:#}");
+            // The pooling allocator checks a component's memories and tables
+            // against the sandbox's bounds when it is compiled.
+            if message.contains("pooling allocator") {
+                LoadError::OverLimits(message)
+            } else {
+                LoadError::Invalid(message)
+            }
+        })?;
 
         let ty = component.component_type();
         let imports: Vec<String> = ty
@@ -608,6 +618,8 @@ impl ResourceLimiter for GuestState {
     }
 }
 
+const WASM_PAGE_BYTES: u64 = 64 * 1024;
+
 /// Function-table entries per instance: Rust policies use a few hundred.
 const MAX_TABLE_ELEMENTS: usize = 10_000;
 
@@ -648,7 +660,7 @@ impl Drop for Slot<'_> {
 
 /// Componentize a core module built with wit-bindgen, refusing foreign
 /// imports first so the message names them.
-fn componentize(bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
+fn componentize(bytes: &[u8], max_memory_bytes: usize) -> Result<Vec<u8>, LoadError> {
     wasmparser::Validator::new()
         .validate_all(bytes)
         .map_err(|e| LoadError::Invalid(e.to_string()))?;
@@ -663,6 +675,18 @@ fn componentize(bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
                             "{}::{}",
                             import.module, import.name
                         )));
+                    }
+                }
+            }
+            wasmparser::Payload::MemorySection(section) => {
+                for memory in section {
+                    let memory = memory.map_err(|e| LoadError::Invalid(e.to_string()))?;
+                    let needs = memory.initial.saturating_mul(WASM_PAGE_BYTES);
+                    if needs > u64::try_from(max_memory_bytes).unwrap_or(u64::MAX) {
+                        return Err(LoadError::MemoryTooLarge {
+                            needs,
+                            max: max_memory_bytes,
+                        });
                     }
                 }
             }

@@ -174,19 +174,43 @@ fn limits_are_configurable() {
         "`call number 1` is over 8 bytes"
     );
 
-    let small_memory = Limits {
-        max_memory_bytes: 64 * 1024,
+    // The module's own minimum memory, read from it: with exactly that as the
+    // cap it loads, and its first allocation hits the cap.
+    let bytes = guests::bytes("guest-hostile");
+    let minimum = minimum_memory_bytes(&bytes);
+    let sandbox = Sandbox::new(Limits {
+        max_memory_bytes: minimum,
         ..Limits::default()
-    };
-    let sandbox = Sandbox::new(small_memory).unwrap();
-    match sandbox.load(&guests::bytes("guest-hostile")) {
-        Err(LoadError::Invalid(_)) | Err(LoadError::WrongExports(_)) => {}
-        Ok(policy) => {
-            let run = sandbox.evaluate(&policy, &request(), &attack("none"), history());
-            assert_eq!(run.outcome, Err(Fault::MemoryLimit));
+    })
+    .unwrap();
+    let policy = sandbox
+        .load(&bytes)
+        .expect("the module fits its own minimum");
+    let run = sandbox.evaluate(&policy, &request(), &attack("none"), history());
+    assert_eq!(run.outcome, Err(Fault::MemoryLimit));
+    // One page less, and it is refused at load.
+    let sandbox = Sandbox::new(Limits {
+        max_memory_bytes: minimum - 65536,
+        ..Limits::default()
+    })
+    .unwrap();
+    assert_eq!(
+        sandbox.load(&bytes).unwrap_err(),
+        LoadError::MemoryTooLarge {
+            needs: minimum as u64,
+            max: minimum - 65536
         }
-        Err(other) => panic!("unexpected load error: {other}"),
+    );
+}
+
+fn minimum_memory_bytes(module: &[u8]) -> usize {
+    for payload in wasmparser::Parser::new(0).parse_all(module) {
+        if let wasmparser::Payload::MemorySection(section) = payload.unwrap() {
+            let memory = section.into_iter().next().unwrap().unwrap();
+            return memory.initial as usize * 65536;
+        }
     }
+    panic!("the module has no memory");
 }
 
 #[test]
