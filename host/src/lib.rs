@@ -3,8 +3,11 @@
 //! The host holds the wallet; agents propose spends; the operator's policies,
 //! WebAssembly modules run in [`sandbox`], decide.
 
+pub mod cards;
 pub mod cases;
 pub mod history;
+pub mod ledger;
 pub mod money;
 pub mod policy;
 pub mod sandbox;
+pub mod storage;

@@ -148,6 +148,14 @@ impl Amount {
         Amount::from_decimal(value, currency)
     }
 
+    /// `units` of `currency`'s smallest unit (1250 USD cents → 12.50 USD),
+    /// with the checks of [`Amount::parse`].
+    pub fn from_units(units: i64, currency: &str) -> Result<Self, MoneyError> {
+        let exponent = self::exponent(currency)
+            .ok_or_else(|| MoneyError::UnknownCurrency(currency.to_owned()))?;
+        Amount::from_units_scale(units, exponent, currency)
+    }
+
     /// Units of the currency's smallest unit (cents for USD).
     pub fn units(&self) -> i64 {
         self.units

@@ -6,3 +6,4 @@ mod cli;
 mod guests;
 mod policies;
 mod sandbox;
+mod storage;

@@ -312,12 +312,33 @@ fn a_ready_component_loads_and_decides_like_its_core_module() {
     assert_eq!(run.outcome, Err(Fault::OutOfFuel));
 }
 
+/// The seed of a randomized test: `SPENDGUARD_SEED` or the clock, printed
+/// so that a failure replays exactly.
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("SPENDGUARD_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("{test}: SPENDGUARD_SEED={seed}");
+    seed
+}
+
 /// A small deterministic generator: the seed is printed, so a failure
 /// replays exactly.
-struct XorShift(u64);
+pub struct XorShift(pub u64);
 
 impl XorShift {
-    fn next(&mut self) -> u64 {
+    /// Xorshift never leaves zero, so a zero seed is taken as one.
+    pub fn new(seed: u64) -> Self {
+        XorShift(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -327,18 +348,9 @@ impl XorShift {
 
 #[test]
 fn random_bytes_are_refused_cleanly() {
-    let seed = std::env::var("SPENDGUARD_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    println!("random_bytes_are_refused_cleanly: SPENDGUARD_SEED={seed}");
-    let mut rng = XorShift(seed);
+    let seed = seed("random_bytes_are_refused_cleanly");
+
+    let mut rng = XorShift::new(seed);
     let sandbox = Sandbox::new(Limits::default()).unwrap();
     let real = guests::bytes("guest-hostile");
     for i in 0..300 {

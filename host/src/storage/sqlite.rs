@@ -1,0 +1,1040 @@
+//! The embedded store: one SQLite file, WAL, every commit fsync'd.
+//!
+//! Writes are serialized by SQLite's own write lock (`BEGIN IMMEDIATE`), so
+//! several processes on one file stay correct; within a process one writer
+//! connection does them in turn.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite_migration::{M, Migrations};
+
+use super::{
+    AuthorizationOutcome, CardIssuance, CardRecord, DepositRecord, NewSpend, Proposed, SpendRecord,
+    SpendStatus, Storage, StorageError, Verdict, new_id,
+};
+use crate::cards::{
+    AuthorizationRequest, CardKey, CardRequest, CardState, CardView, DeclineCode, decide,
+};
+use crate::history::{History, HistoryError, HistoryScope};
+use crate::ledger::{AccountKind, Balance, TransferKind};
+use crate::money::{self, Amount};
+use crate::policy::{Merchant, SpendFilter, SpendSummary};
+
+/// How long a writer waits for another process's write lock before failing.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(include_str!(
+        "../../migrations/sqlite/0001_ledger.sql"
+    ))])
+}
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        StorageError::Database(e.to_string())
+    }
+}
+
+fn ms(value: u64) -> Result<i64, StorageError> {
+    i64::try_from(value)
+        .map_err(|_| StorageError::InvalidState(format!("time {value} ms is out of range")))
+}
+
+fn from_ms(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn amount(units: i64, currency: &str) -> Result<Amount, StorageError> {
+    Amount::from_units(units, currency)
+        .map_err(|e| StorageError::Invariant(format!("stored amount: {e}")))
+}
+
+/// The SQLite store.
+pub struct SqliteStorage {
+    path: PathBuf,
+    /// The writer connection. `None` only while a proposal lends it to the
+    /// policies' history, with this lock held.
+    conn: Mutex<Option<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStorage")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStorage {
+    /// Open (creating if needed) the database at `path` and apply every
+    /// migration not yet applied.
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let conn = Self::connect(path)?;
+        Ok(SqliteStorage {
+            path: path.to_path_buf(),
+            conn: Mutex::new(Some(conn)),
+        })
+    }
+
+    fn connect(path: &Path) -> Result<Connection, StorageError> {
+        let mut conn = Connection::open(path)?;
+        // WAL with synchronous=FULL: every commit is fsync'd before it returns.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        migrations()
+            .to_latest(&mut conn)
+            .map_err(|e| StorageError::Database(format!("migrations: {e}")))?;
+        Ok(conn)
+    }
+
+    /// The writer connection, reopened if a panic ever lost it (its open
+    /// transaction was rolled back when it was dropped).
+    fn writer(&self) -> Result<(MutexGuard<'_, Option<Connection>>, Connection), StorageError> {
+        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = match slot.take() {
+            Some(conn) => conn,
+            None => Self::connect(&self.path)?,
+        };
+        Ok((slot, conn))
+    }
+
+    /// Run `f` in one immediate (write-locked) transaction.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let (mut slot, mut conn) = self.writer()?;
+        let result = (|| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let value = f(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        })();
+        *slot = Some(conn);
+        result
+    }
+
+    /// Run `f` on the connection without a write lock (a read snapshot).
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let (mut slot, conn) = self.writer()?;
+        let result = f(&conn);
+        *slot = Some(conn);
+        result
+    }
+}
+
+/// The policies' view of history inside a proposal's transaction. It owns
+/// the connection for the duration of the evaluation, so every query sees
+/// exactly what the commit will be checked against.
+struct TxHistory {
+    conn: Mutex<Option<Connection>>,
+}
+
+impl History for TxHistory {
+    fn summarize(
+        &self,
+        scope: &HistoryScope,
+        filter: &SpendFilter,
+    ) -> Result<SpendSummary, HistoryError> {
+        let guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = guard
+            .as_ref()
+            .ok_or_else(|| HistoryError("the proposal has ended".into()))?;
+        summarize(conn, scope, filter).map_err(|e| HistoryError(e.to_string()))
+    }
+}
+
+/// Committed spend: captured amounts plus the holds of cards still open.
+fn summarize(
+    conn: &Connection,
+    scope: &HistoryScope,
+    filter: &SpendFilter,
+) -> Result<SpendSummary, StorageError> {
+    // Built per filter shape so each query can use its index.
+    let mut sql = String::from(
+        "SELECT COALESCE(SUM(CASE WHEN r.hold_id IS NULL THEN h.units ELSE r.captured_units END), 0),
+                COUNT(CASE WHEN r.hold_id IS NULL OR r.kind = 'captured' THEN 1 END)
+         FROM holds h LEFT JOIN hold_resolutions r ON r.hold_id = h.id
+         WHERE h.currency = ?1 AND h.received_at_ms >= ?2",
+    );
+    let mut args: Vec<Box<dyn rusqlite::ToSql>> = vec![
+        Box::new(scope.currency.clone()),
+        Box::new(ms(filter.since_ms)?),
+    ];
+    if !filter.wallet_wide {
+        args.push(Box::new(scope.agent_id.clone()));
+        sql.push_str(&format!(" AND h.agent_id = ?{}", args.len()));
+    }
+    if let Some(merchant) = &filter.merchant_id {
+        args.push(Box::new(merchant.clone()));
+        sql.push_str(&format!(" AND h.merchant_id = ?{}", args.len()));
+    }
+    if let Some(mcc) = &filter.mcc {
+        args.push(Box::new(mcc.clone()));
+        sql.push_str(&format!(" AND h.mcc = ?{}", args.len()));
+    }
+    let (total, count): (i64, i64) = conn.query_row(
+        &sql,
+        rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())),
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    Ok(SpendSummary {
+        total_units: total,
+        count: u32::try_from(count).unwrap_or(u32::MAX),
+    })
+}
+
+fn account_id(
+    conn: &Connection,
+    currency: &str,
+    kind: AccountKind,
+) -> Result<Option<i64>, StorageError> {
+    Ok(conn
+        .query_row(
+            "SELECT id FROM accounts WHERE currency = ?1 AND kind = ?2",
+            params![currency, kind.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+fn ensure_accounts(conn: &Connection, currency: &str) -> Result<(), StorageError> {
+    for kind in AccountKind::ALL {
+        conn.execute(
+            "INSERT OR IGNORE INTO accounts (currency, kind) VALUES (?1, ?2)",
+            params![currency, kind.as_str()],
+        )?;
+    }
+    Ok(())
+}
+
+fn balance_of(conn: &Connection, account: i64) -> Result<i64, StorageError> {
+    Ok(conn
+        .query_row(
+            "SELECT balance_after FROM entries WHERE account_id = ?1 ORDER BY id DESC LIMIT 1",
+            params![account],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
+}
+
+fn balance(conn: &Connection, currency: &str, kind: AccountKind) -> Result<i64, StorageError> {
+    match account_id(conn, currency, kind)? {
+        Some(id) => balance_of(conn, id),
+        None => Ok(0),
+    }
+}
+
+/// Post one transfer: a transfer row and its two entries. Refuses to take
+/// any account but `funding` below zero.
+fn transfer(
+    conn: &Connection,
+    kind: TransferKind,
+    currency: &str,
+    units: i64,
+    hold_id: Option<i64>,
+    now_ms: i64,
+) -> Result<i64, StorageError> {
+    let (debit_kind, credit_kind) = kind.accounts();
+    let missing = || StorageError::Invariant(format!("no {currency} accounts"));
+    let debit = account_id(conn, currency, debit_kind)?.ok_or_else(missing)?;
+    let credit = account_id(conn, currency, credit_kind)?.ok_or_else(missing)?;
+    let overflow = || StorageError::Invariant("balance overflow".into());
+    let debit_after = balance_of(conn, debit)?
+        .checked_sub(units)
+        .ok_or_else(overflow)?;
+    let credit_after = balance_of(conn, credit)?
+        .checked_add(units)
+        .ok_or_else(overflow)?;
+    if debit_kind != AccountKind::Funding && debit_after < 0 {
+        return Err(StorageError::Invariant(format!(
+            "{} {currency} would go below zero",
+            debit_kind.as_str()
+        )));
+    }
+    conn.execute(
+        "INSERT INTO transfers (kind, currency, units, debit_account, credit_account, hold_id, created_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![kind.as_str(), currency, units, debit, credit, hold_id, now_ms],
+    )?;
+    let transfer_id = conn.last_insert_rowid();
+    conn.execute(
+        "INSERT INTO entries (transfer_id, account_id, delta, balance_after) VALUES (?1, ?2, ?3, ?4), (?1, ?5, ?6, ?7)",
+        params![transfer_id, debit, -units, debit_after, credit, units, credit_after],
+    )?;
+    Ok(transfer_id)
+}
+
+/// Resolve a hold exactly once: the primary key of `hold_resolutions` makes
+/// a second resolution fail, whatever raced.
+fn resolve_hold(
+    conn: &Connection,
+    hold_id: i64,
+    kind: &str,
+    currency: &str,
+    cap_units: i64,
+    captured_units: i64,
+    now_ms: i64,
+) -> Result<(), StorageError> {
+    let inserted = conn.execute(
+        "INSERT OR IGNORE INTO hold_resolutions (hold_id, kind, captured_units, resolved_at_ms) VALUES (?1, ?2, ?3, ?4)",
+        params![hold_id, kind, captured_units, now_ms],
+    )?;
+    if inserted != 1 {
+        return Err(StorageError::InvalidState(format!(
+            "hold {hold_id} is already resolved"
+        )));
+    }
+    if captured_units > 0 {
+        transfer(
+            conn,
+            TransferKind::Capture,
+            currency,
+            captured_units,
+            Some(hold_id),
+            now_ms,
+        )?;
+    }
+    let rest = cap_units - captured_units;
+    if rest > 0 {
+        transfer(
+            conn,
+            TransferKind::Release,
+            currency,
+            rest,
+            Some(hold_id),
+            now_ms,
+        )?;
+    }
+    Ok(())
+}
+
+const CARD_COLUMNS: &str =
+    "c.id, c.spend_id, c.agent_id, c.issuer, c.last4, c.exp_month, c.exp_year, c.cap_units,
+     c.currency, c.merchant_id, c.expires_at_ms, c.hold_id, c.cvv_hash, r.kind, r.captured_units";
+
+/// A card row with its hold's resolution, as read by [`CARD_COLUMNS`].
+struct CardRow {
+    record: CardRecord,
+    hold_id: i64,
+    cvv_hash: String,
+}
+
+fn card_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(CardRowRaw, i64, String)> {
+    Ok((
+        CardRowRaw {
+            id: row.get(0)?,
+            spend_id: row.get(1)?,
+            agent_id: row.get(2)?,
+            issuer: row.get(3)?,
+            last4: row.get(4)?,
+            exp_month: row.get(5)?,
+            exp_year: row.get(6)?,
+            cap_units: row.get(7)?,
+            currency: row.get(8)?,
+            merchant_id: row.get(9)?,
+            expires_at_ms: row.get(10)?,
+            resolution: row.get(13)?,
+            captured_units: row.get(14)?,
+        },
+        row.get(11)?,
+        row.get(12)?,
+    ))
+}
+
+struct CardRowRaw {
+    id: String,
+    spend_id: String,
+    agent_id: String,
+    issuer: String,
+    last4: String,
+    exp_month: u8,
+    exp_year: u16,
+    cap_units: i64,
+    currency: String,
+    merchant_id: String,
+    expires_at_ms: i64,
+    resolution: Option<String>,
+    captured_units: Option<i64>,
+}
+
+impl CardRowRaw {
+    fn into_row(self, hold_id: i64, cvv_hash: String) -> Result<CardRow, StorageError> {
+        let state = match self.resolution.as_deref() {
+            None => CardState::Open,
+            Some("captured") => CardState::Used,
+            Some("voided") => CardState::Voided,
+            Some("expired") => CardState::Expired,
+            Some(other) => {
+                return Err(StorageError::Invariant(format!(
+                    "unknown resolution `{other}`"
+                )));
+            }
+        };
+        let captured_units = (state == CardState::Used)
+            .then_some(self.captured_units)
+            .flatten();
+        Ok(CardRow {
+            record: CardRecord {
+                cap: amount(self.cap_units, &self.currency)?,
+                id: self.id,
+                spend_id: self.spend_id,
+                agent_id: self.agent_id,
+                issuer: self.issuer,
+                last4: self.last4,
+                exp_month: self.exp_month,
+                exp_year: self.exp_year,
+                merchant_id: self.merchant_id,
+                expires_at_ms: from_ms(self.expires_at_ms),
+                state,
+                captured_units,
+            },
+            hold_id,
+            cvv_hash,
+        })
+    }
+}
+
+fn find_card(
+    conn: &Connection,
+    column: &str,
+    value: &str,
+) -> Result<Option<CardRow>, StorageError> {
+    let sql = format!(
+        "SELECT {CARD_COLUMNS} FROM cards c LEFT JOIN hold_resolutions r ON r.hold_id = c.hold_id WHERE c.{column} = ?1"
+    );
+    match conn.query_row(&sql, params![value], card_row).optional()? {
+        Some((raw, hold_id, cvv_hash)) => Ok(Some(raw.into_row(hold_id, cvv_hash)?)),
+        None => Ok(None),
+    }
+}
+
+fn spend_by(
+    conn: &Connection,
+    sql_where: &str,
+    args: &[&dyn rusqlite::ToSql],
+) -> Result<Option<SpendRecord>, StorageError> {
+    let sql = format!(
+        "SELECT s.id, s.agent_id, s.units, s.currency, s.merchant_id, s.merchant_name, s.mcc, s.country, s.purpose,
+                s.received_at_ms, s.status, s.reasons, c.id
+         FROM spends s LEFT JOIN cards c ON c.spend_id = s.id WHERE {sql_where}"
+    );
+    let row = conn
+        .query_row(&sql, args, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                Merchant {
+                    id: r.get(4)?,
+                    name: r.get(5)?,
+                    mcc: r.get(6)?,
+                    country: r.get(7)?,
+                },
+                r.get::<_, String>(8)?,
+                r.get::<_, i64>(9)?,
+                r.get::<_, String>(10)?,
+                r.get::<_, String>(11)?,
+                r.get::<_, Option<String>>(12)?,
+            ))
+        })
+        .optional()?;
+    let Some((
+        id,
+        agent_id,
+        units,
+        currency,
+        merchant,
+        purpose,
+        received_at_ms,
+        status,
+        reasons,
+        card_id,
+    )) = row
+    else {
+        return Ok(None);
+    };
+    Ok(Some(SpendRecord {
+        id,
+        agent_id,
+        amount: amount(units, &currency)?,
+        merchant,
+        purpose,
+        received_at_ms: from_ms(received_at_ms),
+        status: SpendStatus::parse(&status)
+            .ok_or_else(|| StorageError::Invariant(format!("unknown spend status `{status}`")))?,
+        reasons: serde_json::from_str(&reasons)
+            .map_err(|e| StorageError::Invariant(format!("spend reasons: {e}")))?,
+        card_id,
+    }))
+}
+
+fn insert_spend(
+    conn: &Connection,
+    spend: &NewSpend,
+    status: SpendStatus,
+    reasons: &[String],
+    now_ms: i64,
+) -> Result<(), StorageError> {
+    let reasons =
+        serde_json::to_string(reasons).map_err(|e| StorageError::Invariant(e.to_string()))?;
+    conn.execute(
+        "INSERT INTO spends (id, agent_id, idempotency_key, fingerprint, units, currency, merchant_id, merchant_name,
+                             mcc, country, purpose, received_at_ms, status, reasons, created_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        params![
+            spend.id,
+            spend.agent_id,
+            spend.idempotency_key,
+            spend.fingerprint(),
+            spend.amount.units(),
+            spend.amount.currency(),
+            spend.merchant.id,
+            spend.merchant.name,
+            spend.merchant.mcc,
+            spend.merchant.country,
+            spend.purpose,
+            ms(spend.received_at_ms)?,
+            status.as_str(),
+            reasons,
+            now_ms,
+        ],
+    )?;
+    Ok(())
+}
+
+/// The outcome of the part of a proposal that runs after the policies.
+fn commit_verdict(
+    conn: &Connection,
+    spend: &NewSpend,
+    verdict: Verdict,
+    cards: &CardIssuance<'_>,
+    now_ms: u64,
+) -> Result<Proposed, StorageError> {
+    let now = ms(now_ms)?;
+    let currency = spend.amount.currency();
+    let (status, reasons, terms) = match verdict {
+        Verdict::Deny(reasons) => (SpendStatus::Denied, reasons, None),
+        Verdict::RequireApproval(reasons) => (SpendStatus::PendingApproval, reasons, None),
+        Verdict::Approve(terms) => {
+            // The card's cap: the narrowest any policy set, never above the
+            // requested amount, never in another currency.
+            let cap = match terms.max_amount {
+                Some(cap) if cap.currency() == currency && cap.units() < spend.amount.units() => {
+                    cap
+                }
+                _ => spend.amount.clone(),
+            };
+            let ttl = terms
+                .ttl_seconds
+                .unwrap_or(cards.default_ttl_seconds)
+                .min(cards.default_ttl_seconds);
+            if balance(conn, currency, AccountKind::Available)? < cap.units() {
+                (
+                    SpendStatus::Denied,
+                    vec!["insufficient funds".to_owned()],
+                    None,
+                )
+            } else {
+                (SpendStatus::Approved, Vec::new(), Some((cap, ttl)))
+            }
+        }
+    };
+    insert_spend(conn, spend, status, &reasons, now)?;
+    let mut issued = None;
+    if let Some((cap, ttl_seconds)) = terms {
+        conn.execute(
+            "INSERT INTO holds (spend_id, agent_id, currency, units, merchant_id, mcc, received_at_ms, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                spend.id,
+                spend.agent_id,
+                currency,
+                cap.units(),
+                spend.merchant.id,
+                spend.merchant.mcc,
+                ms(spend.received_at_ms)?,
+                now
+            ],
+        )?;
+        let hold_id = conn.last_insert_rowid();
+        transfer(
+            conn,
+            TransferKind::Hold,
+            currency,
+            cap.units(),
+            Some(hold_id),
+            now,
+        )?;
+        issued = Some(issue_card(
+            conn,
+            spend,
+            cards,
+            hold_id,
+            &cap,
+            ttl_seconds,
+            now_ms,
+        )?);
+    }
+    let record = spend_by(conn, "s.id = ?1", &[&spend.id])?
+        .ok_or_else(|| StorageError::Invariant("the spend just written is missing".into()))?;
+    Ok(Proposed {
+        spend: record,
+        card: issued,
+        replayed: false,
+    })
+}
+
+/// How many times a card is drawn again when its PAN is already taken. One
+/// test BIN leaves 10^9 numbers, so a collision is rare but real.
+const PAN_ATTEMPTS: usize = 8;
+
+/// Issue a card for a hold and store it (hashes only), drawing a new PAN
+/// should the issuer hand out one already in use.
+fn issue_card(
+    conn: &Connection,
+    spend: &NewSpend,
+    cards: &CardIssuance<'_>,
+    hold_id: i64,
+    cap: &Amount,
+    ttl_seconds: u32,
+    now_ms: u64,
+) -> Result<crate::cards::IssuedCard, StorageError> {
+    let currency = cap.currency();
+    let now = ms(now_ms)?;
+    for _ in 0..PAN_ATTEMPTS {
+        let card_id = new_id("card");
+        let card = cards
+            .issuer
+            .issue(&CardRequest {
+                card_id: card_id.clone(),
+                cap: cap.clone(),
+                merchant_id: spend.merchant.id.clone(),
+                ttl_seconds,
+                now_ms,
+            })
+            .map_err(|e| StorageError::Issuer(e.to_string()))?;
+        let pan_hash = cards.key.hash_pan(&card.secrets.pan);
+        let taken: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM cards WHERE pan_hash = ?1)",
+            params![pan_hash],
+            |r| r.get(0),
+        )?;
+        if taken {
+            continue;
+        }
+        conn.execute(
+            "INSERT INTO cards (id, hold_id, spend_id, agent_id, issuer, pan_hash, cvv_hash, last4, exp_month, exp_year,
+                                cap_units, currency, merchant_id, expires_at_ms, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            params![
+                card_id,
+                hold_id,
+                spend.id,
+                spend.agent_id,
+                cards.issuer.name(),
+                pan_hash,
+                cards.key.hash_cvv(&card_id, &card.secrets.cvv),
+                card.last4,
+                card.exp_month,
+                card.exp_year,
+                cap.units(),
+                currency,
+                spend.merchant.id,
+                ms(card.expires_at_ms)?,
+                now
+            ],
+        )?;
+        return Ok(card);
+    }
+    Err(StorageError::Issuer(format!(
+        "no unused card number after {PAN_ATTEMPTS} attempts"
+    )))
+}
+
+impl Storage for SqliteStorage {
+    fn deposit(
+        &self,
+        amount: &Amount,
+        idempotency_key: Option<&str>,
+        now_ms: u64,
+    ) -> Result<DepositRecord, StorageError> {
+        self.write(|tx| {
+            if let Some(key) = idempotency_key {
+                let earlier: Option<(String, i64, String)> = tx
+                    .query_row(
+                        "SELECT d.id, t.units, t.currency FROM deposits d JOIN transfers t ON t.id = d.transfer_id
+                         WHERE d.idempotency_key = ?1",
+                        params![key],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?;
+                if let Some((id, units, currency)) = earlier {
+                    if units != amount.units() || currency != amount.currency() {
+                        return Err(StorageError::IdempotencyConflict(key.to_owned()));
+                    }
+                    return Ok(DepositRecord { id, amount: amount.clone(), replayed: true });
+                }
+            }
+            let now = ms(now_ms)?;
+            ensure_accounts(tx, amount.currency())?;
+            let transfer_id = transfer(tx, TransferKind::Deposit, amount.currency(), amount.units(), None, now)?;
+            let id = new_id("dep");
+            tx.execute(
+                "INSERT INTO deposits (id, transfer_id, idempotency_key, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![id, transfer_id, idempotency_key, now],
+            )?;
+            Ok(DepositRecord { id, amount: amount.clone(), replayed: false })
+        })
+    }
+
+    fn balances(&self) -> Result<Vec<Balance>, StorageError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT DISTINCT currency FROM accounts ORDER BY currency")?;
+            let currencies: Vec<String> = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            currencies
+                .into_iter()
+                .map(|currency| {
+                    Ok(Balance {
+                        exponent: money::exponent(&currency).ok_or_else(|| {
+                            StorageError::Invariant(format!("unknown currency `{currency}`"))
+                        })?,
+                        available: balance(conn, &currency, AccountKind::Available)?,
+                        held: balance(conn, &currency, AccountKind::Held)?,
+                        spent: balance(conn, &currency, AccountKind::Spent)?,
+                        currency,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn propose(
+        &self,
+        spend: &NewSpend,
+        cards: &CardIssuance<'_>,
+        now_ms: u64,
+        decide: &mut dyn FnMut(Arc<dyn History>) -> Verdict,
+    ) -> Result<Proposed, StorageError> {
+        let (mut slot, conn) = self.writer()?;
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            *slot = Some(conn);
+            return Err(e.into());
+        }
+        // The idempotency key first: a retry never runs the policies again.
+        let replay = (|| {
+            let Some(key) = &spend.idempotency_key else {
+                return Ok(None);
+            };
+            let earlier: Option<(String, String)> = conn
+                .query_row(
+                    "SELECT id, fingerprint FROM spends WHERE agent_id = ?1 AND idempotency_key = ?2",
+                    params![spend.agent_id, key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            match earlier {
+                None => Ok(None),
+                Some((_, fingerprint)) if fingerprint != spend.fingerprint() => {
+                    Err(StorageError::IdempotencyConflict(key.clone()))
+                }
+                Some((id, _)) => spend_by(&conn, "s.id = ?1", &[&id]),
+            }
+        })();
+        match replay {
+            Ok(None) => {}
+            done => {
+                let _ = conn.execute_batch("ROLLBACK");
+                *slot = Some(conn);
+                return done.and_then(|record| {
+                    record
+                        .map(|spend| Proposed {
+                            spend,
+                            card: None,
+                            replayed: true,
+                        })
+                        .ok_or_else(|| StorageError::Invariant("replayed spend vanished".into()))
+                });
+            }
+        }
+        // Lend the connection, inside its transaction, to the policies.
+        let history = Arc::new(TxHistory {
+            conn: Mutex::new(Some(conn)),
+        });
+        let verdict = decide(history.clone());
+        let conn = history
+            .conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(conn) = conn else {
+            return Err(StorageError::Invariant(
+                "the proposal's connection was lost".into(),
+            ));
+        };
+        let result = commit_verdict(&conn, spend, verdict, cards, now_ms).and_then(|proposed| {
+            conn.execute_batch("COMMIT")
+                .map(|()| proposed)
+                .map_err(Into::into)
+        });
+        if result.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        *slot = Some(conn);
+        result
+    }
+
+    fn authorize(
+        &self,
+        request: &AuthorizationRequest,
+        key: &CardKey,
+        now_ms: u64,
+    ) -> Result<AuthorizationOutcome, StorageError> {
+        self.write(|tx| {
+            let now = ms(now_ms)?;
+            let card = find_card(tx, "pan_hash", &key.hash_pan(&request.pan))?;
+            let view = card.as_ref().map(|c| CardView {
+                card_id: c.record.id.clone(),
+                cvv_hash: c.cvv_hash.clone(),
+                exp_month: c.record.exp_month,
+                exp_year: c.record.exp_year,
+                cap: c.record.cap.clone(),
+                merchant_id: c.record.merchant_id.clone(),
+                expires_at_ms: c.record.expires_at_ms,
+                state: c.record.state,
+            });
+            let decision = decide(key, view.as_ref(), request, now_ms);
+            if let Some(card) = &card {
+                let cap = card.record.cap.units();
+                match decision {
+                    Ok(()) => resolve_hold(
+                        tx,
+                        card.hold_id,
+                        "captured",
+                        card.record.cap.currency(),
+                        cap,
+                        request.amount.units(),
+                        now,
+                    )?,
+                    // Seen past its life before the sweep got to it: expire it now.
+                    Err(DeclineCode::CardExpired) if card.record.state == CardState::Open => {
+                        resolve_hold(tx, card.hold_id, "expired", card.record.cap.currency(), cap, 0, now)?
+                    }
+                    Err(_) => {}
+                }
+            }
+            tx.execute(
+                "INSERT INTO authorizations (card_id, units, currency, merchant_id, approved, decline_code, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    card.as_ref().map(|c| c.record.id.clone()),
+                    request.amount.units(),
+                    request.amount.currency(),
+                    request.merchant_id,
+                    decision.is_ok(),
+                    decision.err().map(DeclineCode::as_str),
+                    now
+                ],
+            )?;
+            Ok(AuthorizationOutcome {
+                approved: decision.is_ok(),
+                decline_code: decision.err(),
+                card_id: card.map(|c| c.record.id),
+            })
+        })
+    }
+
+    fn void_card(&self, card_id: &str, now_ms: u64) -> Result<CardRecord, StorageError> {
+        self.write(|tx| {
+            let card = find_card(tx, "id", card_id)?
+                .ok_or_else(|| StorageError::NotFound(format!("card `{card_id}`")))?;
+            let state = match card.record.state {
+                CardState::Open => "open",
+                CardState::Used => "used",
+                CardState::Voided => "voided",
+                CardState::Expired => "expired",
+            };
+            if card.record.state != CardState::Open {
+                return Err(StorageError::InvalidState(format!(
+                    "card `{card_id}` is already {state}"
+                )));
+            }
+            let cap = &card.record.cap;
+            resolve_hold(
+                tx,
+                card.hold_id,
+                "voided",
+                cap.currency(),
+                cap.units(),
+                0,
+                ms(now_ms)?,
+            )?;
+            find_card(tx, "id", card_id)?
+                .map(|c| c.record)
+                .ok_or_else(|| StorageError::Invariant("voided card vanished".into()))
+        })
+    }
+
+    fn expire_cards(&self, now_ms: u64) -> Result<usize, StorageError> {
+        self.write(|tx| {
+            let now = ms(now_ms)?;
+            let mut stmt = tx.prepare(
+                "SELECT c.hold_id, c.currency, c.cap_units FROM cards c
+                 LEFT JOIN hold_resolutions r ON r.hold_id = c.hold_id
+                 WHERE c.expires_at_ms <= ?1 AND r.hold_id IS NULL",
+            )?;
+            let due: Vec<(i64, String, i64)> = stmt
+                .query_map(params![now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            for (hold_id, currency, cap) in &due {
+                resolve_hold(tx, *hold_id, "expired", currency, *cap, 0, now)?;
+            }
+            Ok(due.len())
+        })
+    }
+
+    fn spend(&self, id: &str) -> Result<Option<SpendRecord>, StorageError> {
+        self.read(|conn| spend_by(conn, "s.id = ?1", &[&id]))
+    }
+
+    fn card(&self, id: &str) -> Result<Option<CardRecord>, StorageError> {
+        self.read(|conn| Ok(find_card(conn, "id", id)?.map(|c| c.record)))
+    }
+
+    fn cards(&self, agent_id: Option<&str>) -> Result<Vec<CardRecord>, StorageError> {
+        self.read(|conn| {
+            let sql = format!(
+                "SELECT {CARD_COLUMNS} FROM cards c LEFT JOIN hold_resolutions r ON r.hold_id = c.hold_id
+                 WHERE ?1 IS NULL OR c.agent_id = ?1 ORDER BY c.created_at_ms DESC, c.id"
+            );
+            let mut stmt = conn.prepare(&sql)?;
+            let rows: Vec<_> = stmt.query_map(params![agent_id], card_row)?.collect::<Result<_, _>>()?;
+            rows.into_iter().map(|(raw, hold, cvv)| raw.into_row(hold, cvv).map(|c| c.record)).collect()
+        })
+    }
+
+    fn check_invariants(&self) -> Result<(), String> {
+        self.read(|conn| Ok(check_invariants(conn)))
+            .map_err(|e| e.to_string())?
+    }
+}
+
+fn check_invariants(conn: &Connection) -> Result<(), String> {
+    let q = |sql: &str| -> Result<Vec<(String, i64)>, String> {
+        let mut stmt = conn.prepare(sql).map_err(|e| e.to_string())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(|e| e.to_string())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string());
+        rows
+    };
+    // Every transfer has exactly two entries that cancel out.
+    for (transfer, n) in q(
+        "SELECT CAST(transfer_id AS TEXT), COUNT(*) FROM entries GROUP BY transfer_id HAVING COUNT(*) <> 2 OR SUM(delta) <> 0",
+    )? {
+        return Err(format!(
+            "transfer {transfer} has {n} entries that do not cancel out"
+        ));
+    }
+    // The accounts of each currency sum to zero.
+    for (currency, sum) in q(
+        "SELECT a.currency, SUM(e.delta) FROM entries e JOIN accounts a ON a.id = e.account_id GROUP BY a.currency",
+    )? {
+        if sum != 0 {
+            return Err(format!("{currency} accounts sum to {sum}, not zero"));
+        }
+    }
+    // Each account's running balance is the sum of its entries so far.
+    for (account, bad) in q("SELECT CAST(account_id AS TEXT), COUNT(*) FROM (
+                                 SELECT account_id, balance_after,
+                                        SUM(delta) OVER (PARTITION BY account_id ORDER BY id) AS running
+                                 FROM entries)
+                             WHERE balance_after <> running GROUP BY account_id")? {
+        return Err(format!("account {account} has {bad} entries with a wrong running balance"));
+    }
+    let currencies = q("SELECT DISTINCT currency, 0 FROM accounts")?;
+    for (currency, _) in currencies {
+        let bal = |kind| balance(conn, &currency, kind).map_err(|e| e.to_string());
+        let (available, held, spent, funding) = (
+            bal(AccountKind::Available)?,
+            bal(AccountKind::Held)?,
+            bal(AccountKind::Spent)?,
+            bal(AccountKind::Funding)?,
+        );
+        let one = |sql: &str| -> Result<i64, String> {
+            conn.query_row(sql, params![currency], |r| r.get(0))
+                .map_err(|e| e.to_string())
+        };
+        let deposits = one(
+            "SELECT COALESCE(SUM(units), 0) FROM transfers WHERE kind = 'deposit' AND currency = ?1",
+        )?;
+        if available < 0 || held < 0 || spent < 0 {
+            return Err(format!(
+                "{currency}: a balance is negative ({available}/{held}/{spent})"
+            ));
+        }
+        if available + held + spent != deposits || -funding != deposits {
+            return Err(format!(
+                "{currency}: available {available} + held {held} + spent {spent} != deposits {deposits}"
+            ));
+        }
+        let open = one("SELECT COALESCE(SUM(h.units), 0) FROM holds h LEFT JOIN hold_resolutions r ON r.hold_id = h.id
+                        WHERE r.hold_id IS NULL AND h.currency = ?1")?;
+        if open != held {
+            return Err(format!(
+                "{currency}: held {held} but open holds add up to {open}"
+            ));
+        }
+        let captured = one("SELECT COALESCE(SUM(r.captured_units), 0) FROM hold_resolutions r JOIN holds h ON h.id = r.hold_id
+                            WHERE h.currency = ?1")?;
+        if captured != spent {
+            return Err(format!(
+                "{currency}: spent {spent} but captures add up to {captured}"
+            ));
+        }
+    }
+    // Each hold: one hold transfer, and once resolved, transfers that move
+    // exactly its amount out of `held`.
+    for (hold, n) in q("SELECT CAST(h.id AS TEXT), COUNT(t.id) FROM holds h LEFT JOIN transfers t ON t.hold_id = h.id AND t.kind = 'hold'
+                        GROUP BY h.id HAVING COUNT(t.id) <> 1")? {
+        return Err(format!("hold {hold} has {n} hold transfers"));
+    }
+    for (hold, _) in q("SELECT CAST(h.id AS TEXT), 0 FROM holds h JOIN hold_resolutions r ON r.hold_id = h.id
+                        WHERE h.units <> (SELECT COALESCE(SUM(t.units), 0) FROM transfers t WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release'))
+                           OR r.captured_units > h.units")? {
+        return Err(format!("hold {hold} was resolved with the wrong amounts"));
+    }
+    for (hold, _) in q("SELECT CAST(h.id AS TEXT), 0 FROM holds h LEFT JOIN hold_resolutions r ON r.hold_id = h.id
+                        WHERE r.hold_id IS NULL AND EXISTS (SELECT 1 FROM transfers t WHERE t.hold_id = h.id AND t.kind <> 'hold')")? {
+        return Err(format!("open hold {hold} has money moved out of it"));
+    }
+    // Cards and holds go together, and only approved spends have them.
+    for (card, _) in q(
+        "SELECT c.id, 0 FROM cards c LEFT JOIN holds h ON h.id = c.hold_id WHERE h.id IS NULL OR h.spend_id <> c.spend_id OR h.units <> c.cap_units",
+    )? {
+        return Err(format!("card {card} has no matching hold"));
+    }
+    for (spend, _) in q(
+        "SELECT s.id, 0 FROM spends s LEFT JOIN holds h ON h.spend_id = s.id
+                         WHERE (s.status = 'approved') <> (h.id IS NOT NULL)",
+    )? {
+        return Err(format!(
+            "spend {spend}: approved if and only if it holds money, which is not the case"
+        ));
+    }
+    Ok(())
+}
