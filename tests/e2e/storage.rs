@@ -829,7 +829,46 @@ fn randomized_operations_keep_every_invariant() {
                     issued[i].state = CardState::Expired;
                 }
             }
-            80..=87 if !issued.is_empty() => {
+            80..=83 if !issued.is_empty() => {
+                // Racing valid charges on one card: at most one wins.
+                let i = pick(&mut rng, issued.len());
+                let c = &issued[i];
+                let cap = c.cap.units();
+                let amounts: Vec<i64> = (0..4)
+                    .map(|_| 1 + (rng.next() % cap as u64) as i64)
+                    .collect();
+                let outcomes: Vec<_> = std::thread::scope(|scope| {
+                    let handles: Vec<_> = amounts
+                        .iter()
+                        .map(|units| {
+                            let req = charge(
+                                &c.card,
+                                Amount::from_units(*units, c.cap.currency()).unwrap(),
+                                &c.merchant_id,
+                            );
+                            let (storage, key) = (&b.storage, &key);
+                            scope.spawn(move || storage.authorize(&req, key, now).unwrap())
+                        })
+                        .collect();
+                    handles.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                let winners: Vec<usize> = (0..4).filter(|&k| outcomes[k].approved).collect();
+                let open = c.state == CardState::Open && now < c.card.expires_at_ms;
+                assert_eq!(winners.len(), usize::from(open), "{ctx}: {outcomes:?}");
+                let bal = model.get_mut(c.cap.currency()).unwrap();
+                if let Some(&w) = winners.first() {
+                    bal.held -= cap;
+                    bal.spent += amounts[w];
+                    bal.available += cap - amounts[w];
+                    issued[i].state = CardState::Used;
+                } else if c.state == CardState::Open {
+                    // Past its life: the first charge to see it expired it.
+                    bal.held -= cap;
+                    bal.available += cap;
+                    issued[i].state = CardState::Expired;
+                }
+            }
+            84..=89 if !issued.is_empty() => {
                 let i = pick(&mut rng, issued.len());
                 let result = b.storage.void_card(&issued[i].card.card_id, now);
                 // A card past its life but not yet swept can still be voided.

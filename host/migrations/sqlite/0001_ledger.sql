@@ -125,6 +125,14 @@ CREATE TABLE authorizations (
     created_at_ms INTEGER NOT NULL
 );
 
+-- How far expiry sweeps have got: every card that expired at or before
+-- `swept_to_ms` has been released, so the next sweep looks only at cards
+-- expiring after it (less an overlap for clocks that disagree).
+CREATE TABLE expiry_sweeps (
+    id          INTEGER PRIMARY KEY,
+    swept_to_ms INTEGER NOT NULL
+);
+
 CREATE TRIGGER accounts_append_only_u BEFORE UPDATE ON accounts BEGIN SELECT RAISE(ABORT, 'accounts are append-only'); END;
 CREATE TRIGGER accounts_append_only_d BEFORE DELETE ON accounts BEGIN SELECT RAISE(ABORT, 'accounts are append-only'); END;
 CREATE TRIGGER transfers_append_only_u BEFORE UPDATE ON transfers BEGIN SELECT RAISE(ABORT, 'transfers are append-only'); END;
@@ -143,3 +151,5 @@ CREATE TRIGGER cards_append_only_u BEFORE UPDATE ON cards BEGIN SELECT RAISE(ABO
 CREATE TRIGGER cards_append_only_d BEFORE DELETE ON cards BEGIN SELECT RAISE(ABORT, 'cards are append-only'); END;
 CREATE TRIGGER authorizations_append_only_u BEFORE UPDATE ON authorizations BEGIN SELECT RAISE(ABORT, 'authorizations are append-only'); END;
 CREATE TRIGGER authorizations_append_only_d BEFORE DELETE ON authorizations BEGIN SELECT RAISE(ABORT, 'authorizations are append-only'); END;
+CREATE TRIGGER expiry_sweeps_append_only_u BEFORE UPDATE ON expiry_sweeps BEGIN SELECT RAISE(ABORT, 'expiry sweeps are append-only'); END;
+CREATE TRIGGER expiry_sweeps_append_only_d BEFORE DELETE ON expiry_sweeps BEGIN SELECT RAISE(ABORT, 'expiry sweeps are append-only'); END;

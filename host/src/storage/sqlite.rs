@@ -52,6 +52,16 @@ fn amount(units: i64, currency: &str) -> Result<Amount, StorageError> {
         .map_err(|e| StorageError::Invariant(format!("stored amount: {e}")))
 }
 
+/// How far behind the last sweep's mark each expiry sweep looks again, for
+/// daemons whose clocks disagree (a card issued by a daemon whose clock is
+/// behind may expire before another daemon's mark).
+pub const SWEEP_OVERLAP: Duration = Duration::from_secs(3600);
+
+/// Open cards whose life ended in `(?1, ?2]`: a range of `cards_expiry`.
+const EXPIRY_DUE_SQL: &str = "SELECT c.hold_id, c.currency, c.cap_units FROM cards c
+     LEFT JOIN hold_resolutions r ON r.hold_id = c.hold_id
+     WHERE c.expires_at_ms > ?1 AND c.expires_at_ms <= ?2 AND r.hold_id IS NULL";
+
 /// The SQLite store.
 pub struct SqliteStorage {
     path: PathBuf,
@@ -158,14 +168,34 @@ fn summarize(
     scope: &HistoryScope,
     filter: &SpendFilter,
 ) -> Result<SpendSummary, StorageError> {
-    // Built per filter shape so each query can use its index.
+    let (sql, args) = summarize_query(scope, filter)?;
+    let (total, count): (i64, i64) = conn.query_row(
+        &sql,
+        rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())),
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    Ok(SpendSummary {
+        total_units: total,
+        count: u32::try_from(count).unwrap_or(u32::MAX),
+    })
+}
+
+type SqlArgs = Vec<Box<dyn rusqlite::ToSql>>;
+
+/// The history query for one filter shape, built so that it is one range
+/// scan of `holds_agent_time` (or `holds_wallet_time` when wallet-wide): its
+/// cost follows the spends in the window, not the size of the ledger.
+fn summarize_query(
+    scope: &HistoryScope,
+    filter: &SpendFilter,
+) -> Result<(String, SqlArgs), StorageError> {
     let mut sql = String::from(
         "SELECT COALESCE(SUM(CASE WHEN r.hold_id IS NULL THEN h.units ELSE r.captured_units END), 0),
                 COUNT(CASE WHEN r.hold_id IS NULL OR r.kind = 'captured' THEN 1 END)
          FROM holds h LEFT JOIN hold_resolutions r ON r.hold_id = h.id
          WHERE h.currency = ?1 AND h.received_at_ms >= ?2",
     );
-    let mut args: Vec<Box<dyn rusqlite::ToSql>> = vec![
+    let mut args: SqlArgs = vec![
         Box::new(scope.currency.clone()),
         Box::new(ms(filter.since_ms)?),
     ];
@@ -181,15 +211,7 @@ fn summarize(
         args.push(Box::new(mcc.clone()));
         sql.push_str(&format!(" AND h.mcc = ?{}", args.len()));
     }
-    let (total, count): (i64, i64) = conn.query_row(
-        &sql,
-        rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())),
-        |row| Ok((row.get(0)?, row.get(1)?)),
-    )?;
-    Ok(SpendSummary {
-        total_units: total,
-        count: u32::try_from(count).unwrap_or(u32::MAX),
-    })
+    Ok((sql, args))
 }
 
 fn account_id(
@@ -891,16 +913,28 @@ impl Storage for SqliteStorage {
     fn expire_cards(&self, now_ms: u64) -> Result<usize, StorageError> {
         self.write(|tx| {
             let now = ms(now_ms)?;
-            let mut stmt = tx.prepare(
-                "SELECT c.hold_id, c.currency, c.cap_units FROM cards c
-                 LEFT JOIN hold_resolutions r ON r.hold_id = c.hold_id
-                 WHERE c.expires_at_ms <= ?1 AND r.hold_id IS NULL",
+            let swept_to: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(swept_to_ms), 0) FROM expiry_sweeps",
+                [],
+                |r| r.get(0),
             )?;
+            let from = swept_to.saturating_sub(ms(SWEEP_OVERLAP.as_millis() as u64)?);
+            let mut stmt = tx.prepare(EXPIRY_DUE_SQL)?;
             let due: Vec<(i64, String, i64)> = stmt
-                .query_map(params![now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .query_map(params![from, now], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
                 .collect::<Result<_, _>>()?;
             for (hold_id, currency, cap) in &due {
                 resolve_hold(tx, *hold_id, "expired", currency, *cap, 0, now)?;
+            }
+            // Move the mark on when it is worth a row: after a release, or a
+            // minute on. Between marks a sweep rescans at most that much.
+            if now > swept_to && (!due.is_empty() || now - swept_to >= 60_000) {
+                tx.execute(
+                    "INSERT INTO expiry_sweeps (swept_to_ms) VALUES (?1)",
+                    params![now],
+                )?;
             }
             Ok(due.len())
         })
@@ -1037,4 +1071,73 @@ fn check_invariants(conn: &Connection) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plan SQLite chose, one line per step.
+    fn plan(conn: &Connection, sql: &str, args: &[&dyn rusqlite::ToSql]) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt.query_map(args, |r| r.get::<_, String>(3)).unwrap();
+        rows.map(Result::unwrap).collect::<Vec<_>>().join("\n")
+    }
+
+    /// The queries on the paths of a spend and of a charge must stay
+    /// index lookups or range scans as the ledger grows: no full scans.
+    #[test]
+    fn hot_queries_use_their_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SqliteStorage::open(&dir.path().join("db")).unwrap();
+        let conn = storage.conn.lock().unwrap();
+        let conn = conn.as_ref().unwrap();
+        let scope = HistoryScope {
+            agent_id: "bot".into(),
+            currency: "USD".into(),
+        };
+        for (wallet_wide, merchant, mcc, index) in [
+            (false, None, None, "holds_agent_time"),
+            (false, Some("m.com"), Some("5734"), "holds_agent_time"),
+            (true, None, None, "holds_wallet_time"),
+            (true, Some("m.com"), None, "holds_wallet_time"),
+        ] {
+            let filter = SpendFilter {
+                since_ms: 0,
+                merchant_id: merchant.map(Into::into),
+                mcc: mcc.map(Into::into),
+                wallet_wide,
+            };
+            let (sql, args) = summarize_query(&scope, &filter).unwrap();
+            let args: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
+            let plan = plan(conn, &sql, &args);
+            assert!(
+                plan.contains(&format!("USING INDEX {index}")),
+                "{filter:?}:\n{plan}"
+            );
+            assert!(!plan.contains("SCAN h"), "{filter:?}:\n{plan}");
+        }
+        let card = format!(
+            "SELECT {CARD_COLUMNS} FROM cards c LEFT JOIN hold_resolutions r ON r.hold_id = c.hold_id WHERE c.pan_hash = ?1"
+        );
+        let p = plan(conn, &card, &[&"x"]);
+        assert!(
+            p.contains("SEARCH c USING INDEX sqlite_autoindex_cards"),
+            "{p}"
+        );
+        let p = plan(
+            conn,
+            "SELECT balance_after FROM entries WHERE account_id = ?1 ORDER BY id DESC LIMIT 1",
+            &[&1],
+        );
+        assert!(p.contains("entries_account"), "{p}");
+        let p = plan(conn, EXPIRY_DUE_SQL, &[&0, &1]);
+        assert!(p.contains("SEARCH c USING INDEX cards_expiry"), "{p}");
+        let p = plan(
+            conn,
+            "SELECT id, fingerprint FROM spends WHERE agent_id = ?1 AND idempotency_key = ?2",
+            &[&"a", &"k"],
+        );
+        assert!(p.contains("spends_idempotency"), "{p}");
+    }
 }
