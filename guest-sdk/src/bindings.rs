@@ -27,8 +27,7 @@ pub fn validate_config<P: Policy>(config: &str) -> Result<(), String> {
 }
 
 fn parse_config<P: Policy>(config: &str) -> Result<P::Config, String> {
-    let parsed: P::Config =
-        serde_json::from_str(config).map_err(|e| format!("invalid config: {e}"))?;
+    let parsed: P::Config = serde_json::from_str(config).map_err(|e| format!("invalid config: {e}"))?;
     P::check_config(&parsed)?;
     Ok(parsed)
 }
@@ -85,10 +84,7 @@ impl TryFrom<wit::Money> for Money {
     fn try_from(m: wit::Money) -> Result<Self, String> {
         let amount = Decimal::try_from_i128_with_scale(i128::from(m.units), u32::from(m.scale))
             .map_err(|e| format!("invalid amount from host: {e}"))?;
-        Ok(Money {
-            amount,
-            currency: m.currency,
-        })
+        Ok(Money { amount, currency: m.currency })
     }
 }
 
@@ -124,19 +120,12 @@ pub(crate) fn money_to_wit(money: &Money, max_scale: u8) -> Option<wit::Money> {
     }
     let units = i64::try_from(amount.mantissa()).ok()?;
     let scale = u8::try_from(amount.scale()).ok()?;
-    Some(wit::Money {
-        units,
-        scale,
-        currency: money.currency.clone(),
-    })
+    Some(wit::Money { units, scale, currency: money.currency.clone() })
 }
 
 fn decision_to_wit(decision: sdk::Decision, scale: u8) -> wit::Decision {
     match decision {
-        sdk::Decision::Allow(CardTerms {
-            ttl_seconds,
-            max_amount,
-        }) => {
+        sdk::Decision::Allow(CardTerms { ttl_seconds, max_amount }) => {
             let max_amount = match max_amount {
                 None => None,
                 Some(cap) => match money_to_wit(&cap, scale) {
@@ -149,10 +138,7 @@ fn decision_to_wit(decision: sdk::Decision, scale: u8) -> wit::Decision {
                     }
                 },
             };
-            wit::Decision::Allow(wit::CardTerms {
-                ttl_seconds,
-                max_amount,
-            })
+            wit::Decision::Allow(wit::CardTerms { ttl_seconds, max_amount })
         }
         sdk::Decision::Deny(reason) => wit::Decision::Deny(reason),
         sdk::Decision::RequireApproval(reason) => wit::Decision::RequireApproval(reason),

@@ -24,12 +24,7 @@ pub struct SpendFilter {
 impl SpendFilter {
     /// This agent's spends received at or after `since_ms`.
     pub fn since_ms(since_ms: u64) -> Self {
-        SpendFilter {
-            since_ms,
-            merchant_id: None,
-            mcc: None,
-            wallet_wide: false,
-        }
+        SpendFilter { since_ms, merchant_id: None, mcc: None, wallet_wide: false }
     }
 
     /// Only spends at this merchant id.
@@ -81,10 +76,7 @@ pub fn summarize(filter: &SpendFilter) -> SpendSummary {
         #[allow(clippy::panic)]
         let total = Money::try_from(summary.total)
             .unwrap_or_else(|e| panic!("the host sent an unreadable history total: {e}"));
-        SpendSummary {
-            total,
-            count: summary.count,
-        }
+        SpendSummary { total, count: summary.count }
     }
     #[cfg(not(target_arch = "wasm32"))]
     {

@@ -15,10 +15,7 @@ pub struct Money {
 impl Money {
     /// `Money::new(dec!(12.50), "USD")`.
     pub fn new(amount: Decimal, currency: impl Into<String>) -> Self {
-        Money {
-            amount,
-            currency: currency.into(),
-        }
+        Money { amount, currency: currency.into() }
     }
 }
 

@@ -64,8 +64,8 @@ impl PastSpend {
     /// If `amount` is not a decimal number: this is a test helper.
     #[allow(clippy::panic)]
     pub fn new(amount: &str, currency: &str, at_ms: u64) -> Self {
-        let amount = Decimal::from_str(amount)
-            .unwrap_or_else(|e| panic!("`{amount}` is not a decimal amount: {e}"));
+        let amount =
+            Decimal::from_str(amount).unwrap_or_else(|e| panic!("`{amount}` is not a decimal amount: {e}"));
         PastSpend {
             amount: Money::new(amount, currency),
             merchant_id: "example.com".into(),
@@ -103,15 +103,11 @@ impl PastSpend {
 /// If `amount` is not a decimal number: this is a test helper.
 #[allow(clippy::panic)]
 pub fn request(amount: &str, currency: &str) -> SpendRequest {
-    let amount = Decimal::from_str(amount)
-        .unwrap_or_else(|e| panic!("`{amount}` is not a decimal amount: {e}"));
+    let amount =
+        Decimal::from_str(amount).unwrap_or_else(|e| panic!("`{amount}` is not a decimal amount: {e}"));
     SpendRequest {
         id: "spend-test".into(),
-        agent: Agent {
-            id: DEFAULT_AGENT_ID.into(),
-            name: "test agent".into(),
-            labels: BTreeMap::new(),
-        },
+        agent: Agent { id: DEFAULT_AGENT_ID.into(), name: "test agent".into(), labels: BTreeMap::new() },
         amount: Money::new(amount, currency),
         merchant: Merchant {
             id: "example.com".into(),
@@ -167,14 +163,8 @@ impl TestHost {
         });
         let decision = bindings::evaluate::<P>(request, config);
         let context = CONTEXT.with(|c| std::mem::replace(&mut *c.borrow_mut(), previous));
-        let (logs, history_calls) = context
-            .map(|c| (c.logs, c.history_calls))
-            .unwrap_or_default();
-        Outcome {
-            decision,
-            logs,
-            history_calls,
-        }
+        let (logs, history_calls) = context.map(|c| (c.logs, c.history_calls)).unwrap_or_default();
+        Outcome { decision, logs, history_calls }
     }
 
     /// `validate-config` of `P`, as the host calls it when the policy is
@@ -209,22 +199,15 @@ pub(crate) fn summarize(filter: &SpendFilter) -> SpendSummary {
         for spend in &context.history {
             let matches = spend.amount.currency == context.currency
                 && spend.at_ms >= filter.since_ms
-                && filter
-                    .merchant_id
-                    .as_ref()
-                    .is_none_or(|m| *m == spend.merchant_id)
+                && filter.merchant_id.as_ref().is_none_or(|m| *m == spend.merchant_id)
                 && filter.mcc.as_ref().is_none_or(|m| *m == spend.mcc)
-                && (filter.wallet_wide
-                    || spend.agent.as_ref().is_none_or(|a| *a == context.agent_id));
+                && (filter.wallet_wide || spend.agent.as_ref().is_none_or(|a| *a == context.agent_id));
             if matches {
                 total += spend.amount.amount;
                 count += 1;
             }
         }
-        SpendSummary {
-            total: Money::new(total, context.currency.clone()),
-            count,
-        }
+        SpendSummary { total: Money::new(total, context.currency.clone()), count }
     })
 }
 

@@ -156,9 +156,7 @@ impl CardKey {
     }
 
     fn zeroed() -> CardKey {
-        CardKey {
-            bytes: Box::new([0; CARD_KEY_LEN]),
-        }
+        CardKey { bytes: Box::new([0; CARD_KEY_LEN]) }
     }
 
     pub fn as_bytes(&self) -> &[u8; CARD_KEY_LEN] {
@@ -176,22 +174,14 @@ impl CardKey {
             Err(CardError::KeyFile { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
             loaded => return loaded,
         }
-        let created = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path);
+        let created = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
         let file = match created {
             Ok(file) => file,
             // Another process created it between our read and our create:
             // theirs wins, as it may already be in use.
             Err(err) if err.kind() == io::ErrorKind::AlreadyExists => return CardKey::load(path),
             Err(source) => {
-                return Err(CardError::KeyFile {
-                    action: "create",
-                    path: path.to_owned(),
-                    source,
-                });
+                return Err(CardError::KeyFile { action: "create", path: path.to_owned(), source });
             }
         };
         let key = CardKey::generate();
@@ -199,21 +189,13 @@ impl CardKey {
             // We created the file, so removing it is safe; a half-written key
             // left behind would be refused on every later start.
             let _ = fs::remove_file(path);
-            return Err(CardError::KeyFile {
-                action: "write",
-                path: path.to_owned(),
-                source,
-            });
+            return Err(CardError::KeyFile { action: "write", path: path.to_owned(), source });
         }
         Ok(key)
     }
 
     fn load(path: &Path) -> Result<CardKey, CardError> {
-        let io_error = |source| CardError::KeyFile {
-            action: "read",
-            path: path.to_owned(),
-            source,
-        };
+        let io_error = |source| CardError::KeyFile { action: "read", path: path.to_owned(), source };
         let mut file = File::open(path).map_err(io_error)?;
         // One byte more than a key, to tell a long file from a right one
         // without reading all of it.
@@ -222,11 +204,7 @@ impl CardKey {
         if len != CARD_KEY_LEN {
             return Err(CardError::KeyFileLength {
                 path: path.to_owned(),
-                len: if len > CARD_KEY_LEN {
-                    file.metadata().map_or(len, |m| m.len() as usize)
-                } else {
-                    len
-                },
+                len: if len > CARD_KEY_LEN { file.metadata().map_or(len, |m| m.len() as usize) } else { len },
             });
         }
         CardKey::from_bytes(&buf[..CARD_KEY_LEN])
@@ -328,18 +306,13 @@ pub struct CardSecrets {
 impl CardSecrets {
     /// The last four digits of the PAN, which may be stored and shown.
     pub fn last4(&self) -> &str {
-        self.pan
-            .get(self.pan.len().saturating_sub(4)..)
-            .unwrap_or("")
+        self.pan.get(self.pan.len().saturating_sub(4)..).unwrap_or("")
     }
 }
 
 impl fmt::Debug for CardSecrets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CardSecrets")
-            .field("pan", &masked_pan(&self.pan))
-            .field("cvv", &"***")
-            .finish()
+        f.debug_struct("CardSecrets").field("pan", &masked_pan(&self.pan)).field("cvv", &"***").finish()
     }
 }
 
@@ -418,10 +391,7 @@ impl Issuer for SimulatedIssuer {
         let (exp_month, exp_year) = expiry_month_year(expires_at_ms)?;
 
         let mut rng = rand::rng();
-        let secrets = CardSecrets {
-            pan: random_pan(&mut rng),
-            cvv: random_digits(&mut rng, CVV_LEN),
-        };
+        let secrets = CardSecrets { pan: random_pan(&mut rng), cvv: random_digits(&mut rng, CVV_LEN) };
         Ok(IssuedCard {
             card_id: request.card_id.clone(),
             last4: secrets.last4().to_owned(),
@@ -824,10 +794,7 @@ mod tests {
         assert_ne!(key.hash_pan(pan), key.hash_pan("4000001234567881"));
 
         assert_eq!(key.hash_cvv("card_1", "123"), key.hash_cvv("card_1", "123"));
-        assert_ne!(
-            key.hash_cvv("card_1", "123"),
-            other.hash_cvv("card_1", "123")
-        );
+        assert_ne!(key.hash_cvv("card_1", "123"), other.hash_cvv("card_1", "123"));
         assert_ne!(key.hash_cvv("card_1", "123"), key.hash_cvv("card_2", "123"));
         // Field boundaries are unambiguous.
         assert_ne!(key.hash_cvv("card_1", "23"), key.hash_cvv("card_", "123"));
@@ -850,10 +817,7 @@ mod tests {
 
     #[test]
     fn keys_are_random_and_exactly_32_bytes() {
-        assert_ne!(
-            CardKey::generate().as_bytes(),
-            CardKey::generate().as_bytes()
-        );
+        assert_ne!(CardKey::generate().as_bytes(), CardKey::generate().as_bytes());
         for len in [0, 31, 33, 64] {
             let err = CardKey::from_bytes(&vec![1; len]).unwrap_err();
             assert!(matches!(err, CardError::KeyLength(l) if l == len), "{err}");
@@ -873,10 +837,7 @@ mod tests {
 
         let reloaded = CardKey::load_or_create(&path).unwrap();
         assert_eq!(reloaded.as_bytes(), created.as_bytes());
-        assert_eq!(
-            reloaded.hash_pan("4000001234567899"),
-            created.hash_pan("4000001234567899")
-        );
+        assert_eq!(reloaded.hash_pan("4000001234567899"), created.hash_pan("4000001234567899"));
     }
 
     #[test]
@@ -884,20 +845,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("card.key");
         fs::write(&path, [42; 32]).unwrap();
-        assert_eq!(
-            CardKey::load_or_create(&path).unwrap().as_bytes(),
-            &[42; 32]
-        );
+        assert_eq!(CardKey::load_or_create(&path).unwrap().as_bytes(), &[42; 32]);
         assert_eq!(fs::read(&path).unwrap(), [42; 32]);
 
         for len in [0, 31, 33, 100] {
             let contents = vec![5; len];
             fs::write(&path, &contents).unwrap();
             let err = CardKey::load_or_create(&path).unwrap_err();
-            assert!(
-                matches!(&err, CardError::KeyFileLength { len: l, .. } if *l == len),
-                "{len}: {err}"
-            );
+            assert!(matches!(&err, CardError::KeyFileLength { len: l, .. } if *l == len), "{len}: {err}");
             assert!(err.to_string().contains("card.key"), "{err}");
             assert_eq!(fs::read(&path).unwrap(), contents, "file changed");
         }
@@ -908,16 +863,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missing-dir").join("card.key");
         let err = CardKey::load_or_create(&path).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                CardError::KeyFile {
-                    action: "create",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, CardError::KeyFile { action: "create", .. }), "{err}");
         assert!(err.to_string().contains("missing-dir"), "{err}");
     }
 
@@ -960,11 +906,7 @@ mod tests {
     type Edit = fn(&mut Scenario);
 
     fn run(key: &CardKey, edit: Edit) -> Result<(), DeclineCode> {
-        let mut s = Scenario {
-            card: open_card(key),
-            request: charge(),
-            now: NOW,
-        };
+        let mut s = Scenario { card: open_card(key), request: charge(), now: NOW };
         edit(&mut s);
         decide(key, Some(&s.card), &s.request, s.now)
     }
@@ -975,55 +917,19 @@ mod tests {
         let key = CardKey::generate();
         let cases: &[(&str, Edit, Result<(), DeclineCode>)] = &[
             ("approve", |_| {}, Ok(())),
-            (
-                "exactly the cap",
-                |s| s.request.amount = usd("50.00"),
-                Ok(()),
-            ),
+            ("exactly the cap", |s| s.request.amount = usd("50.00"), Ok(())),
             ("last millisecond", |s| s.now = NOW + 899_999, Ok(())),
-            (
-                "wrong cvv",
-                |s| s.request.cvv = "124".to_owned(),
-                Err(D::WrongCvv),
-            ),
+            ("wrong cvv", |s| s.request.cvv = "124".to_owned(), Err(D::WrongCvv)),
             ("empty cvv", |s| s.request.cvv.clear(), Err(D::WrongCvv)),
-            (
-                "wrong month",
-                |s| s.request.exp_month = 11,
-                Err(D::WrongCvv),
-            ),
-            (
-                "wrong year",
-                |s| s.request.exp_year = 2027,
-                Err(D::WrongCvv),
-            ),
+            ("wrong month", |s| s.request.exp_month = 11, Err(D::WrongCvv)),
+            ("wrong year", |s| s.request.exp_year = 2027, Err(D::WrongCvv)),
             ("used", |s| s.card.state = CardState::Used, Err(D::CardUsed)),
-            (
-                "voided",
-                |s| s.card.state = CardState::Voided,
-                Err(D::CardVoided),
-            ),
-            (
-                "expired",
-                |s| s.card.state = CardState::Expired,
-                Err(D::CardExpired),
-            ),
+            ("voided", |s| s.card.state = CardState::Voided, Err(D::CardVoided)),
+            ("expired", |s| s.card.state = CardState::Expired, Err(D::CardExpired)),
             ("past ttl", |s| s.now = NOW + 900_000, Err(D::CardExpired)),
-            (
-                "currency",
-                |s| s.request.amount = eur("12.50"),
-                Err(D::WrongCurrency),
-            ),
-            (
-                "merchant",
-                |s| s.request.merchant_id = "m_x".to_owned(),
-                Err(D::WrongMerchant),
-            ),
-            (
-                "over cap",
-                |s| s.request.amount = usd("50.01"),
-                Err(D::OverLimit),
-            ),
+            ("currency", |s| s.request.amount = eur("12.50"), Err(D::WrongCurrency)),
+            ("merchant", |s| s.request.merchant_id = "m_x".to_owned(), Err(D::WrongMerchant)),
+            ("over cap", |s| s.request.amount = usd("50.01"), Err(D::OverLimit)),
         ];
         assert_eq!(decide(&key, None, &charge(), NOW), Err(D::CardNotFound));
         let mut reached = HashSet::from([D::CardNotFound]);
@@ -1126,15 +1032,9 @@ mod tests {
         let key = CardKey::generate();
         let mut card = open_card(&key);
         card.cvv_hash = key.hash_cvv("card_2", "123");
-        assert_eq!(
-            decide(&key, Some(&card), &charge(), NOW),
-            Err(DeclineCode::WrongCvv)
-        );
+        assert_eq!(decide(&key, Some(&card), &charge(), NOW), Err(DeclineCode::WrongCvv));
         let card = open_card(&key);
-        assert_eq!(
-            decide(&CardKey::generate(), Some(&card), &charge(), NOW),
-            Err(DeclineCode::WrongCvv)
-        );
+        assert_eq!(decide(&CardKey::generate(), Some(&card), &charge(), NOW), Err(DeclineCode::WrongCvv));
     }
 
     #[test]
@@ -1154,17 +1054,9 @@ mod tests {
             assert_eq!(code.to_string(), want);
             assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{want}\""));
         }
-        for state in [
-            CardState::Open,
-            CardState::Used,
-            CardState::Voided,
-            CardState::Expired,
-        ] {
+        for state in [CardState::Open, CardState::Used, CardState::Voided, CardState::Expired] {
             assert_eq!(state.as_str().parse::<CardState>().unwrap(), state);
-            assert_eq!(
-                serde_json::to_string(&state).unwrap(),
-                format!("\"{}\"", state.as_str())
-            );
+            assert_eq!(serde_json::to_string(&state).unwrap(), format!("\"{}\"", state.as_str()));
         }
         assert!(matches!(
             "closed".parse::<CardState>(),
@@ -1176,10 +1068,7 @@ mod tests {
     fn debug_never_shows_pan_or_cvv() {
         let pan = "4000005555123477";
         let cvv = "987";
-        let secrets = CardSecrets {
-            pan: pan.to_owned(),
-            cvv: cvv.to_owned(),
-        };
+        let secrets = CardSecrets { pan: pan.to_owned(), cvv: cvv.to_owned() };
         let shown = format!("{secrets:?}");
         assert_eq!(shown, r#"CardSecrets { pan: "**** 3477", cvv: "***" }"#);
         assert_eq!(secrets.last4(), "3477");
@@ -1195,9 +1084,7 @@ mod tests {
         let odd = format!("{request:?}");
         assert!(!odd.contains("8765"), "{odd}");
 
-        let issued = SimulatedIssuer::new()
-            .issue(&card_request(900, NOW))
-            .unwrap();
+        let issued = SimulatedIssuer::new().issue(&card_request(900, NOW)).unwrap();
         let issued_shown = format!("{issued:?} {issued:#?}");
 
         for text in [&shown, &format!("{secrets:#?}"), &odd] {
@@ -1207,10 +1094,7 @@ mod tests {
         }
         // A random card's CVV digits may occur by chance in its last four,
         // so only the quoted CVV is looked for.
-        assert!(
-            !issued_shown.contains(&issued.secrets.pan[..12]),
-            "{issued_shown}"
-        );
+        assert!(!issued_shown.contains(&issued.secrets.pan[..12]), "{issued_shown}");
         let quoted_cvv = format!("\"{}\"", issued.secrets.cvv);
         assert!(!issued_shown.contains(&quoted_cvv), "{issued_shown}");
         assert!(issued_shown.contains(r#"cvv: "***""#), "{issued_shown}");

@@ -153,19 +153,13 @@ pub enum InputError {
 }
 
 fn parse_time_ms(field: &str, value: &str) -> Result<u64, InputError> {
-    let time_err = || InputError::Time {
-        field: field.into(),
-        value: value.into(),
-    };
+    let time_err = || InputError::Time { field: field.into(), value: value.into() };
     let t = OffsetDateTime::parse(value, &Rfc3339).map_err(|_| time_err())?;
     u64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|_| time_err())
 }
 
 fn parse_amount(field: &str, amount: &str, currency: &str) -> Result<Amount, InputError> {
-    Amount::parse(amount, currency).map_err(|source| InputError::Money {
-        field: field.into(),
-        source,
-    })
+    Amount::parse(amount, currency).map_err(|source| InputError::Money { field: field.into(), source })
 }
 
 /// A merchant category code is four digits (ISO 18245).
@@ -182,8 +176,7 @@ pub fn check_mcc(field: &str, mcc: &str) -> Result<(), InputError> {
 
 /// A country is empty or two upper-case letters (ISO 3166-1 alpha-2).
 pub fn check_country(field: &str, country: &str) -> Result<(), InputError> {
-    if country.is_empty() || (country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase()))
-    {
+    if country.is_empty() || (country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase())) {
         Ok(())
     } else {
         Err(InputError::Field {
@@ -204,25 +197,14 @@ impl RequestDoc {
                 message: "must not be empty".into(),
             });
         }
-        let received_at_ms = parse_time_ms(
-            "request.at",
-            self.at.as_deref().unwrap_or(DEFAULT_RECEIVED_AT),
-        )?;
+        let received_at_ms = parse_time_ms("request.at", self.at.as_deref().unwrap_or(DEFAULT_RECEIVED_AT))?;
         let agent = match &self.agent {
             Some(a) => Agent {
                 id: a.id.clone(),
                 name: a.name.clone().unwrap_or_else(|| a.id.clone()),
-                labels: a
-                    .labels
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
+                labels: a.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             },
-            None => Agent {
-                id: DEFAULT_AGENT_ID.into(),
-                name: "test agent".into(),
-                labels: Vec::new(),
-            },
+            None => Agent { id: DEFAULT_AGENT_ID.into(), name: "test agent".into(), labels: Vec::new() },
         };
         Ok(SpendRequest {
             id: self.id.clone().unwrap_or_else(|| "spend-test".into()),
@@ -230,11 +212,7 @@ impl RequestDoc {
             amount,
             merchant: Merchant {
                 id: self.merchant.id.clone(),
-                name: self
-                    .merchant
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| self.merchant.id.clone()),
+                name: self.merchant.name.clone().unwrap_or_else(|| self.merchant.id.clone()),
                 mcc: self.merchant.mcc.clone(),
                 country: self.merchant.country.clone(),
             },
@@ -273,9 +251,9 @@ impl Outcome {
         match self {
             Outcome::Evaluated(e) => e.decision(policy_name),
             Outcome::ConfigRefused(run) => match &run.outcome {
-                Ok(Err(message)) => Decision::Deny(format!(
-                    "config refused by policy `{policy_name}`: {message}"
-                )),
+                Ok(Err(message)) => {
+                    Decision::Deny(format!("config refused by policy `{policy_name}`: {message}"))
+                }
                 Err(fault) => Decision::Deny(fault_reason(policy_name, fault)),
                 // INVARIANT: only refusals and faults are stored here.
                 Ok(Ok(())) => Decision::Deny(format!("config refused by policy `{policy_name}`")),
@@ -303,9 +281,7 @@ pub fn evaluate(
 impl Case {
     /// The config document as the policy receives it.
     pub fn config_json(&self) -> String {
-        self.config
-            .as_ref()
-            .map_or_else(|| DEFAULT_CONFIG.to_owned(), |v| v.to_string())
+        self.config.as_ref().map_or_else(|| DEFAULT_CONFIG.to_owned(), |v| v.to_string())
     }
 
     /// Run the case; `Ok` holds the decision when it met the expectation,
@@ -320,9 +296,7 @@ impl Case {
         let history = to_history(&self.history).map_err(CaseFailure::Input)?;
         let decision =
             evaluate(sandbox, policy, &request, &self.config_json(), history).decision(policy_name);
-        self.expect
-            .check(&decision, &request)
-            .map_err(CaseFailure::Mismatch)?;
+        self.expect.check(&decision, &request).map_err(CaseFailure::Mismatch)?;
         Ok(decision)
     }
 }
@@ -351,11 +325,7 @@ impl Expect {
                 }
                 s
             }
-            other => format!(
-                "{} ({:?})",
-                other.kind(),
-                other.reason().unwrap_or_default()
-            ),
+            other => format!("{} ({:?})", other.kind(), other.reason().unwrap_or_default()),
         };
         let mismatch = |what: String| Err(format!("expected {what}, got {}", describe(got)));
         if got.kind() != self.decision.as_str() {
@@ -364,10 +334,7 @@ impl Expect {
         if let Some(fragment) = &self.reason_contains
             && !got.reason().unwrap_or_default().contains(fragment.as_str())
         {
-            return mismatch(format!(
-                "{} with a reason containing {fragment:?}",
-                self.decision.as_str()
-            ));
+            return mismatch(format!("{} with a reason containing {fragment:?}", self.decision.as_str()));
         }
         let terms = got.card_terms().cloned().unwrap_or_default();
         if let Some(ttl) = self.ttl_seconds

@@ -22,11 +22,7 @@ pub struct HistoryError(pub String);
 /// Only spends in the scope's currency count (amounts are never converted);
 /// spends of other agents count only for wallet-wide filters.
 pub trait History: Send + Sync {
-    fn summarize(
-        &self,
-        scope: &HistoryScope,
-        filter: &SpendFilter,
-    ) -> Result<SpendSummary, HistoryError>;
+    fn summarize(&self, scope: &HistoryScope, filter: &SpendFilter) -> Result<SpendSummary, HistoryError>;
 }
 
 /// One committed spend in a fixed history.
@@ -45,21 +41,14 @@ pub struct PastSpend {
 pub struct StaticHistory(pub Vec<PastSpend>);
 
 impl History for StaticHistory {
-    fn summarize(
-        &self,
-        scope: &HistoryScope,
-        filter: &SpendFilter,
-    ) -> Result<SpendSummary, HistoryError> {
+    fn summarize(&self, scope: &HistoryScope, filter: &SpendFilter) -> Result<SpendSummary, HistoryError> {
         let mut total: i64 = 0;
         let mut count: u32 = 0;
         for spend in &self.0 {
             let by_this_agent = spend.agent.as_ref().is_none_or(|a| *a == scope.agent_id);
             let matches = spend.amount.currency() == scope.currency
                 && spend.at_ms >= filter.since_ms
-                && filter
-                    .merchant_id
-                    .as_ref()
-                    .is_none_or(|m| *m == spend.merchant_id)
+                && filter.merchant_id.as_ref().is_none_or(|m| *m == spend.merchant_id)
                 && filter.mcc.as_ref().is_none_or(|m| *m == spend.mcc)
                 && (filter.wallet_wide || by_this_agent);
             if matches {
@@ -69,10 +58,7 @@ impl History for StaticHistory {
                 count = count.saturating_add(1);
             }
         }
-        Ok(SpendSummary {
-            total_units: total,
-            count,
-        })
+        Ok(SpendSummary { total_units: total, count })
     }
 }
 
@@ -106,17 +92,13 @@ mod tests {
             spend("7.00", "EUR", "a.com", "5734", 3_000, None),
             spend("5.00", "USD", "a.com", "5734", 3_000, Some("other-bot")),
         ]);
-        let scope = HistoryScope {
-            agent_id: "test-agent".into(),
-            currency: "USD".into(),
+        let scope = HistoryScope { agent_id: "test-agent".into(), currency: "USD".into() };
+        let filter = |since_ms, merchant: Option<&str>, mcc: Option<&str>, wallet_wide| SpendFilter {
+            since_ms,
+            merchant_id: merchant.map(Into::into),
+            mcc: mcc.map(Into::into),
+            wallet_wide,
         };
-        let filter =
-            |since_ms, merchant: Option<&str>, mcc: Option<&str>, wallet_wide| SpendFilter {
-                since_ms,
-                merchant_id: merchant.map(Into::into),
-                mcc: mcc.map(Into::into),
-                wallet_wide,
-            };
         let sum = |f: SpendFilter| {
             let s = history.summarize(&scope, &f).unwrap();
             (s.total_units, s.count)

@@ -28,12 +28,8 @@ pub enum AccountKind {
 }
 
 impl AccountKind {
-    pub const ALL: [AccountKind; 4] = [
-        AccountKind::Funding,
-        AccountKind::Available,
-        AccountKind::Held,
-        AccountKind::Spent,
-    ];
+    pub const ALL: [AccountKind; 4] =
+        [AccountKind::Funding, AccountKind::Available, AccountKind::Held, AccountKind::Spent];
 
     pub fn as_str(self) -> &'static str {
         match self {

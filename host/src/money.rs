@@ -58,27 +58,16 @@ pub enum MoneyError {
     #[error("`{0}` is not a decimal amount")]
     NotANumber(String),
     #[error("`{amount}` has more decimals than {currency} allows ({exponent})")]
-    TooPrecise {
-        amount: String,
-        currency: String,
-        exponent: u8,
-    },
+    TooPrecise { amount: String, currency: String, exponent: u8 },
     #[error("amount `{0}` must be positive")]
     NotPositive(String),
     #[error("amount `{amount}` is over the maximum of {max} {currency}")]
-    TooLarge {
-        amount: String,
-        currency: String,
-        max: i64,
-    },
+    TooLarge { amount: String, currency: String, max: i64 },
 }
 
 /// The exponent of a known currency (`USD` → 2, `JPY` → 0, `USDC` → 6).
 pub fn exponent(currency: &str) -> Option<u8> {
-    CURRENCIES
-        .iter()
-        .find(|(code, _)| *code == currency)
-        .map(|(_, e)| *e)
+    CURRENCIES.iter().find(|(code, _)| *code == currency).map(|(_, e)| *e)
 }
 
 /// A positive amount of a known currency, in its smallest unit.
@@ -97,15 +86,14 @@ impl Amount {
         if !is_plain_decimal(amount) {
             return Err(MoneyError::NotANumber(amount.to_owned()));
         }
-        let value =
-            Decimal::from_str(amount).map_err(|_| MoneyError::NotANumber(amount.to_owned()))?;
+        let value = Decimal::from_str(amount).map_err(|_| MoneyError::NotANumber(amount.to_owned()))?;
         Amount::from_decimal(value, currency)
     }
 
     /// An exact decimal of `currency`, with the same checks as [`Amount::parse`].
     pub fn from_decimal(value: Decimal, currency: &str) -> Result<Self, MoneyError> {
-        let exponent = self::exponent(currency)
-            .ok_or_else(|| MoneyError::UnknownCurrency(currency.to_owned()))?;
+        let exponent =
+            self::exponent(currency).ok_or_else(|| MoneyError::UnknownCurrency(currency.to_owned()))?;
         let normalized = value.normalize();
         if normalized.scale() > u32::from(exponent) {
             return Err(MoneyError::TooPrecise {
@@ -133,11 +121,7 @@ impl Amount {
             currency: currency.to_owned(),
             max: MAX_MAJOR_UNITS,
         })?;
-        Ok(Amount {
-            units,
-            currency: currency.to_owned(),
-            exponent,
-        })
+        Ok(Amount { units, currency: currency.to_owned(), exponent })
     }
 
     /// An amount given in smallest units and a scale (`1250`, scale 2 →
@@ -151,8 +135,8 @@ impl Amount {
     /// `units` of `currency`'s smallest unit (1250 USD cents → 12.50 USD),
     /// with the checks of [`Amount::parse`].
     pub fn from_units(units: i64, currency: &str) -> Result<Self, MoneyError> {
-        let exponent = self::exponent(currency)
-            .ok_or_else(|| MoneyError::UnknownCurrency(currency.to_owned()))?;
+        let exponent =
+            self::exponent(currency).ok_or_else(|| MoneyError::UnknownCurrency(currency.to_owned()))?;
         Amount::from_units_scale(units, exponent, currency)
     }
 
@@ -243,10 +227,7 @@ mod tests {
             match (want, got) {
                 (Ok(units), Ok(got)) => assert_eq!(got.units(), *units, "{amount} {currency}"),
                 (Err(fragment), Err(err)) => {
-                    assert!(
-                        err.to_string().contains(fragment),
-                        "{amount} {currency}: {err}"
-                    )
+                    assert!(err.to_string().contains(fragment), "{amount} {currency}: {err}")
                 }
                 (want, got) => panic!("{amount} {currency}: want {want:?}, got {got:?}"),
             }
@@ -257,10 +238,7 @@ mod tests {
     fn units_and_scale_round_trip() {
         let a = Amount::from_units_scale(1250, 2, "USD").unwrap();
         assert_eq!(a.to_string(), "12.50 USD");
-        assert_eq!(
-            Amount::from_units_scale(125, 1, "USD").unwrap().units(),
-            1250
-        );
+        assert_eq!(Amount::from_units_scale(125, 1, "USD").unwrap().units(), 1250);
         assert!(Amount::from_units_scale(1, 3, "USD").is_err());
         assert!(Amount::from_units_scale(i64::MAX, 0, "USD").is_err());
         assert!(Amount::from_units_scale(1, 200, "USD").is_err());

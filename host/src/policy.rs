@@ -54,10 +54,7 @@ impl CardTerms {
             (Some(a), Some(b)) => Some(if a.units() <= b.units() { a } else { b }),
             (a, b) => a.or(b),
         };
-        CardTerms {
-            ttl_seconds,
-            max_amount,
-        }
+        CardTerms { ttl_seconds, max_amount }
     }
 }
 
@@ -117,23 +114,11 @@ mod tests {
     #[test]
     fn the_narrowest_terms_win() {
         let usd = |a: &str| Some(Amount::parse(a, "USD").unwrap());
-        let a = CardTerms {
-            ttl_seconds: Some(300),
-            max_amount: usd("20.00"),
-        };
-        let b = CardTerms {
-            ttl_seconds: Some(600),
-            max_amount: usd("15.00"),
-        };
+        let a = CardTerms { ttl_seconds: Some(300), max_amount: usd("20.00") };
+        let b = CardTerms { ttl_seconds: Some(600), max_amount: usd("15.00") };
         let c = CardTerms::default();
         let got = a.clone().narrowest(b).narrowest(c.clone());
-        assert_eq!(
-            got,
-            CardTerms {
-                ttl_seconds: Some(300),
-                max_amount: usd("15.00")
-            }
-        );
+        assert_eq!(got, CardTerms { ttl_seconds: Some(300), max_amount: usd("15.00") });
         assert_eq!(c.clone().narrowest(c.clone()), c);
         assert_eq!(CardTerms::default().narrowest(a.clone()), a);
     }

@@ -18,8 +18,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
-    Trap, WasmBacktraceDetails,
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap,
+    WasmBacktraceDetails,
 };
 
 pub use limits::*;
@@ -31,11 +31,8 @@ use crate::policy::{Decision, SpendRequest};
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// The only interfaces a policy may import: the `spend-policy` world's.
-const ALLOWED_IMPORTS: &[&str] = &[
-    "spendguard:policy/types@0.1.0",
-    "spendguard:policy/history@0.1.0",
-    "spendguard:policy/log@0.1.0",
-];
+const ALLOWED_IMPORTS: &[&str] =
+    &["spendguard:policy/types@0.1.0", "spendguard:policy/history@0.1.0", "spendguard:policy/log@0.1.0"];
 /// Core-module import namespaces that wit-bindgen emits for those interfaces.
 const ALLOWED_CORE_IMPORT_PREFIX: &str = "spendguard:policy/";
 const REQUIRED_EXPORTS: &[&str] = &["validate-config", "evaluate"];
@@ -224,9 +221,7 @@ pub struct Sandbox {
 
 impl fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sandbox")
-            .field("limits", &self.limits)
-            .finish_non_exhaustive()
+        f.debug_struct("Sandbox").field("limits", &self.limits).finish_non_exhaustive()
     }
 }
 
@@ -268,25 +263,17 @@ impl Sandbox {
         let ticker = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&ticker);
         let weak = engine.weak();
-        thread::Builder::new()
-            .name("spendguard-epoch".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    thread::sleep(EPOCH_TICK);
-                    match weak.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
-                    }
+        thread::Builder::new().name("spendguard-epoch".into()).spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
                 }
-            })?;
+            }
+        })?;
 
-        Ok(Sandbox {
-            engine,
-            linker,
-            slots: Slots::new(slots),
-            limits,
-            ticker,
-        })
+        Ok(Sandbox { engine, linker, slots: Slots::new(slots), limits, ticker })
     }
 
     pub fn limits(&self) -> &Limits {
@@ -298,10 +285,7 @@ impl Sandbox {
     /// importing outside the policy world, or missing an export.
     pub fn load(&self, bytes: &[u8]) -> Result<LoadedPolicy, LoadError> {
         if bytes.len() > self.limits.max_module_bytes {
-            return Err(LoadError::TooLarge {
-                size: bytes.len(),
-                max: self.limits.max_module_bytes,
-            });
+            return Err(LoadError::TooLarge { size: bytes.len(), max: self.limits.max_module_bytes });
         }
         let sha256 = hex::encode(Sha256::digest(bytes));
         let component_bytes: Cow<'_, [u8]> = if wasmparser::Parser::is_core_wasm(bytes) {
@@ -323,52 +307,26 @@ impl Sandbox {
         })?;
 
         let ty = component.component_type();
-        let imports: Vec<String> = ty
-            .imports(&self.engine)
-            .map(|(name, _)| name.to_owned())
-            .collect();
-        if let Some(foreign) = imports
-            .iter()
-            .find(|i| !ALLOWED_IMPORTS.contains(&i.as_str()))
-        {
+        let imports: Vec<String> = ty.imports(&self.engine).map(|(name, _)| name.to_owned()).collect();
+        if let Some(foreign) = imports.iter().find(|i| !ALLOWED_IMPORTS.contains(&i.as_str())) {
             return Err(LoadError::ForeignImport(foreign.clone()));
         }
-        let exports: Vec<String> = ty
-            .exports(&self.engine)
-            .map(|(name, _)| name.to_owned())
-            .collect();
-        if let Some(missing) = REQUIRED_EXPORTS
-            .iter()
-            .find(|e| !exports.iter().any(|x| x == *e))
-        {
+        let exports: Vec<String> = ty.exports(&self.engine).map(|(name, _)| name.to_owned()).collect();
+        if let Some(missing) = REQUIRED_EXPORTS.iter().find(|e| !exports.iter().any(|x| x == *e)) {
             return Err(LoadError::MissingExport((*missing).to_owned()));
         }
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| LoadError::WrongExports(format!("{e:#}")))?;
-        let pre = v0_1::SpendPolicyPre::new(pre)
-            .map_err(|e| LoadError::WrongExports(format!("{e:#}")))?;
-        Ok(LoadedPolicy {
-            sha256,
-            size: bytes.len(),
-            imports,
-            exports,
-            bindings: Bindings::V0_1(pre),
-        })
+        let pre =
+            self.linker.instantiate_pre(&component).map_err(|e| LoadError::WrongExports(format!("{e:#}")))?;
+        let pre = v0_1::SpendPolicyPre::new(pre).map_err(|e| LoadError::WrongExports(format!("{e:#}")))?;
+        Ok(LoadedPolicy { sha256, size: bytes.len(), imports, exports, bindings: Bindings::V0_1(pre) })
     }
 
     /// Run the policy's `validate-config` on `config` (a JSON document).
     /// `Ok(Err(message))` is the policy refusing the config.
     pub fn validate_config(&self, policy: &LoadedPolicy, config: &str) -> Run<Result<(), String>> {
-        let scope = HistoryScope {
-            agent_id: String::new(),
-            currency: String::new(),
-        };
-        self.run(Arc::new(NoHistory), scope, 0, |store| {
-            match &policy.bindings {
-                Bindings::V0_1(pre) => v0_1::validate_config(pre, store, config),
-            }
+        let scope = HistoryScope { agent_id: String::new(), currency: String::new() };
+        self.run(Arc::new(NoHistory), scope, 0, |store| match &policy.bindings {
+            Bindings::V0_1(pre) => v0_1::validate_config(pre, store, config),
         })
         .and_then(
             |result, limits| match result {
@@ -398,18 +356,10 @@ impl Sandbox {
             agent_id: request.agent.id.clone(),
             currency: request.amount.currency().to_owned(),
         };
-        self.run(
-            history,
-            scope,
-            request.amount.exponent(),
-            |store| match &policy.bindings {
-                Bindings::V0_1(pre) => v0_1::evaluate(pre, store, request, config),
-            },
-        )
-        .and_then(
-            |decision, limits| check_decision(decision, request, limits),
-            &self.limits,
-        )
+        self.run(history, scope, request.amount.exponent(), |store| match &policy.bindings {
+            Bindings::V0_1(pre) => v0_1::evaluate(pre, store, request, config),
+        })
+        .and_then(|decision, limits| check_decision(decision, request, limits), &self.limits)
     }
 
     fn run<T>(
@@ -433,19 +383,15 @@ impl Sandbox {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
-        let deadline_ticks =
-            u64::try_from(self.limits.deadline.as_micros() / EPOCH_TICK.as_micros().max(1))
-                .unwrap_or(u64::MAX)
-                .max(1);
+        let deadline_ticks = u64::try_from(self.limits.deadline.as_micros() / EPOCH_TICK.as_micros().max(1))
+            .unwrap_or(u64::MAX)
+            .max(1);
         store.set_epoch_deadline(deadline_ticks);
         let result = match store.set_fuel(self.limits.fuel) {
             Ok(()) => call(&mut store),
             Err(e) => Err(e),
         };
-        let fuel_used = self
-            .limits
-            .fuel
-            .saturating_sub(store.get_fuel().unwrap_or(0));
+        let fuel_used = self.limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
         let state = store.into_data();
         let outcome = result.map_err(|e| classify(e, &state));
         Run {
@@ -459,11 +405,7 @@ impl Sandbox {
 }
 
 impl<T> Run<T> {
-    fn and_then<U>(
-        self,
-        f: impl FnOnce(T, &Limits) -> Result<U, Fault>,
-        limits: &Limits,
-    ) -> Run<U> {
+    fn and_then<U>(self, f: impl FnOnce(T, &Limits) -> Result<U, Fault>, limits: &Limits) -> Run<U> {
         Run {
             outcome: self.outcome.and_then(|t| f(t, limits)),
             fuel_used: self.fuel_used,
@@ -481,28 +423,18 @@ fn check_decision(
     limits: &Limits,
 ) -> Result<Decision, Fault> {
     let oversize = |what: &str, len: usize| {
-        Fault::OversizeOutput(format!(
-            "{what} of {len} bytes, over the cap of {}",
-            limits.max_output_bytes
-        ))
+        Fault::OversizeOutput(format!("{what} of {len} bytes, over the cap of {}", limits.max_output_bytes))
     };
     match decision {
-        v0_1::RawDecision::Deny(r) if r.len() > limits.max_output_bytes => {
-            Err(oversize("reason", r.len()))
-        }
+        v0_1::RawDecision::Deny(r) if r.len() > limits.max_output_bytes => Err(oversize("reason", r.len())),
         v0_1::RawDecision::Deny(r) => Ok(Decision::Deny(r)),
         v0_1::RawDecision::RequireApproval(r) if r.len() > limits.max_output_bytes => {
             Err(oversize("reason", r.len()))
         }
         v0_1::RawDecision::RequireApproval(r) => Ok(Decision::RequireApproval(r)),
-        v0_1::RawDecision::Allow {
-            ttl_seconds,
-            max_amount,
-        } => {
+        v0_1::RawDecision::Allow { ttl_seconds, max_amount } => {
             if ttl_seconds == Some(0) {
-                return Err(Fault::InvalidCardTerms(
-                    "ttl-seconds must be at least 1".into(),
-                ));
+                return Err(Fault::InvalidCardTerms("ttl-seconds must be at least 1".into()));
             }
             let max_amount = match max_amount {
                 None => None,
@@ -519,10 +451,7 @@ fn check_decision(
                     Some(cap)
                 }
             };
-            Ok(Decision::Allow(crate::policy::CardTerms {
-                ttl_seconds,
-                max_amount,
-            }))
+            Ok(Decision::Allow(crate::policy::CardTerms { ttl_seconds, max_amount }))
         }
     }
 }
@@ -565,9 +494,7 @@ impl History for NoHistory {
         _: &HistoryScope,
         _: &crate::policy::SpendFilter,
     ) -> Result<crate::policy::SpendSummary, crate::history::HistoryError> {
-        Err(crate::history::HistoryError(
-            "no history while validating a config".into(),
-        ))
+        Err(crate::history::HistoryError("no history while validating a config".into()))
     }
 }
 
@@ -634,10 +561,7 @@ struct Slot<'a>(&'a Slots);
 
 impl Slots {
     fn new(n: u32) -> Self {
-        Slots {
-            free: Mutex::new(n),
-            freed: Condvar::new(),
-        }
+        Slots { free: Mutex::new(n), freed: Condvar::new() }
     }
 
     fn acquire(&self) -> Slot<'_> {
@@ -661,9 +585,7 @@ impl Drop for Slot<'_> {
 /// Componentize a core module built with wit-bindgen, refusing foreign
 /// imports first so the message names them.
 fn componentize(bytes: &[u8], max_memory_bytes: usize) -> Result<Vec<u8>, LoadError> {
-    wasmparser::Validator::new()
-        .validate_all(bytes)
-        .map_err(|e| LoadError::Invalid(e.to_string()))?;
+    wasmparser::Validator::new().validate_all(bytes).map_err(|e| LoadError::Invalid(e.to_string()))?;
     let mut has_component_type = false;
     for payload in wasmparser::Parser::new(0).parse_all(bytes) {
         match payload.map_err(|e| LoadError::Invalid(e.to_string()))? {
@@ -671,10 +593,7 @@ fn componentize(bytes: &[u8], max_memory_bytes: usize) -> Result<Vec<u8>, LoadEr
                 for import in section.into_imports() {
                     let import = import.map_err(|e| LoadError::Invalid(e.to_string()))?;
                     if !import.module.starts_with(ALLOWED_CORE_IMPORT_PREFIX) {
-                        return Err(LoadError::ForeignImport(format!(
-                            "{}::{}",
-                            import.module, import.name
-                        )));
+                        return Err(LoadError::ForeignImport(format!("{}::{}", import.module, import.name)));
                     }
                 }
             }
@@ -683,16 +602,11 @@ fn componentize(bytes: &[u8], max_memory_bytes: usize) -> Result<Vec<u8>, LoadEr
                     let memory = memory.map_err(|e| LoadError::Invalid(e.to_string()))?;
                     let needs = memory.initial.saturating_mul(WASM_PAGE_BYTES);
                     if needs > u64::try_from(max_memory_bytes).unwrap_or(u64::MAX) {
-                        return Err(LoadError::MemoryTooLarge {
-                            needs,
-                            max: max_memory_bytes,
-                        });
+                        return Err(LoadError::MemoryTooLarge { needs, max: max_memory_bytes });
                     }
                 }
             }
-            wasmparser::Payload::CustomSection(section)
-                if section.name().starts_with("component-type") =>
-            {
+            wasmparser::Payload::CustomSection(section) if section.name().starts_with("component-type") => {
                 has_component_type = true;
             }
             _ => {}

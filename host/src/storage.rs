@@ -59,7 +59,26 @@ pub enum Verdict {
     /// Every policy allowed; the card gets these (narrowest) terms.
     Approve(CardTerms),
     Deny(Vec<String>),
-    RequireApproval(Vec<String>),
+    /// Wait for the operator; should they approve, the card gets `terms`
+    /// (the narrowest the allowing policies set).
+    RequireApproval {
+        reasons: Vec<String>,
+        terms: CardTerms,
+    },
+}
+
+/// A verdict with what the audit trail records of how it was reached (each
+/// policy's decision, fuel, time and logs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decided {
+    pub verdict: Verdict,
+    pub evaluations: serde_json::Value,
+}
+
+impl From<Verdict> for Decided {
+    fn from(verdict: Verdict) -> Self {
+        Decided { verdict, evaluations: serde_json::Value::Array(Vec::new()) }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -206,8 +225,57 @@ pub trait Storage: Send + Sync {
         spend: &NewSpend,
         cards: &CardIssuance<'_>,
         now_ms: u64,
-        decide: &mut dyn FnMut(Arc<dyn History>) -> Verdict,
+        decide: &mut dyn FnMut(Arc<dyn History>) -> Decided,
     ) -> Result<Proposed, StorageError>;
+
+    /// The operator approves a spend waiting for approval: funds are checked
+    /// again and the money held; the card is made when the agent first reads
+    /// the spend ([`Storage::claim_card`]), and lives until the hold lapses.
+    /// Refused once the spend is resolved or waited longer than `approval_ttl_ms`.
+    fn approve(
+        &self,
+        spend_id: &str,
+        default_ttl_seconds: u32,
+        approval_ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<SpendRecord, StorageError>;
+
+    /// The operator denies a spend waiting for approval.
+    fn deny(
+        &self,
+        spend_id: &str,
+        reason: &str,
+        approval_ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<SpendRecord, StorageError>;
+
+    /// Resolve as expired every spend that waited longer than `approval_ttl_ms`.
+    fn expire_approvals(&self, approval_ttl_ms: u64, now_ms: u64) -> Result<usize, StorageError>;
+
+    /// Spends waiting for approval (and not yet past `approval_ttl_ms`), oldest first.
+    fn pending_approvals(&self, approval_ttl_ms: u64, now_ms: u64) -> Result<Vec<SpendRecord>, StorageError>;
+
+    /// The card of an approved-after-escalation spend, made now, with its
+    /// PAN and CVV: `None` when it was made before (they are shown once),
+    /// or the spend has no money held for it.
+    fn claim_card(
+        &self,
+        spend_id: &str,
+        cards: &CardIssuance<'_>,
+        now_ms: u64,
+    ) -> Result<Option<IssuedCard>, StorageError>;
+
+    /// Spends, newest first; only `agent_id`'s when given.
+    fn spends(&self, agent_id: Option<&str>, limit: usize) -> Result<Vec<SpendRecord>, StorageError>;
+
+    /// Append a record to the audit trail, in its own transaction.
+    fn audit(&self, kind: &str, record: &serde_json::Value, now_ms: u64) -> Result<(), StorageError>;
+
+    /// Audit records with `seq` above `after`, oldest first, at most `limit`.
+    fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StorageError>;
+
+    /// Recompute the audit chain: `Ok(n)` when all `n` records hold.
+    fn verify_audit(&self) -> Result<Result<u64, AuditBreak>, StorageError>;
 
     /// Decide a merchant's charge: approve and capture, or decline with a
     /// stable code. A card is captured at most once, however charges race.
@@ -233,6 +301,60 @@ pub trait Storage: Send + Sync {
     /// Check every ledger invariant; the error names the first that fails.
     /// Tests call it after every step; operators may too.
     fn check_invariants(&self) -> Result<(), String>;
+}
+
+/// One record of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at_ms: u64,
+    pub kind: String,
+    /// The record as stored (JSON text): what the hash covers.
+    pub record: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// Where and why the audit chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditBreak {
+    pub seq: u64,
+    pub error: String,
+}
+
+/// The hash of the first record's predecessor.
+pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// A record's hash: SHA-256 over the previous hash and every field, each
+/// length-prefixed, so no two records can hash alike by shifting bytes.
+pub fn audit_hash(prev_hash: &str, seq: u64, at_ms: u64, kind: &str, record: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [prev_hash, &seq.to_string(), &at_ms.to_string(), kind, record] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// Check a run of records from the first: contiguous, chained, unaltered.
+pub fn verify_chain<'a>(records: impl IntoIterator<Item = &'a AuditRecord>) -> Result<u64, AuditBreak> {
+    let mut prev = AUDIT_GENESIS.to_owned();
+    let mut n = 0;
+    for r in records {
+        n += 1;
+        let broken = |error: &str| AuditBreak { seq: r.seq, error: error.to_owned() };
+        if r.seq != n {
+            return Err(broken(&format!("expected record {n}: a record is missing")));
+        }
+        if r.prev_hash != prev {
+            return Err(broken("does not follow the previous record"));
+        }
+        if r.hash != audit_hash(&r.prev_hash, r.seq, r.at_ms, &r.kind, &r.record) {
+            return Err(broken("was altered: its hash does not match its content"));
+        }
+        prev = r.hash.clone();
+    }
+    Ok(n)
 }
 
 /// A fresh random id with a readable prefix (`sp_3f9a…`): 96 random bits.

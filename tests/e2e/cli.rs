@@ -9,10 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::guests;
 
 fn spendguard(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_spendguard"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
+    Command::new(env!("CARGO_BIN_EXE_spendguard")).args(args).output().expect("the binary runs")
 }
 
 fn stdout(out: &Output) -> String {
@@ -54,30 +51,18 @@ fn check_describes_a_policy_or_says_why_it_is_refused() {
 
     let out = spendguard(&["policy", "check", path(&guests::wasm("guest-wasi-import"))]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("`wasi_snapshot_preview1::random_get`"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("`wasi_snapshot_preview1::random_get`"), "{}", stderr(&out));
 
     let out = spendguard(&["policy", "check", "/nonexistent/policy.wasm"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("cannot read `/nonexistent/policy.wasm`"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("cannot read `/nonexistent/policy.wasm`"), "{}", stderr(&out));
 }
 
 #[test]
 fn eval_prints_the_decision_as_json_whatever_it_is() {
     let dir = tempfile::tempdir().unwrap();
     let req = write(dir.path(), "req.json", REQUEST);
-    let cfg = write(
-        dir.path(),
-        "cfg.json",
-        r#"{"limit": "50.00", "currency": "USD", "window": "24h"}"#,
-    );
+    let cfg = write(dir.path(), "cfg.json", r#"{"limit": "50.00", "currency": "USD", "window": "24h"}"#);
     let hist = write(
         dir.path(),
         "hist.json",
@@ -86,31 +71,14 @@ fn eval_prints_the_decision_as_json_whatever_it_is() {
     );
     let wasm = guests::wasm("spend-limit");
 
-    let out = spendguard(&[
-        "policy",
-        "eval",
-        path(&wasm),
-        "--request",
-        &req,
-        "--config",
-        &cfg,
-    ]);
+    let out = spendguard(&["policy", "eval", path(&wasm), "--request", &req, "--config", &cfg]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["decision"], "allow", "{json}");
     assert!(json["fuel_used"].as_u64().unwrap() > 0);
 
-    let out = spendguard(&[
-        "policy",
-        "eval",
-        path(&wasm),
-        "--request",
-        &req,
-        "--config",
-        &cfg,
-        "--history",
-        &hist,
-    ]);
+    let out =
+        spendguard(&["policy", "eval", path(&wasm), "--request", &req, "--config", &cfg, "--history", &hist]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["decision"], "deny", "45 + 10 is over 50: {json}");
@@ -142,26 +110,12 @@ fn eval_prints_the_decision_as_json_whatever_it_is() {
     );
     let out = spendguard(&["policy", "eval", path(&wasm), "--request", &bad]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("more decimals than USD allows"),
-        "{}",
-        stderr(&out)
-    );
-    let unknown = write(
-        dir.path(),
-        "unknown.json",
-        r#"{"amount": "1", "currency": "USD", "merchnat": {}}"#,
-    );
+    assert!(stderr(&out).contains("more decimals than USD allows"), "{}", stderr(&out));
+    let unknown = write(dir.path(), "unknown.json", r#"{"amount": "1", "currency": "USD", "merchnat": {}}"#);
     let out = spendguard(&["policy", "eval", path(&wasm), "--request", &unknown]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("merchnat"), "{}", stderr(&out));
-    let out = spendguard(&[
-        "policy",
-        "eval",
-        path(&guests::wasm("guest-wrong-exports")),
-        "--request",
-        &req,
-    ]);
+    let out = spendguard(&["policy", "eval", path(&guests::wasm("guest-wrong-exports")), "--request", &req]);
     assert_eq!(out.status.code(), Some(1));
 }
 
@@ -171,26 +125,13 @@ fn test_runs_every_example_policys_cases_file() {
         let cases = dir.join("cases.json");
         let out = spendguard(&["policy", "test", path(&guests::wasm(&name)), path(&cases)]);
         let text = stdout(&out);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{name}:\n{text}{}",
-            stderr(&out)
-        );
+        assert_eq!(out.status.code(), Some(0), "{name}:\n{text}{}", stderr(&out));
         let n = serde_json::from_str::<Value>(&std::fs::read_to_string(&cases).unwrap()).unwrap()["cases"]
             .as_array()
             .unwrap()
             .len();
-        assert_eq!(
-            text.lines().last(),
-            Some(format!("{n} passed, 0 failed").as_str()),
-            "{name}:\n{text}"
-        );
-        assert_eq!(
-            text.lines().filter(|l| l.starts_with("ok ")).count(),
-            n,
-            "{name}:\n{text}"
-        );
+        assert_eq!(text.lines().last(), Some(format!("{n} passed, 0 failed").as_str()), "{name}:\n{text}");
+        assert_eq!(text.lines().filter(|l| l.starts_with("ok ")).count(), n, "{name}:\n{text}");
     }
 }
 
@@ -214,18 +155,13 @@ fn test_reports_failures_and_refuses_invalid_input() {
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("ok    right"), "{text}");
-    assert!(
-        text.contains("FAIL  wrong on purpose: expected allow, got deny"),
-        "{text}"
-    );
+    assert!(text.contains("FAIL  wrong on purpose: expected allow, got deny"), "{text}");
     assert_eq!(text.lines().last(), Some("1 passed, 1 failed"));
 
     let typo = write(
         dir.path(),
         "typo.json",
-        &format!(
-            r#"{{"cases": [{{"name": "t", "request": {REQUEST}, "expect": {{"decison": "allow"}}}}]}}"#
-        ),
+        &format!(r#"{{"cases": [{{"name": "t", "request": {REQUEST}, "expect": {{"decison": "allow"}}}}]}}"#),
     );
     let out = spendguard(&["policy", "test", path(&wasm), &typo]);
     assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
@@ -239,17 +175,8 @@ fn test_reports_failures_and_refuses_invalid_input() {
     );
     let out = spendguard(&["policy", "test", path(&wasm), &bad_amount]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("must be positive"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("must be positive"), "{}", stderr(&out));
 
-    let out = spendguard(&[
-        "policy",
-        "test",
-        path(&guests::wasm("guest-wasi-import")),
-        &cases,
-    ]);
+    let out = spendguard(&["policy", "test", path(&guests::wasm("guest-wasi-import")), &cases]);
     assert_eq!(out.status.code(), Some(2));
 }

@@ -9,10 +9,7 @@ use std::sync::OnceLock;
 
 /// The repository's root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("host/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ has a parent").to_path_buf()
 }
 
 /// Crate folders holding a guest: (package name, folder).
@@ -26,10 +23,7 @@ pub fn crates(under: &str) -> Vec<(String, PathBuf)> {
         };
         let name = text
             .lines()
-            .find_map(|l| {
-                l.strip_prefix("name = \"")
-                    .and_then(|r| r.strip_suffix('"'))
-            })
+            .find_map(|l| l.strip_prefix("name = \"").and_then(|r| r.strip_suffix('"')))
             .unwrap_or_else(|| panic!("no package name in {}", manifest.display()))
             .to_owned();
         found.push((name, dir));
@@ -44,11 +38,7 @@ pub fn wasm(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(build_all);
     let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
-    assert!(
-        path.exists(),
-        "guest `{name}` was not built: {}",
-        path.display()
-    );
+    assert!(path.exists(), "guest `{name}` was not built: {}", path.display());
     path
 }
 
@@ -63,13 +53,7 @@ fn build_all() -> PathBuf {
     let target = root.join("target").join("e2e-guests");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-unknown-unknown",
-            "--quiet",
-        ])
+        .args(["build", "--release", "--target", "wasm32-unknown-unknown", "--quiet"])
         .env("CARGO_TARGET_DIR", &target);
     // What the outer cargo set must not leak into the guests' build (the
     // workspace's .cargo/config.toml sets the guests' flags).
@@ -87,9 +71,6 @@ fn build_all() -> PathBuf {
         cmd.args(["-p", &name]);
     }
     let status = cmd.status().expect("cargo runs");
-    assert!(
-        status.success(),
-        "building the Wasm guests failed: {status}"
-    );
+    assert!(status.success(), "building the Wasm guests failed: {status}");
     target.join("wasm32-unknown-unknown").join("release")
 }

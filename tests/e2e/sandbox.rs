@@ -42,9 +42,7 @@ fn attack(attack: &str) -> String {
 }
 
 fn hostile(sandbox: &Sandbox) -> LoadedPolicy {
-    sandbox
-        .load(&guests::bytes("guest-hostile"))
-        .expect("the hostile guest loads: it is well-formed")
+    sandbox.load(&guests::bytes("guest-hostile")).expect("the hostile guest loads: it is well-formed")
 }
 
 /// After any attack, the same sandbox still evaluates a well-behaved call.
@@ -65,56 +63,23 @@ fn every_attack_is_denied_with_its_fault_and_the_sandbox_carries_on() {
         ("loop", "out_of_fuel", "out of fuel"),
         ("memory", "memory_limit", "memory limit"),
         ("recursion", "stack_overflow", "stack overflow"),
-        (
-            "panic",
-            "panic",
-            "panic: the policy gave up on api.openai.com",
-        ),
-        (
-            "huge_reason",
-            "oversize_output",
-            "oversize output: reason of 3145728 bytes",
-        ),
-        (
-            "huge_log",
-            "oversize_output",
-            "oversize output: log line of 1048576 bytes",
-        ),
-        (
-            "log_flood",
-            "oversize_output",
-            "oversize output: more than 64 log lines",
-        ),
-        (
-            "history_flood",
-            "too_many_history_calls",
-            "too many history calls",
-        ),
-        (
-            "foreign_cap",
-            "invalid_card_terms",
-            "invalid card terms: cap in `EUR` for a spend in USD",
-        ),
+        ("panic", "panic", "panic: the policy gave up on api.openai.com"),
+        ("huge_reason", "oversize_output", "oversize output: reason of 3145728 bytes"),
+        ("huge_log", "oversize_output", "oversize output: log line of 1048576 bytes"),
+        ("log_flood", "oversize_output", "oversize output: more than 64 log lines"),
+        ("history_flood", "too_many_history_calls", "too many history calls"),
+        ("foreign_cap", "invalid_card_terms", "invalid card terms: cap in `EUR` for a spend in USD"),
     ];
     for (name, kind, reason) in table {
         let started = Instant::now();
         let run = sandbox.evaluate(&policy, &request(), &attack(name), history());
         let took = started.elapsed();
-        let fault = run
-            .outcome
-            .as_ref()
-            .expect_err(&format!("attack `{name}` was not stopped"));
+        let fault = run.outcome.as_ref().expect_err(&format!("attack `{name}` was not stopped"));
         assert_eq!(fault.kind(), *kind, "attack `{name}`: {fault}");
         match run.decision("hostile") {
             Decision::Deny(why) => {
-                assert!(
-                    why.starts_with("policy `hostile` failed: "),
-                    "attack `{name}`: {why}"
-                );
-                assert!(
-                    why.contains(reason),
-                    "attack `{name}`: reason {why:?} lacks {reason:?}"
-                );
+                assert!(why.starts_with("policy `hostile` failed: "), "attack `{name}`: {why}");
+                assert!(why.contains(reason), "attack `{name}`: reason {why:?} lacks {reason:?}");
             }
             other => panic!("attack `{name}` was not denied: {other:?}"),
         }
@@ -126,80 +91,44 @@ fn every_attack_is_denied_with_its_fault_and_the_sandbox_carries_on() {
 #[test]
 fn a_policy_past_its_deadline_is_stopped_by_the_clock() {
     // Fuel effectively unlimited: only the wall-clock deadline can stop it.
-    let limits = Limits {
-        fuel: u64::MAX / 2,
-        deadline: Duration::from_millis(50),
-        ..Limits::default()
-    };
+    let limits = Limits { fuel: u64::MAX / 2, deadline: Duration::from_millis(50), ..Limits::default() };
     let sandbox = Sandbox::new(limits).unwrap();
     let policy = hostile(&sandbox);
     let started = Instant::now();
     let run = sandbox.evaluate(&policy, &request(), &attack("loop"), history());
     assert_eq!(run.outcome, Err(Fault::DeadlineExceeded));
-    assert!(
-        run.elapsed >= Duration::from_millis(50),
-        "stopped before its deadline: {:?}",
-        run.elapsed
-    );
+    assert!(run.elapsed >= Duration::from_millis(50), "stopped before its deadline: {:?}", run.elapsed);
     assert!(started.elapsed() < PROMPT);
     assert_still_works(&sandbox, &policy);
 }
 
 #[test]
 fn limits_are_configurable() {
-    let tight = Limits {
-        fuel: 1_000,
-        max_history_calls: 0,
-        ..Limits::default()
-    };
+    let tight = Limits { fuel: 1_000, max_history_calls: 0, ..Limits::default() };
     let sandbox = Sandbox::new(tight).unwrap();
     let policy = hostile(&sandbox);
     let run = sandbox.evaluate(&policy, &request(), &attack("none"), history());
-    assert_eq!(
-        run.outcome,
-        Err(Fault::OutOfFuel),
-        "a 1000-instruction budget cannot parse a config"
-    );
+    assert_eq!(run.outcome, Err(Fault::OutOfFuel), "a 1000-instruction budget cannot parse a config");
 
-    let small_output = Limits {
-        max_output_bytes: 8,
-        ..Limits::default()
-    };
+    let small_output = Limits { max_output_bytes: 8, ..Limits::default() };
     let sandbox = Sandbox::new(small_output).unwrap();
     let policy = hostile(&sandbox);
     let run = sandbox.evaluate(&policy, &request(), &attack("count"), history());
-    assert_eq!(
-        run.outcome.unwrap_err().kind(),
-        "oversize_output",
-        "`call number 1` is over 8 bytes"
-    );
+    assert_eq!(run.outcome.unwrap_err().kind(), "oversize_output", "`call number 1` is over 8 bytes");
 
     // The module's own minimum memory, read from it: with exactly that as the
     // cap it loads, and its first allocation hits the cap.
     let bytes = guests::bytes("guest-hostile");
     let minimum = minimum_memory_bytes(&bytes);
-    let sandbox = Sandbox::new(Limits {
-        max_memory_bytes: minimum,
-        ..Limits::default()
-    })
-    .unwrap();
-    let policy = sandbox
-        .load(&bytes)
-        .expect("the module fits its own minimum");
+    let sandbox = Sandbox::new(Limits { max_memory_bytes: minimum, ..Limits::default() }).unwrap();
+    let policy = sandbox.load(&bytes).expect("the module fits its own minimum");
     let run = sandbox.evaluate(&policy, &request(), &attack("none"), history());
     assert_eq!(run.outcome, Err(Fault::MemoryLimit));
     // One page less, and it is refused at load.
-    let sandbox = Sandbox::new(Limits {
-        max_memory_bytes: minimum - 65536,
-        ..Limits::default()
-    })
-    .unwrap();
+    let sandbox = Sandbox::new(Limits { max_memory_bytes: minimum - 65536, ..Limits::default() }).unwrap();
     assert_eq!(
         sandbox.load(&bytes).unwrap_err(),
-        LoadError::MemoryTooLarge {
-            needs: minimum as u64,
-            max: minimum - 65536
-        }
+        LoadError::MemoryTooLarge { needs: minimum as u64, max: minimum - 65536 }
     );
 }
 
@@ -221,11 +150,7 @@ fn two_evaluations_never_share_an_instance() {
         let check = sandbox.validate_config(&policy, &attack("count"));
         assert_eq!(check.outcome, Ok(Ok(())));
         let run = sandbox.evaluate(&policy, &request(), &attack("count"), history());
-        assert_eq!(
-            run.outcome,
-            Ok(Decision::Deny("call number 1".into())),
-            "state survived an evaluation"
-        );
+        assert_eq!(run.outcome, Ok(Decision::Deny("call number 1".into())), "state survived an evaluation");
     }
 }
 
@@ -257,22 +182,11 @@ fn attacks_in_parallel_do_not_stall_well_behaved_evaluations() {
 fn modules_outside_the_contract_are_refused_at_load() {
     let sandbox = Sandbox::new(Limits::default()).unwrap();
 
-    let err = sandbox
-        .load(&guests::bytes("guest-wasi-import"))
-        .unwrap_err();
-    assert_eq!(
-        err,
-        LoadError::ForeignImport("wasi_snapshot_preview1::random_get".into())
-    );
-    assert!(
-        err.to_string()
-            .contains("outside the spendguard:policy world"),
-        "{err}"
-    );
+    let err = sandbox.load(&guests::bytes("guest-wasi-import")).unwrap_err();
+    assert_eq!(err, LoadError::ForeignImport("wasi_snapshot_preview1::random_get".into()));
+    assert!(err.to_string().contains("outside the spendguard:policy world"), "{err}");
 
-    let err = sandbox
-        .load(&guests::bytes("guest-wrong-exports"))
-        .unwrap_err();
+    let err = sandbox.load(&guests::bytes("guest-wrong-exports")).unwrap_err();
     assert!(matches!(err, LoadError::WrongExports(_)), "{err}");
     assert!(err.to_string().contains("evaluate"), "{err}");
 
@@ -280,33 +194,17 @@ fn modules_outside_the_contract_are_refused_at_load() {
     let empty = b"\0asm\x01\0\0\0";
     assert_eq!(sandbox.load(empty).unwrap_err(), LoadError::NoComponentType);
 
-    let tiny = Sandbox::new(Limits {
-        max_module_bytes: 1024,
-        ..Limits::default()
-    })
-    .unwrap();
+    let tiny = Sandbox::new(Limits { max_module_bytes: 1024, ..Limits::default() }).unwrap();
     let bytes = guests::bytes("guest-hostile");
-    assert_eq!(
-        tiny.load(&bytes).unwrap_err(),
-        LoadError::TooLarge {
-            size: bytes.len(),
-            max: 1024
-        }
-    );
+    assert_eq!(tiny.load(&bytes).unwrap_err(), LoadError::TooLarge { size: bytes.len(), max: 1024 });
 }
 
 #[test]
 fn a_ready_component_loads_and_decides_like_its_core_module() {
     let sandbox = Sandbox::new(Limits::default()).unwrap();
     let core = guests::bytes("guest-hostile");
-    let component = wit_component::ComponentEncoder::default()
-        .module(&core)
-        .unwrap()
-        .encode()
-        .unwrap();
-    let policy = sandbox
-        .load(&component)
-        .expect("a component of the contract loads");
+    let component = wit_component::ComponentEncoder::default().module(&core).unwrap().encode().unwrap();
+    let policy = sandbox.load(&component).expect("a component of the contract loads");
     assert_still_works(&sandbox, &policy);
     let run = sandbox.evaluate(&policy, &request(), &attack("loop"), history());
     assert_eq!(run.outcome, Err(Fault::OutOfFuel));
@@ -315,15 +213,9 @@ fn a_ready_component_loads_and_decides_like_its_core_module() {
 /// The seed of a randomized test: `SPENDGUARD_SEED` or the clock, printed
 /// so that a failure replays exactly.
 pub fn seed(test: &str) -> u64 {
-    let seed = std::env::var("SPENDGUARD_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = std::env::var("SPENDGUARD_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
     println!("{test}: SPENDGUARD_SEED={seed}");
     seed
 }

@@ -12,9 +12,7 @@ use spendguard::history::HistoryScope;
 use spendguard::money::Amount;
 use spendguard::policy::{CardTerms, Merchant, SpendFilter};
 use spendguard::storage::sqlite::SqliteStorage;
-use spendguard::storage::{
-    CardIssuance, NewSpend, SpendStatus, Storage, StorageError, Verdict, new_id,
-};
+use spendguard::storage::{CardIssuance, Decided, NewSpend, SpendStatus, Storage, StorageError, Verdict, new_id};
 
 use crate::sandbox::XorShift;
 
@@ -34,11 +32,7 @@ pub fn sqlite() -> Backend {
         .iter()
         .map(|f| dir.path().join(f))
         .collect();
-    Backend {
-        storage,
-        files,
-        _dir: dir,
-    }
+    Backend { storage, files, _dir: dir }
 }
 
 fn usd(a: &str) -> Amount {
@@ -48,12 +42,7 @@ fn usd(a: &str) -> Amount {
 const T0: u64 = 1_795_521_600_000; // 2026-11-24T12:00:00Z
 
 fn merchant(id: &str) -> Merchant {
-    Merchant {
-        id: id.into(),
-        name: id.into(),
-        mcc: "5734".into(),
-        country: "US".into(),
-    }
+    Merchant { id: id.into(), name: id.into(), mcc: "5734".into(), country: "US".into() }
 }
 
 fn spend(agent: &str, amount: Amount, merchant_id: &str, key: Option<&str>, at: u64) -> NewSpend {
@@ -68,15 +57,11 @@ fn spend(agent: &str, amount: Amount, merchant_id: &str, key: Option<&str>, at: 
     }
 }
 
-fn approve(terms: CardTerms) -> impl FnMut(Arc<dyn spendguard::history::History>) -> Verdict {
-    move |_| Verdict::Approve(terms.clone())
+fn approve(terms: CardTerms) -> impl FnMut(Arc<dyn spendguard::history::History>) -> Decided {
+    move |_| Verdict::Approve(terms.clone()).into()
 }
 
-fn charge(
-    card: &spendguard::cards::IssuedCard,
-    amount: Amount,
-    merchant_id: &str,
-) -> AuthorizationRequest {
+fn charge(card: &spendguard::cards::IssuedCard, amount: Amount, merchant_id: &str) -> AuthorizationRequest {
     AuthorizationRequest {
         pan: card.secrets.pan.clone(),
         cvv: card.secrets.cvv.clone(),
@@ -91,11 +76,7 @@ fn charge(
 fn a_card_is_issued_charged_once_and_the_rest_released() {
     let b = sqlite();
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
-    let cards = CardIssuance {
-        issuer: &issuer,
-        key: &key,
-        default_ttl_seconds: 900,
-    };
+    let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("100.00"), None, T0).unwrap();
 
     let p = b
@@ -112,35 +93,14 @@ fn a_card_is_issued_charged_once_and_the_rest_released() {
     let bal = &b.storage.balances().unwrap()[0];
     assert_eq!((bal.available, bal.held, bal.spent), (7000, 3000, 0));
 
-    let out = b
-        .storage
-        .authorize(
-            &charge(&card, usd("12.34"), "api.openai.com"),
-            &key,
-            T0 + 1000,
-        )
-        .unwrap();
+    let out = b.storage.authorize(&charge(&card, usd("12.34"), "api.openai.com"), &key, T0 + 1000).unwrap();
     assert!(out.approved, "{out:?}");
     let bal = &b.storage.balances().unwrap()[0];
-    assert_eq!(
-        (bal.available, bal.held, bal.spent),
-        (8766, 0, 1234),
-        "the unused 17.66 goes back"
-    );
+    assert_eq!((bal.available, bal.held, bal.spent), (8766, 0, 1234), "the unused 17.66 goes back");
 
-    let again = b
-        .storage
-        .authorize(
-            &charge(&card, usd("1.00"), "api.openai.com"),
-            &key,
-            T0 + 2000,
-        )
-        .unwrap();
+    let again = b.storage.authorize(&charge(&card, usd("1.00"), "api.openai.com"), &key, T0 + 2000).unwrap();
     assert_eq!(again.decline_code, Some(DeclineCode::CardUsed));
-    assert_eq!(
-        b.storage.card(&card.card_id).unwrap().unwrap().state,
-        CardState::Used
-    );
+    assert_eq!(b.storage.card(&card.card_id).unwrap().unwrap().state, CardState::Used);
     b.storage.check_invariants().unwrap();
 }
 
@@ -148,50 +108,27 @@ fn a_card_is_issued_charged_once_and_the_rest_released() {
 fn policies_narrow_the_card_and_funds_must_cover_it() {
     let b = sqlite();
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
-    let cards = CardIssuance {
-        issuer: &issuer,
-        key: &key,
-        default_ttl_seconds: 900,
-    };
+    let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("20.00"), None, T0).unwrap();
 
     // A cap of 15 on a 25 request: the hold and the card are 15, which fits.
-    let terms = CardTerms {
-        ttl_seconds: Some(60),
-        max_amount: Some(usd("15.00")),
-    };
+    let terms = CardTerms { ttl_seconds: Some(60), max_amount: Some(usd("15.00")) };
     let p = b
         .storage
-        .propose(
-            &spend("bot", usd("25.00"), "m.com", None, T0),
-            &cards,
-            T0,
-            &mut approve(terms),
-        )
+        .propose(&spend("bot", usd("25.00"), "m.com", None, T0), &cards, T0, &mut approve(terms))
         .unwrap();
     let card = p.card.unwrap();
     assert_eq!(card.expires_at_ms, T0 + 60_000);
     let record = b.storage.card(&card.card_id).unwrap().unwrap();
     assert_eq!(record.cap, usd("15.00"));
-    let out = b
-        .storage
-        .authorize(&charge(&card, usd("15.01"), "m.com"), &key, T0)
-        .unwrap();
+    let out = b.storage.authorize(&charge(&card, usd("15.01"), "m.com"), &key, T0).unwrap();
     assert_eq!(out.decline_code, Some(DeclineCode::OverLimit));
 
     // A TTL above the default never widens the card.
-    let terms = CardTerms {
-        ttl_seconds: Some(100_000),
-        max_amount: None,
-    };
+    let terms = CardTerms { ttl_seconds: Some(100_000), max_amount: None };
     let p = b
         .storage
-        .propose(
-            &spend("bot", usd("5.00"), "m.com", None, T0),
-            &cards,
-            T0,
-            &mut approve(terms),
-        )
+        .propose(&spend("bot", usd("5.00"), "m.com", None, T0), &cards, T0, &mut approve(terms))
         .unwrap();
     assert_eq!(p.card.unwrap().expires_at_ms, T0 + 900_000);
 
@@ -215,28 +152,15 @@ fn policies_narrow_the_card_and_funds_must_cover_it() {
 fn idempotency_keys_replay_or_conflict() {
     let b = sqlite();
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
-    let cards = CardIssuance {
-        issuer: &issuer,
-        key: &key,
-        default_ttl_seconds: 900,
-    };
-    b.storage
-        .deposit(&usd("50.00"), Some("fund-1"), T0)
-        .unwrap();
-    let replay = b
-        .storage
-        .deposit(&usd("50.00"), Some("fund-1"), T0)
-        .unwrap();
+    let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
+    b.storage.deposit(&usd("50.00"), Some("fund-1"), T0).unwrap();
+    let replay = b.storage.deposit(&usd("50.00"), Some("fund-1"), T0).unwrap();
     assert!(replay.replayed);
     assert_eq!(
         b.storage.deposit(&usd("60.00"), Some("fund-1"), T0),
         Err(StorageError::IdempotencyConflict("fund-1".into()))
     );
-    assert_eq!(
-        b.storage.balances().unwrap()[0].available,
-        5000,
-        "a replayed deposit moves nothing"
-    );
+    assert_eq!(b.storage.balances().unwrap()[0].available, 5000, "a replayed deposit moves nothing");
 
     let first = b
         .storage
@@ -250,21 +174,13 @@ fn idempotency_keys_replay_or_conflict() {
     let mut ran = false;
     let again = b
         .storage
-        .propose(
-            &spend("bot", usd("10.00"), "m.com", Some("k1"), T0 + 5),
-            &cards,
-            T0 + 5,
-            &mut |_| {
-                ran = true;
-                Verdict::Deny(vec!["would differ".into()])
-            },
-        )
+        .propose(&spend("bot", usd("10.00"), "m.com", Some("k1"), T0 + 5), &cards, T0 + 5, &mut |_| {
+            ran = true;
+            Verdict::Deny(vec!["would differ".into()]).into()
+        })
         .unwrap();
     assert!(!ran, "a replay must not run the policies again");
-    assert!(
-        again.replayed && again.card.is_none(),
-        "PAN and CVV are never shown twice"
-    );
+    assert!(again.replayed && again.card.is_none(), "PAN and CVV are never shown twice");
     assert_eq!(again.spend, first.spend);
     let other = b.storage.propose(
         &spend("bot", usd("11.00"), "m.com", Some("k1"), T0),
@@ -272,10 +188,7 @@ fn idempotency_keys_replay_or_conflict() {
         T0,
         &mut approve(CardTerms::default()),
     );
-    assert_eq!(
-        other.unwrap_err(),
-        StorageError::IdempotencyConflict("k1".into())
-    );
+    assert_eq!(other.unwrap_err(), StorageError::IdempotencyConflict("k1".into()));
     // Keys are per agent.
     let p = b
         .storage
@@ -296,11 +209,7 @@ fn idempotency_keys_replay_or_conflict() {
 fn expired_and_voided_cards_release_their_holds_once() {
     let b = sqlite();
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
-    let cards = CardIssuance {
-        issuer: &issuer,
-        key: &key,
-        default_ttl_seconds: 900,
-    };
+    let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("30.00"), None, T0).unwrap();
     let issue = |amount: &str| {
         b.storage
@@ -316,41 +225,21 @@ fn expired_and_voided_cards_release_their_holds_once() {
     };
     let (a, v, e) = (issue("10.00"), issue("10.00"), issue("10.00"));
     b.storage.void_card(&v.card_id, T0 + 1).unwrap();
-    assert!(matches!(
-        b.storage.void_card(&v.card_id, T0 + 2),
-        Err(StorageError::InvalidState(_))
-    ));
-    let out = b
-        .storage
-        .authorize(&charge(&v, usd("1.00"), "m.com"), &key, T0 + 3)
-        .unwrap();
+    assert!(matches!(b.storage.void_card(&v.card_id, T0 + 2), Err(StorageError::InvalidState(_))));
+    let out = b.storage.authorize(&charge(&v, usd("1.00"), "m.com"), &key, T0 + 3).unwrap();
     assert_eq!(out.decline_code, Some(DeclineCode::CardVoided));
 
     // Nothing expires a moment before the end of its life, all of it at the end.
     assert_eq!(b.storage.expire_cards(T0 + 899_999).unwrap(), 0);
-    let out = b
-        .storage
-        .authorize(&charge(&a, usd("1.00"), "m.com"), &key, T0 + 900_000)
-        .unwrap();
+    let out = b.storage.authorize(&charge(&a, usd("1.00"), "m.com"), &key, T0 + 900_000).unwrap();
     assert_eq!(
         out.decline_code,
         Some(DeclineCode::CardExpired),
         "a charge at the end of its life is refused"
     );
-    assert_eq!(
-        b.storage.expire_cards(T0 + 900_000).unwrap(),
-        1,
-        "only `e` was still open"
-    );
-    assert_eq!(
-        b.storage.expire_cards(T0 + 900_000).unwrap(),
-        0,
-        "expiry releases once"
-    );
-    assert_eq!(
-        b.storage.card(&e.card_id).unwrap().unwrap().state,
-        CardState::Expired
-    );
+    assert_eq!(b.storage.expire_cards(T0 + 900_000).unwrap(), 1, "only `e` was still open");
+    assert_eq!(b.storage.expire_cards(T0 + 900_000).unwrap(), 0, "expiry releases once");
+    assert_eq!(b.storage.card(&e.card_id).unwrap().unwrap().state, CardState::Expired);
     let bal = &b.storage.balances().unwrap()[0];
     assert_eq!((bal.available, bal.held, bal.spent), (3000, 0, 0));
     b.storage.check_invariants().unwrap();
@@ -361,11 +250,7 @@ fn cards_that_expired_while_the_daemon_was_down_are_released_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spendguard.db");
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
-    let cards = CardIssuance {
-        issuer: &issuer,
-        key: &key,
-        default_ttl_seconds: 900,
-    };
+    let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     {
         let storage = SqliteStorage::open(&path).unwrap();
         storage.deposit(&usd("10.00"), None, T0).unwrap();
@@ -379,11 +264,7 @@ fn cards_that_expired_while_the_daemon_was_down_are_released_on_open() {
             .unwrap();
     }
     let storage = SqliteStorage::open(&path).unwrap();
-    assert_eq!(
-        storage.balances().unwrap()[0].held,
-        1000,
-        "still held across a restart"
-    );
+    assert_eq!(storage.balances().unwrap()[0].held, 1000, "still held across a restart");
     assert_eq!(storage.expire_cards(T0 + 3_600_000).unwrap(), 1);
     assert_eq!(storage.balances().unwrap()[0].available, 1000);
     storage.check_invariants().unwrap();
@@ -393,15 +274,9 @@ fn cards_that_expired_while_the_daemon_was_down_are_released_on_open() {
 fn history_counts_captures_and_open_holds_in_the_requests_currency() {
     let b = sqlite();
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
-    let cards = CardIssuance {
-        issuer: &issuer,
-        key: &key,
-        default_ttl_seconds: 900,
-    };
+    let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("100.00"), None, T0).unwrap();
-    b.storage
-        .deposit(&Amount::parse("100.00", "EUR").unwrap(), None, T0)
-        .unwrap();
+    b.storage.deposit(&Amount::parse("100.00", "EUR").unwrap(), None, T0).unwrap();
     let issue = |agent: &str, amount: Amount, merchant_id: &str, at: u64| {
         b.storage
             .propose(
@@ -415,50 +290,32 @@ fn history_counts_captures_and_open_holds_in_the_requests_currency() {
             .unwrap()
     };
     let used = issue("bot", usd("20.00"), "a.com", T0);
-    b.storage
-        .authorize(&charge(&used, usd("5.00"), "a.com"), &key, T0 + 1)
-        .unwrap(); // counts 5
+    b.storage.authorize(&charge(&used, usd("5.00"), "a.com"), &key, T0 + 1).unwrap(); // counts 5
     let voided = issue("bot", usd("7.00"), "a.com", T0 + 10);
     b.storage.void_card(&voided.card_id, T0 + 11).unwrap(); // counts 0
     issue("bot", usd("3.00"), "b.com", T0 + 20); // open: counts 3
     issue("other", usd("4.00"), "a.com", T0 + 30); // another agent
-    issue(
-        "bot",
-        Amount::parse("9.00", "EUR").unwrap(),
-        "a.com",
-        T0 + 40,
-    ); // another currency
+    issue("bot", Amount::parse("9.00", "EUR").unwrap(), "a.com", T0 + 40); // another currency
 
     let mut seen = Vec::new();
     let mut probe = |h: Arc<dyn spendguard::history::History>| {
-        let scope = HistoryScope {
-            agent_id: "bot".into(),
-            currency: "USD".into(),
-        };
+        let scope = HistoryScope { agent_id: "bot".into(), currency: "USD".into() };
         let f = |since_ms, merchant: Option<&str>, wallet_wide| SpendFilter {
             since_ms,
             merchant_id: merchant.map(Into::into),
             mcc: None,
             wallet_wide,
         };
-        for filter in [
-            f(0, None, false),
-            f(T0 + 20, None, false),
-            f(0, Some("a.com"), false),
-            f(0, None, true),
-        ] {
+        for filter in
+            [f(0, None, false), f(T0 + 20, None, false), f(0, Some("a.com"), false), f(0, None, true)]
+        {
             let s = h.summarize(&scope, &filter).unwrap();
             seen.push((s.total_units, s.count));
         }
-        Verdict::Deny(vec!["probe".into()])
+        Verdict::Deny(vec!["probe".into()]).into()
     };
     b.storage
-        .propose(
-            &spend("bot", usd("1.00"), "a.com", None, T0 + 50),
-            &cards,
-            T0 + 50,
-            &mut probe,
-        )
+        .propose(&spend("bot", usd("1.00"), "a.com", None, T0 + 50), &cards, T0 + 50, &mut probe)
         .unwrap();
     assert_eq!(seen, vec![(800, 2), (300, 1), (500, 1), (1200, 3)]);
     b.storage.check_invariants().unwrap();
@@ -468,11 +325,7 @@ fn history_counts_captures_and_open_holds_in_the_requests_currency() {
 fn racing_charges_on_one_card_approve_exactly_once() {
     let b = sqlite();
     let (key, issuer) = (Arc::new(CardKey::generate()), SimulatedIssuer::new());
-    let cards = CardIssuance {
-        issuer: &issuer,
-        key: &key,
-        default_ttl_seconds: 900,
-    };
+    let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("100.00"), None, T0).unwrap();
     for round in 0..5 {
         let card = b
@@ -489,13 +342,10 @@ fn racing_charges_on_one_card_approve_exactly_once() {
         let card = Arc::new(card);
         let threads: Vec<_> = (0..8)
             .map(|i| {
-                let (storage, key, card) =
-                    (Arc::clone(&b.storage), Arc::clone(&key), Arc::clone(&card));
+                let (storage, key, card) = (Arc::clone(&b.storage), Arc::clone(&key), Arc::clone(&card));
                 std::thread::spawn(move || {
                     let amount = usd(&format!("{}.00", 1 + i % 9));
-                    storage
-                        .authorize(&charge(&card, amount, "m.com"), &key, T0 + 1)
-                        .unwrap()
+                    storage.authorize(&charge(&card, amount, "m.com"), &key, T0 + 1).unwrap()
                 })
             })
             .collect();
@@ -503,10 +353,7 @@ fn racing_charges_on_one_card_approve_exactly_once() {
         let approved = outcomes.iter().filter(|o| o.approved).count();
         assert_eq!(approved, 1, "round {round}: {outcomes:?}");
         assert!(
-            outcomes
-                .iter()
-                .filter(|o| !o.approved)
-                .all(|o| o.decline_code == Some(DeclineCode::CardUsed))
+            outcomes.iter().filter(|o| !o.approved).all(|o| o.decline_code == Some(DeclineCode::CardUsed))
         );
         b.storage.check_invariants().unwrap();
     }
@@ -517,16 +364,10 @@ fn racing_charges_from_two_connections_approve_exactly_once() {
     // Two stores on one file: what two processes sharing it would do.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spendguard.db");
-    let (one, two) = (
-        Arc::new(SqliteStorage::open(&path).unwrap()),
-        Arc::new(SqliteStorage::open(&path).unwrap()),
-    );
+    let (one, two) =
+        (Arc::new(SqliteStorage::open(&path).unwrap()), Arc::new(SqliteStorage::open(&path).unwrap()));
     let (key, issuer) = (Arc::new(CardKey::generate()), SimulatedIssuer::new());
-    let cards = CardIssuance {
-        issuer: &issuer,
-        key: &key,
-        default_ttl_seconds: 900,
-    };
+    let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     one.deposit(&usd("10.00"), None, T0).unwrap();
     let card = Arc::new(
         one.propose(
@@ -544,18 +385,12 @@ fn racing_charges_from_two_connections_approve_exactly_once() {
             let storage: Arc<dyn Storage> = if i % 2 == 0 { one.clone() } else { two.clone() };
             let (key, card) = (Arc::clone(&key), Arc::clone(&card));
             std::thread::spawn(move || {
-                storage
-                    .authorize(&charge(&card, usd("10.00"), "m.com"), &key, T0 + 1)
-                    .unwrap()
+                storage.authorize(&charge(&card, usd("10.00"), "m.com"), &key, T0 + 1).unwrap()
             })
         })
         .collect();
-    let approved = threads
-        .into_iter()
-        .filter(|_| true)
-        .map(|t| t.join().unwrap())
-        .filter(|o| o.approved)
-        .count();
+    let approved =
+        threads.into_iter().filter(|_| true).map(|t| t.join().unwrap()).filter(|o| o.approved).count();
     assert_eq!(approved, 1);
     two.check_invariants().unwrap();
 }
@@ -567,15 +402,9 @@ fn money_edge_cases() {
     b.storage.deposit(&usd("0.10"), None, T0).unwrap();
     b.storage.deposit(&usd("0.20"), None, T0).unwrap();
     assert_eq!(b.storage.balances().unwrap()[0].available, 30);
-    assert_eq!(
-        serde_json::to_value(&b.storage.balances().unwrap()[0]).unwrap()["available"],
-        "0.30"
-    );
+    assert_eq!(serde_json::to_value(&b.storage.balances().unwrap()[0]).unwrap()["available"], "0.30");
     // Precision per currency.
-    assert!(
-        Amount::parse("1000.5", "JPY").is_err(),
-        "JPY has no decimals"
-    );
+    assert!(Amount::parse("1000.5", "JPY").is_err(), "JPY has no decimals");
     assert_eq!(Amount::parse("1000", "JPY").unwrap().units(), 1000);
     assert_eq!(Amount::parse("0.000001", "USDC").unwrap().units(), 1);
     assert!(Amount::parse("0.0000001", "USDC").is_err());
@@ -596,18 +425,8 @@ fn money_edge_cases() {
     let (i, err) = refused.expect("the 93rd deposit of 10^17 units overflows i64");
     assert_eq!(i, 92, "{err}");
     assert!(matches!(err, StorageError::Invariant(_)), "{err}");
-    let btc_balance = b
-        .storage
-        .balances()
-        .unwrap()
-        .into_iter()
-        .find(|x| x.currency == "BTC")
-        .unwrap();
-    assert_eq!(
-        btc_balance.available,
-        92 * 100_000_000_000_000_000,
-        "the refused deposit changed nothing"
-    );
+    let btc_balance = b.storage.balances().unwrap().into_iter().find(|x| x.currency == "BTC").unwrap();
+    assert_eq!(btc_balance.available, 92 * 100_000_000_000_000_000, "the refused deposit changed nothing");
     b.storage.check_invariants().unwrap();
 }
 
@@ -619,10 +438,7 @@ fn the_ledger_refuses_updates_and_deletes() {
     storage.deposit(&usd("5.00"), None, T0).unwrap();
     drop(storage);
     let conn = rusqlite::Connection::open(&path).unwrap();
-    assert!(
-        conn.execute("UPDATE entries SET delta = delta * 2", [])
-            .is_err()
-    );
+    assert!(conn.execute("UPDATE entries SET delta = delta * 2", []).is_err());
     assert!(conn.execute("DELETE FROM transfers", []).is_err());
     assert!(conn.execute("DELETE FROM deposits", []).is_err());
 }
@@ -651,11 +467,7 @@ fn randomized_operations_keep_every_invariant() {
     let mut rng = XorShift::new(seed);
     let b = sqlite();
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
-    let cards = CardIssuance {
-        issuer: &issuer,
-        key: &key,
-        default_ttl_seconds: 900,
-    };
+    let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     let currencies = ["USD", "JPY", "USDC"];
     let agents = ["a1", "a2", "a3"];
     let merchants = ["m1.com", "m2.com"];
@@ -671,15 +483,12 @@ fn randomized_operations_keep_every_invariant() {
             0..=9 => {
                 let currency = currencies[pick(&mut rng, 3)];
                 let units = 1 + (rng.next() % 50_000) as i64;
-                b.storage
-                    .deposit(&Amount::from_units(units, currency).unwrap(), None, now)
-                    .unwrap();
+                b.storage.deposit(&Amount::from_units(units, currency).unwrap(), None, now).unwrap();
                 model.entry(currency.to_owned()).or_default().available += units;
             }
             10..=44 => {
                 let currency = currencies[pick(&mut rng, 3)];
-                let amount =
-                    Amount::from_units(1 + (rng.next() % 20_000) as i64, currency).unwrap();
+                let amount = Amount::from_units(1 + (rng.next() % 20_000) as i64, currency).unwrap();
                 let agent = agents[pick(&mut rng, 3)];
                 let reuse = !keys.is_empty() && rng.next() % 10 == 0;
                 let new = if reuse {
@@ -691,13 +500,7 @@ fn randomized_operations_keep_every_invariant() {
                     again
                 } else {
                     let key = (rng.next() % 3 == 0).then(|| new_id("key"));
-                    spend(
-                        agent,
-                        amount,
-                        merchants[pick(&mut rng, 2)],
-                        key.as_deref(),
-                        now,
-                    )
+                    spend(agent, amount, merchants[pick(&mut rng, 2)], key.as_deref(), now)
                 };
                 let verdict_roll = rng.next() % 10;
                 let cap_roll = rng.next() % 4;
@@ -717,23 +520,22 @@ fn randomized_operations_keep_every_invariant() {
                         },
                     )
                     .unwrap();
-                    match verdict_roll {
+                    Decided::from(match verdict_roll {
                         0 => Verdict::Deny(vec!["no".into()]),
-                        1 => Verdict::RequireApproval(vec!["ask".into()]),
+                        1 => Verdict::RequireApproval { reasons: vec!["ask".into()], terms: CardTerms::default() },
                         _ => Verdict::Approve(CardTerms {
                             ttl_seconds: (cap_roll == 0).then_some(60),
                             max_amount: (cap_roll == 1 && requested.units() > 1).then(|| {
-                                Amount::from_units(requested.units() / 2, requested.currency())
-                                    .unwrap()
+                                Amount::from_units(requested.units() / 2, requested.currency()).unwrap()
                             }),
                         }),
-                    }
+                    })
                 };
                 let result = b.storage.propose(&new, &cards, now, &mut decide);
-                let earlier = new.idempotency_key.as_ref().and_then(|k| {
-                    keys.iter()
-                        .find(|(key, s)| key == k && s.agent_id == new.agent_id)
-                });
+                let earlier = new
+                    .idempotency_key
+                    .as_ref()
+                    .and_then(|k| keys.iter().find(|(key, s)| key == k && s.agent_id == new.agent_id));
                 match (earlier, result) {
                     (Some((_, first)), Ok(p)) => {
                         assert!(p.replayed, "{ctx}");
@@ -773,27 +575,15 @@ fn randomized_operations_keep_every_invariant() {
                 match mistake {
                     0 => req.amount = Amount::from_units(cap + 1, c.cap.currency()).unwrap(),
                     1 => req.merchant_id = "elsewhere.com".into(),
-                    2 => {
-                        req.cvv = if req.cvv == "000" {
-                            "001".into()
-                        } else {
-                            "000".into()
-                        }
-                    }
+                    2 => req.cvv = if req.cvv == "000" { "001".into() } else { "000".into() },
                     3 => {
-                        let other = if c.cap.currency() == "USD" {
-                            "JPY"
-                        } else {
-                            "USD"
-                        };
+                        let other = if c.cap.currency() == "USD" { "JPY" } else { "USD" };
                         req.amount = Amount::from_units(1, other).unwrap();
                     }
                     _ => {
-                        req.amount = Amount::from_units(
-                            1 + (rng.next() % cap as u64) as i64,
-                            c.cap.currency(),
-                        )
-                        .unwrap()
+                        req.amount =
+                            Amount::from_units(1 + (rng.next() % cap as u64) as i64, c.cap.currency())
+                                .unwrap()
                     }
                 }
                 let expired = now >= c.card.expires_at_ms;
@@ -809,11 +599,7 @@ fn randomized_operations_keep_every_invariant() {
                     _ => None,
                 };
                 let out = b.storage.authorize(&req, &key, now).unwrap();
-                assert_eq!(
-                    out.decline_code, want,
-                    "{ctx}: charge on card {}",
-                    c.card.card_id
-                );
+                assert_eq!(out.decline_code, want, "{ctx}: charge on card {}", c.card.card_id);
                 let bal = model.get_mut(c.cap.currency()).unwrap();
                 if want.is_none() {
                     let charged = req.amount.units();
@@ -821,9 +607,7 @@ fn randomized_operations_keep_every_invariant() {
                     bal.spent += charged;
                     bal.available += cap - charged;
                     issued[i].state = CardState::Used;
-                } else if want == Some(DeclineCode::CardExpired)
-                    && issued[i].state == CardState::Open
-                {
+                } else if want == Some(DeclineCode::CardExpired) && issued[i].state == CardState::Open {
                     bal.held -= cap;
                     bal.available += cap;
                     issued[i].state = CardState::Expired;
@@ -834,9 +618,7 @@ fn randomized_operations_keep_every_invariant() {
                 let i = pick(&mut rng, issued.len());
                 let c = &issued[i];
                 let cap = c.cap.units();
-                let amounts: Vec<i64> = (0..4)
-                    .map(|_| 1 + (rng.next() % cap as u64) as i64)
-                    .collect();
+                let amounts: Vec<i64> = (0..4).map(|_| 1 + (rng.next() % cap as u64) as i64).collect();
                 let outcomes: Vec<_> = std::thread::scope(|scope| {
                     let handles: Vec<_> = amounts
                         .iter()
@@ -879,19 +661,15 @@ fn randomized_operations_keep_every_invariant() {
                     bal.available += issued[i].cap.units();
                     issued[i].state = CardState::Voided;
                 } else {
-                    assert!(
-                        matches!(result, Err(StorageError::InvalidState(_))),
-                        "{ctx}: {result:?}"
-                    );
+                    assert!(matches!(result, Err(StorageError::InvalidState(_))), "{ctx}: {result:?}");
                 }
             }
             _ => {
                 now += rng.next() % 120_000;
                 let n = b.storage.expire_cards(now).unwrap();
                 let mut expected = 0;
-                for c in issued
-                    .iter_mut()
-                    .filter(|c| c.state == CardState::Open && now >= c.card.expires_at_ms)
+                for c in
+                    issued.iter_mut().filter(|c| c.state == CardState::Open && now >= c.card.expires_at_ms)
                 {
                     let bal = model.get_mut(c.cap.currency()).unwrap();
                     bal.held -= c.cap.units();
@@ -902,42 +680,23 @@ fn randomized_operations_keep_every_invariant() {
                 assert_eq!(n, expected, "{ctx}");
             }
         }
-        b.storage
-            .check_invariants()
-            .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        b.storage.check_invariants().unwrap_or_else(|e| panic!("{ctx}: {e}"));
         for bal in b.storage.balances().unwrap() {
-            let want = model
-                .get(bal.currency.as_str())
-                .copied()
-                .unwrap_or_default();
+            let want = model.get(bal.currency.as_str()).copied().unwrap_or_default();
             assert_eq!(
-                ModelBalance {
-                    available: bal.available,
-                    held: bal.held,
-                    spent: bal.spent
-                },
+                ModelBalance { available: bal.available, held: bal.held, spent: bal.spent },
                 want,
                 "{ctx}: {}",
                 bal.currency
             );
         }
     }
-    assert!(
-        issued.len() > 100,
-        "the run should issue many cards, issued {}",
-        issued.len()
-    );
-    assert_no_secrets_at_rest(
-        &b.files,
-        &issued.iter().map(|c| &c.card).collect::<Vec<_>>(),
-    );
+    assert!(issued.len() > 100, "the run should issue many cards, issued {}", issued.len());
+    assert_no_secrets_at_rest(&b.files, &issued.iter().map(|c| &c.card).collect::<Vec<_>>());
 }
 
 /// No PAN in any file the store wrote, and no PAN or CVV in any column.
-fn assert_no_secrets_at_rest(
-    files: &[std::path::PathBuf],
-    cards: &[&spendguard::cards::IssuedCard],
-) {
+fn assert_no_secrets_at_rest(files: &[std::path::PathBuf], cards: &[&spendguard::cards::IssuedCard]) {
     let mut bytes = Vec::new();
     for f in files.iter().filter(|f| f.exists()) {
         bytes.extend(std::fs::read(f).unwrap());
@@ -945,34 +704,19 @@ fn assert_no_secrets_at_rest(
     assert!(!bytes.is_empty());
     for card in cards {
         let pan = card.secrets.pan.as_bytes();
-        assert!(
-            !bytes.windows(pan.len()).any(|w| w == pan),
-            "a PAN is stored in the clear"
-        );
+        assert!(!bytes.windows(pan.len()).any(|w| w == pan), "a PAN is stored in the clear");
     }
     let conn = rusqlite::Connection::open(&files[0]).unwrap();
-    let secrets: std::collections::HashSet<String> = cards
-        .iter()
-        .flat_map(|c| [c.secrets.pan.clone(), c.secrets.cvv.clone()])
-        .collect();
-    for table in [
-        "cards",
-        "spends",
-        "authorizations",
-        "holds",
-        "transfers",
-        "deposits",
-    ] {
+    let secrets: std::collections::HashSet<String> =
+        cards.iter().flat_map(|c| [c.secrets.pan.clone(), c.secrets.cvv.clone()]).collect();
+    for table in ["cards", "spends", "authorizations", "holds", "transfers", "deposits"] {
         let mut stmt = conn.prepare(&format!("SELECT * FROM {table}")).unwrap();
         let n = stmt.column_count();
         let mut rows = stmt.query([]).unwrap();
         while let Some(row) = rows.next().unwrap() {
             for i in 0..n {
                 if let Ok(Some(text)) = row.get::<_, Option<String>>(i) {
-                    assert!(
-                        !secrets.contains(&text),
-                        "a PAN or CVV is stored in `{table}`"
-                    );
+                    assert!(!secrets.contains(&text), "a PAN or CVV is stored in `{table}`");
                 }
             }
         }
@@ -994,11 +738,7 @@ impl spendguard::cards::Issuer for RepeatingIssuer {
     ) -> Result<spendguard::cards::IssuedCard, spendguard::cards::CardError> {
         let mut n = self.0.lock().unwrap();
         *n += 1;
-        let pan = if *n <= 2 {
-            "4000001234567899".to_owned()
-        } else {
-            format!("40000012345{:05}", *n)
-        };
+        let pan = if *n <= 2 { "4000001234567899".to_owned() } else { format!("40000012345{:05}", *n) };
         let mut card = SimulatedIssuer::new().issue(request)?;
         card.secrets.pan = pan;
         Ok(card)
@@ -1008,15 +748,8 @@ impl spendguard::cards::Issuer for RepeatingIssuer {
 #[test]
 fn a_card_number_already_in_use_is_drawn_again() {
     let b = sqlite();
-    let (key, issuer) = (
-        CardKey::generate(),
-        RepeatingIssuer(std::sync::Mutex::new(0)),
-    );
-    let cards = CardIssuance {
-        issuer: &issuer,
-        key: &key,
-        default_ttl_seconds: 900,
-    };
+    let (key, issuer) = (CardKey::generate(), RepeatingIssuer(std::sync::Mutex::new(0)));
+    let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("10.00"), None, T0).unwrap();
     let first = b
         .storage
@@ -1038,9 +771,6 @@ fn a_card_number_already_in_use_is_drawn_again() {
         .unwrap();
     let (first, second) = (first.card.unwrap(), second.card.unwrap());
     assert_eq!(first.secrets.pan, "4000001234567899");
-    assert_ne!(
-        second.secrets.pan, first.secrets.pan,
-        "the repeated number was drawn again"
-    );
+    assert_ne!(second.secrets.pan, first.secrets.pan, "the repeated number was drawn again");
     b.storage.check_invariants().unwrap();
 }

@@ -61,6 +61,10 @@ CREATE TABLE spends (
     received_at_ms  INTEGER NOT NULL,
     status          TEXT NOT NULL CHECK (status IN ('approved', 'denied', 'pending_approval')),
     reasons         TEXT NOT NULL,
+    -- The narrowest card terms the allowing policies set, kept for a spend
+    -- that waits for approval.
+    card_ttl_seconds INTEGER,
+    card_cap_units   INTEGER,
     created_at_ms   INTEGER NOT NULL
 );
 CREATE UNIQUE INDEX spends_idempotency ON spends (agent_id, idempotency_key)
@@ -77,9 +81,12 @@ CREATE TABLE holds (
     merchant_id    TEXT NOT NULL,
     mcc            TEXT NOT NULL,
     received_at_ms INTEGER NOT NULL,
+    -- When the hold lapses if nothing resolved it: its card's end of life.
+    expires_at_ms  INTEGER NOT NULL,
     created_at_ms  INTEGER NOT NULL
 );
 CREATE INDEX holds_agent_time ON holds (agent_id, currency, received_at_ms);
+CREATE INDEX holds_expiry ON holds (expires_at_ms);
 CREATE INDEX holds_wallet_time ON holds (currency, received_at_ms);
 
 -- How each hold ended. The primary key is the hold: a hold resolves exactly
@@ -111,7 +118,6 @@ CREATE TABLE cards (
     created_at_ms INTEGER NOT NULL
 );
 CREATE INDEX cards_agent ON cards (agent_id, created_at_ms);
-CREATE INDEX cards_expiry ON cards (expires_at_ms);
 
 -- Every authorization attempt, approved or not (never the PAN or CVV).
 CREATE TABLE authorizations (
@@ -125,9 +131,9 @@ CREATE TABLE authorizations (
     created_at_ms INTEGER NOT NULL
 );
 
--- How far expiry sweeps have got: every card that expired at or before
--- `swept_to_ms` has been released, so the next sweep looks only at cards
--- expiring after it (less an overlap for clocks that disagree).
+-- How far expiry sweeps have got: every hold that lapsed at or before
+-- `swept_to_ms` has been released, so the next sweep looks only at holds
+-- lapsing after it (less an overlap for clocks that disagree).
 CREATE TABLE expiry_sweeps (
     id          INTEGER PRIMARY KEY,
     swept_to_ms INTEGER NOT NULL

@@ -21,10 +21,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result
 
 /// A decision as the guest returned it, before the host checks it.
 pub(super) enum RawDecision {
-    Allow {
-        ttl_seconds: Option<u32>,
-        max_amount: Option<(i64, u8, String)>,
-    },
+    Allow { ttl_seconds: Option<u32>, max_amount: Option<(i64, u8, String)> },
     Deny(String),
     RequireApproval(String),
 }

@@ -12,24 +12,26 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 
 use super::{
-    AuthorizationOutcome, CardIssuance, CardRecord, DepositRecord, NewSpend, Proposed, SpendRecord,
-    SpendStatus, Storage, StorageError, Verdict, new_id,
+    AUDIT_GENESIS, AuditBreak, AuditRecord, AuthorizationOutcome, CardIssuance, CardRecord, Decided,
+    DepositRecord, NewSpend, Proposed, SpendRecord, SpendStatus, Storage, StorageError, Verdict, audit_hash,
+    new_id, verify_chain,
 };
 use crate::cards::{
-    AuthorizationRequest, CardKey, CardRequest, CardState, CardView, DeclineCode, decide,
+    AuthorizationRequest, CardKey, CardRequest, CardState, CardView, DeclineCode, IssuedCard, decide,
 };
 use crate::history::{History, HistoryError, HistoryScope};
 use crate::ledger::{AccountKind, Balance, TransferKind};
 use crate::money::{self, Amount};
-use crate::policy::{Merchant, SpendFilter, SpendSummary};
+use crate::policy::{CardTerms, Merchant, SpendFilter, SpendSummary};
 
 /// How long a writer waits for another process's write lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(include_str!(
-        "../../migrations/sqlite/0001_ledger.sql"
-    ))])
+    Migrations::new(vec![
+        M::up(include_str!("../../migrations/sqlite/0001_ledger.sql")),
+        M::up(include_str!("../../migrations/sqlite/0002_daemon.sql")),
+    ])
 }
 
 impl From<rusqlite::Error> for StorageError {
@@ -39,8 +41,7 @@ impl From<rusqlite::Error> for StorageError {
 }
 
 fn ms(value: u64) -> Result<i64, StorageError> {
-    i64::try_from(value)
-        .map_err(|_| StorageError::InvalidState(format!("time {value} ms is out of range")))
+    i64::try_from(value).map_err(|_| StorageError::InvalidState(format!("time {value} ms is out of range")))
 }
 
 fn from_ms(value: i64) -> u64 {
@@ -48,8 +49,7 @@ fn from_ms(value: i64) -> u64 {
 }
 
 fn amount(units: i64, currency: &str) -> Result<Amount, StorageError> {
-    Amount::from_units(units, currency)
-        .map_err(|e| StorageError::Invariant(format!("stored amount: {e}")))
+    Amount::from_units(units, currency).map_err(|e| StorageError::Invariant(format!("stored amount: {e}")))
 }
 
 /// How far behind the last sweep's mark each expiry sweep looks again, for
@@ -57,10 +57,10 @@ fn amount(units: i64, currency: &str) -> Result<Amount, StorageError> {
 /// behind may expire before another daemon's mark).
 pub const SWEEP_OVERLAP: Duration = Duration::from_secs(3600);
 
-/// Open cards whose life ended in `(?1, ?2]`: a range of `cards_expiry`.
-const EXPIRY_DUE_SQL: &str = "SELECT c.hold_id, c.currency, c.cap_units FROM cards c
-     LEFT JOIN hold_resolutions r ON r.hold_id = c.hold_id
-     WHERE c.expires_at_ms > ?1 AND c.expires_at_ms <= ?2 AND r.hold_id IS NULL";
+/// Open holds that lapsed in `(?1, ?2]`: a range of `holds_expiry`.
+const EXPIRY_DUE_SQL: &str = "SELECT h.id, h.currency, h.units FROM holds h
+     LEFT JOIN hold_resolutions r ON r.hold_id = h.id
+     WHERE h.expires_at_ms > ?1 AND h.expires_at_ms <= ?2 AND r.hold_id IS NULL";
 
 /// The SQLite store.
 pub struct SqliteStorage {
@@ -72,9 +72,7 @@ pub struct SqliteStorage {
 
 impl std::fmt::Debug for SqliteStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStorage")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("SqliteStorage").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -83,10 +81,7 @@ impl SqliteStorage {
     /// migration not yet applied.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         let conn = Self::connect(path)?;
-        Ok(SqliteStorage {
-            path: path.to_path_buf(),
-            conn: Mutex::new(Some(conn)),
-        })
+        Ok(SqliteStorage { path: path.to_path_buf(), conn: Mutex::new(Some(conn)) })
     }
 
     fn connect(path: &Path) -> Result<Connection, StorageError> {
@@ -96,9 +91,7 @@ impl SqliteStorage {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        migrations()
-            .to_latest(&mut conn)
-            .map_err(|e| StorageError::Database(format!("migrations: {e}")))?;
+        migrations().to_latest(&mut conn).map_err(|e| StorageError::Database(format!("migrations: {e}")))?;
         Ok(conn)
     }
 
@@ -130,10 +123,7 @@ impl SqliteStorage {
     }
 
     /// Run `f` on the connection without a write lock (a read snapshot).
-    fn read<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StorageError>,
-    ) -> Result<T, StorageError> {
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StorageError>) -> Result<T, StorageError> {
         let (mut slot, conn) = self.writer()?;
         let result = f(&conn);
         *slot = Some(conn);
@@ -149,15 +139,9 @@ struct TxHistory {
 }
 
 impl History for TxHistory {
-    fn summarize(
-        &self,
-        scope: &HistoryScope,
-        filter: &SpendFilter,
-    ) -> Result<SpendSummary, HistoryError> {
+    fn summarize(&self, scope: &HistoryScope, filter: &SpendFilter) -> Result<SpendSummary, HistoryError> {
         let guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let conn = guard
-            .as_ref()
-            .ok_or_else(|| HistoryError("the proposal has ended".into()))?;
+        let conn = guard.as_ref().ok_or_else(|| HistoryError("the proposal has ended".into()))?;
         summarize(conn, scope, filter).map_err(|e| HistoryError(e.to_string()))
     }
 }
@@ -169,15 +153,11 @@ fn summarize(
     filter: &SpendFilter,
 ) -> Result<SpendSummary, StorageError> {
     let (sql, args) = summarize_query(scope, filter)?;
-    let (total, count): (i64, i64) = conn.query_row(
-        &sql,
-        rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())),
-        |row| Ok((row.get(0)?, row.get(1)?)),
-    )?;
-    Ok(SpendSummary {
-        total_units: total,
-        count: u32::try_from(count).unwrap_or(u32::MAX),
-    })
+    let (total, count): (i64, i64) =
+        conn.query_row(&sql, rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())), |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?;
+    Ok(SpendSummary { total_units: total, count: u32::try_from(count).unwrap_or(u32::MAX) })
 }
 
 type SqlArgs = Vec<Box<dyn rusqlite::ToSql>>;
@@ -185,20 +165,14 @@ type SqlArgs = Vec<Box<dyn rusqlite::ToSql>>;
 /// The history query for one filter shape, built so that it is one range
 /// scan of `holds_agent_time` (or `holds_wallet_time` when wallet-wide): its
 /// cost follows the spends in the window, not the size of the ledger.
-fn summarize_query(
-    scope: &HistoryScope,
-    filter: &SpendFilter,
-) -> Result<(String, SqlArgs), StorageError> {
+fn summarize_query(scope: &HistoryScope, filter: &SpendFilter) -> Result<(String, SqlArgs), StorageError> {
     let mut sql = String::from(
         "SELECT COALESCE(SUM(CASE WHEN r.hold_id IS NULL THEN h.units ELSE r.captured_units END), 0),
                 COUNT(CASE WHEN r.hold_id IS NULL OR r.kind = 'captured' THEN 1 END)
          FROM holds h LEFT JOIN hold_resolutions r ON r.hold_id = h.id
          WHERE h.currency = ?1 AND h.received_at_ms >= ?2",
     );
-    let mut args: SqlArgs = vec![
-        Box::new(scope.currency.clone()),
-        Box::new(ms(filter.since_ms)?),
-    ];
+    let mut args: SqlArgs = vec![Box::new(scope.currency.clone()), Box::new(ms(filter.since_ms)?)];
     if !filter.wallet_wide {
         args.push(Box::new(scope.agent_id.clone()));
         sql.push_str(&format!(" AND h.agent_id = ?{}", args.len()));
@@ -214,11 +188,7 @@ fn summarize_query(
     Ok((sql, args))
 }
 
-fn account_id(
-    conn: &Connection,
-    currency: &str,
-    kind: AccountKind,
-) -> Result<Option<i64>, StorageError> {
+fn account_id(conn: &Connection, currency: &str, kind: AccountKind) -> Result<Option<i64>, StorageError> {
     Ok(conn
         .query_row(
             "SELECT id FROM accounts WHERE currency = ?1 AND kind = ?2",
@@ -271,12 +241,8 @@ fn transfer(
     let debit = account_id(conn, currency, debit_kind)?.ok_or_else(missing)?;
     let credit = account_id(conn, currency, credit_kind)?.ok_or_else(missing)?;
     let overflow = || StorageError::Invariant("balance overflow".into());
-    let debit_after = balance_of(conn, debit)?
-        .checked_sub(units)
-        .ok_or_else(overflow)?;
-    let credit_after = balance_of(conn, credit)?
-        .checked_add(units)
-        .ok_or_else(overflow)?;
+    let debit_after = balance_of(conn, debit)?.checked_sub(units).ok_or_else(overflow)?;
+    let credit_after = balance_of(conn, credit)?.checked_add(units).ok_or_else(overflow)?;
     if debit_kind != AccountKind::Funding && debit_after < 0 {
         return Err(StorageError::Invariant(format!(
             "{} {currency} would go below zero",
@@ -312,30 +278,14 @@ fn resolve_hold(
         params![hold_id, kind, captured_units, now_ms],
     )?;
     if inserted != 1 {
-        return Err(StorageError::InvalidState(format!(
-            "hold {hold_id} is already resolved"
-        )));
+        return Err(StorageError::InvalidState(format!("hold {hold_id} is already resolved")));
     }
     if captured_units > 0 {
-        transfer(
-            conn,
-            TransferKind::Capture,
-            currency,
-            captured_units,
-            Some(hold_id),
-            now_ms,
-        )?;
+        transfer(conn, TransferKind::Capture, currency, captured_units, Some(hold_id), now_ms)?;
     }
     let rest = cap_units - captured_units;
     if rest > 0 {
-        transfer(
-            conn,
-            TransferKind::Release,
-            currency,
-            rest,
-            Some(hold_id),
-            now_ms,
-        )?;
+        transfer(conn, TransferKind::Release, currency, rest, Some(hold_id), now_ms)?;
     }
     Ok(())
 }
@@ -397,14 +347,10 @@ impl CardRowRaw {
             Some("voided") => CardState::Voided,
             Some("expired") => CardState::Expired,
             Some(other) => {
-                return Err(StorageError::Invariant(format!(
-                    "unknown resolution `{other}`"
-                )));
+                return Err(StorageError::Invariant(format!("unknown resolution `{other}`")));
             }
         };
-        let captured_units = (state == CardState::Used)
-            .then_some(self.captured_units)
-            .flatten();
+        let captured_units = (state == CardState::Used).then_some(self.captured_units).flatten();
         Ok(CardRow {
             record: CardRecord {
                 cap: amount(self.cap_units, &self.currency)?,
@@ -426,11 +372,7 @@ impl CardRowRaw {
     }
 }
 
-fn find_card(
-    conn: &Connection,
-    column: &str,
-    value: &str,
-) -> Result<Option<CardRow>, StorageError> {
+fn find_card(conn: &Connection, column: &str, value: &str) -> Result<Option<CardRow>, StorageError> {
     let sql = format!(
         "SELECT {CARD_COLUMNS} FROM cards c LEFT JOIN hold_resolutions r ON r.hold_id = c.hold_id WHERE c.{column} = ?1"
     );
@@ -440,65 +382,79 @@ fn find_card(
     }
 }
 
-fn spend_by(
-    conn: &Connection,
-    sql_where: &str,
-    args: &[&dyn rusqlite::ToSql],
-) -> Result<Option<SpendRecord>, StorageError> {
-    let sql = format!(
-        "SELECT s.id, s.agent_id, s.units, s.currency, s.merchant_id, s.merchant_name, s.mcc, s.country, s.purpose,
-                s.received_at_ms, s.status, s.reasons, c.id
-         FROM spends s LEFT JOIN cards c ON c.spend_id = s.id WHERE {sql_where}"
-    );
-    let row = conn
-        .query_row(&sql, args, |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                Merchant {
-                    id: r.get(4)?,
-                    name: r.get(5)?,
-                    mcc: r.get(6)?,
-                    country: r.get(7)?,
-                },
-                r.get::<_, String>(8)?,
-                r.get::<_, i64>(9)?,
-                r.get::<_, String>(10)?,
-                r.get::<_, String>(11)?,
-                r.get::<_, Option<String>>(12)?,
-            ))
+/// The columns of a spend with its outcome: the first decision, overridden
+/// by the operator's for a spend that waited for approval.
+const SPEND_SELECT: &str =
+    "SELECT s.id, s.agent_id, s.units, s.currency, s.merchant_id, s.merchant_name, s.mcc,
+        s.country, s.purpose, s.received_at_ms, s.status, s.reasons, c.id, a.decision, a.reason
+     FROM spends s
+     LEFT JOIN cards c ON c.spend_id = s.id
+     LEFT JOIN approval_resolutions a ON a.spend_id = s.id";
+
+fn spend_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SpendRow> {
+    Ok(SpendRow {
+        id: r.get(0)?,
+        agent_id: r.get(1)?,
+        units: r.get(2)?,
+        currency: r.get(3)?,
+        merchant: Merchant { id: r.get(4)?, name: r.get(5)?, mcc: r.get(6)?, country: r.get(7)? },
+        purpose: r.get(8)?,
+        received_at_ms: r.get(9)?,
+        status: r.get(10)?,
+        reasons: r.get(11)?,
+        card_id: r.get(12)?,
+        approval: r.get(13)?,
+        approval_reason: r.get(14)?,
+    })
+}
+
+struct SpendRow {
+    id: String,
+    agent_id: String,
+    units: i64,
+    currency: String,
+    merchant: Merchant,
+    purpose: String,
+    received_at_ms: i64,
+    status: String,
+    reasons: String,
+    card_id: Option<String>,
+    approval: Option<String>,
+    approval_reason: Option<String>,
+}
+
+impl SpendRow {
+    fn into_record(self) -> Result<SpendRecord, StorageError> {
+        let mut reasons: Vec<String> = serde_json::from_str(&self.reasons)
+            .map_err(|e| StorageError::Invariant(format!("spend reasons: {e}")))?;
+        let mut status = SpendStatus::parse(&self.status)
+            .ok_or_else(|| StorageError::Invariant(format!("unknown spend status `{}`", self.status)))?;
+        match self.approval.as_deref() {
+            None => {}
+            Some("approved") => status = SpendStatus::Approved,
+            Some(_) => {
+                status = SpendStatus::Denied;
+                reasons.push(self.approval_reason.unwrap_or_default());
+            }
+        }
+        Ok(SpendRecord {
+            id: self.id,
+            agent_id: self.agent_id,
+            amount: amount(self.units, &self.currency)?,
+            merchant: self.merchant,
+            purpose: self.purpose,
+            received_at_ms: from_ms(self.received_at_ms),
+            status,
+            reasons,
+            card_id: self.card_id,
         })
-        .optional()?;
-    let Some((
-        id,
-        agent_id,
-        units,
-        currency,
-        merchant,
-        purpose,
-        received_at_ms,
-        status,
-        reasons,
-        card_id,
-    )) = row
-    else {
-        return Ok(None);
-    };
-    Ok(Some(SpendRecord {
-        id,
-        agent_id,
-        amount: amount(units, &currency)?,
-        merchant,
-        purpose,
-        received_at_ms: from_ms(received_at_ms),
-        status: SpendStatus::parse(&status)
-            .ok_or_else(|| StorageError::Invariant(format!("unknown spend status `{status}`")))?,
-        reasons: serde_json::from_str(&reasons)
-            .map_err(|e| StorageError::Invariant(format!("spend reasons: {e}")))?,
-        card_id,
-    }))
+    }
+}
+
+fn spend_by_id(conn: &Connection, id: &str) -> Result<Option<SpendRecord>, StorageError> {
+    let row =
+        conn.query_row(&format!("{SPEND_SELECT} WHERE s.id = ?1"), params![id], spend_from_row).optional()?;
+    row.map(SpendRow::into_record).transpose()
 }
 
 fn insert_spend(
@@ -506,14 +462,15 @@ fn insert_spend(
     spend: &NewSpend,
     status: SpendStatus,
     reasons: &[String],
+    pending_terms: Option<(u32, i64)>,
     now_ms: i64,
 ) -> Result<(), StorageError> {
-    let reasons =
-        serde_json::to_string(reasons).map_err(|e| StorageError::Invariant(e.to_string()))?;
+    let reasons = serde_json::to_string(reasons).map_err(|e| StorageError::Invariant(e.to_string()))?;
     conn.execute(
         "INSERT INTO spends (id, agent_id, idempotency_key, fingerprint, units, currency, merchant_id, merchant_name,
-                             mcc, country, purpose, received_at_ms, status, reasons, created_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                             mcc, country, purpose, received_at_ms, status, reasons, card_ttl_seconds,
+                             card_cap_units, created_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         params![
             spend.id,
             spend.agent_id,
@@ -529,78 +486,94 @@ fn insert_spend(
             ms(spend.received_at_ms)?,
             status.as_str(),
             reasons,
+            pending_terms.map(|(ttl, _)| ttl),
+            pending_terms.map(|(_, cap)| cap),
             now_ms,
         ],
     )?;
     Ok(())
 }
 
+/// The card a spend may get: the narrowest cap any policy set, never above
+/// the requested amount nor in another currency; the shortest life, never
+/// above the default.
+fn card_terms(amount: &Amount, terms: &CardTerms, default_ttl_seconds: u32) -> (Amount, u32) {
+    let cap = match &terms.max_amount {
+        Some(cap) if cap.currency() == amount.currency() && cap.units() < amount.units() => cap.clone(),
+        _ => amount.clone(),
+    };
+    let ttl = terms.ttl_seconds.unwrap_or(default_ttl_seconds).clamp(1, default_ttl_seconds.max(1));
+    (cap, ttl)
+}
+
+/// Reserve `cap` for a spend: a hold row and the transfer into `held`.
+fn place_hold(
+    conn: &Connection,
+    spend_id: &str,
+    agent_id: &str,
+    cap: &Amount,
+    merchant: &Merchant,
+    received_at_ms: i64,
+    expires_at_ms: i64,
+    now: i64,
+) -> Result<i64, StorageError> {
+    conn.execute(
+        "INSERT INTO holds (spend_id, agent_id, currency, units, merchant_id, mcc, received_at_ms, expires_at_ms,
+                            created_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            spend_id,
+            agent_id,
+            cap.currency(),
+            cap.units(),
+            merchant.id,
+            merchant.mcc,
+            received_at_ms,
+            expires_at_ms,
+            now
+        ],
+    )?;
+    let hold_id = conn.last_insert_rowid();
+    transfer(conn, TransferKind::Hold, cap.currency(), cap.units(), Some(hold_id), now)?;
+    Ok(hold_id)
+}
+
 /// The outcome of the part of a proposal that runs after the policies.
 fn commit_verdict(
     conn: &Connection,
     spend: &NewSpend,
-    verdict: Verdict,
+    decided: Decided,
     cards: &CardIssuance<'_>,
     now_ms: u64,
 ) -> Result<Proposed, StorageError> {
     let now = ms(now_ms)?;
-    let currency = spend.amount.currency();
-    let (status, reasons, terms) = match verdict {
-        Verdict::Deny(reasons) => (SpendStatus::Denied, reasons, None),
-        Verdict::RequireApproval(reasons) => (SpendStatus::PendingApproval, reasons, None),
+    let (status, reasons, approved, pending) = match &decided.verdict {
+        Verdict::Deny(reasons) => (SpendStatus::Denied, reasons.clone(), None, None),
+        Verdict::RequireApproval { reasons, terms } => {
+            let (cap, ttl) = card_terms(&spend.amount, terms, cards.default_ttl_seconds);
+            (SpendStatus::PendingApproval, reasons.clone(), None, Some((ttl, cap.units())))
+        }
         Verdict::Approve(terms) => {
-            // The card's cap: the narrowest any policy set, never above the
-            // requested amount, never in another currency.
-            let cap = match terms.max_amount {
-                Some(cap) if cap.currency() == currency && cap.units() < spend.amount.units() => {
-                    cap
-                }
-                _ => spend.amount.clone(),
-            };
-            let ttl = terms
-                .ttl_seconds
-                .unwrap_or(cards.default_ttl_seconds)
-                .min(cards.default_ttl_seconds);
-            if balance(conn, currency, AccountKind::Available)? < cap.units() {
-                (
-                    SpendStatus::Denied,
-                    vec!["insufficient funds".to_owned()],
-                    None,
-                )
+            let (cap, ttl) = card_terms(&spend.amount, terms, cards.default_ttl_seconds);
+            if balance(conn, cap.currency(), AccountKind::Available)? < cap.units() {
+                (SpendStatus::Denied, vec![INSUFFICIENT_FUNDS.to_owned()], None, None)
             } else {
-                (SpendStatus::Approved, Vec::new(), Some((cap, ttl)))
+                (SpendStatus::Approved, Vec::new(), Some((cap, ttl)), None)
             }
         }
     };
-    insert_spend(conn, spend, status, &reasons, now)?;
+    insert_spend(conn, spend, status, &reasons, pending, now)?;
     let mut issued = None;
-    if let Some((cap, ttl_seconds)) = terms {
-        conn.execute(
-            "INSERT INTO holds (spend_id, agent_id, currency, units, merchant_id, mcc, received_at_ms, created_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                spend.id,
-                spend.agent_id,
-                currency,
-                cap.units(),
-                spend.merchant.id,
-                spend.merchant.mcc,
-                ms(spend.received_at_ms)?,
-                now
-            ],
-        )?;
-        let hold_id = conn.last_insert_rowid();
-        transfer(
-            conn,
-            TransferKind::Hold,
-            currency,
-            cap.units(),
-            Some(hold_id),
-            now,
-        )?;
+    if let Some((cap, ttl_seconds)) = approved {
+        let expires = now + i64::from(ttl_seconds) * 1000;
+        let received = ms(spend.received_at_ms)?;
+        let hold_id =
+            place_hold(conn, &spend.id, &spend.agent_id, &cap, &spend.merchant, received, expires, now)?;
         issued = Some(issue_card(
             conn,
-            spend,
+            &spend.id,
+            &spend.agent_id,
+            &spend.merchant.id,
             cards,
             hold_id,
             &cap,
@@ -608,14 +581,33 @@ fn commit_verdict(
             now_ms,
         )?);
     }
-    let record = spend_by(conn, "s.id = ?1", &[&spend.id])?
+    let record = spend_by_id(conn, &spend.id)?
         .ok_or_else(|| StorageError::Invariant("the spend just written is missing".into()))?;
-    Ok(Proposed {
-        spend: record,
-        card: issued,
-        replayed: false,
-    })
+    append_audit(
+        conn,
+        "spend",
+        &serde_json::json!({
+            "spend_id": record.id,
+            "agent_id": record.agent_id,
+            "request": {
+                "amount": spend.amount.to_decimal().to_string(),
+                "currency": spend.amount.currency(),
+                "merchant": spend.merchant,
+                "purpose": spend.purpose,
+                "received_at_ms": spend.received_at_ms,
+            },
+            "policies": decided.evaluations,
+            "decision": record.status.as_str(),
+            "reasons": record.reasons,
+            "card_id": record.card_id,
+        }),
+        now,
+    )?;
+    Ok(Proposed { spend: record, card: issued, replayed: false })
 }
+
+/// The reason of an approval the wallet cannot cover.
+pub const INSUFFICIENT_FUNDS: &str = "insufficient funds";
 
 /// How many times a card is drawn again when its PAN is already taken. One
 /// test BIN leaves 10^9 numbers, so a collision is rare but real.
@@ -623,29 +615,29 @@ const PAN_ATTEMPTS: usize = 8;
 
 /// Issue a card for a hold and store it (hashes only), drawing a new PAN
 /// should the issuer hand out one already in use.
+#[allow(clippy::too_many_arguments)]
 fn issue_card(
     conn: &Connection,
-    spend: &NewSpend,
+    spend_id: &str,
+    agent_id: &str,
+    merchant_id: &str,
     cards: &CardIssuance<'_>,
     hold_id: i64,
     cap: &Amount,
     ttl_seconds: u32,
     now_ms: u64,
 ) -> Result<crate::cards::IssuedCard, StorageError> {
-    let currency = cap.currency();
     let now = ms(now_ms)?;
     for _ in 0..PAN_ATTEMPTS {
         let card_id = new_id("card");
-        let card = cards
-            .issuer
-            .issue(&CardRequest {
-                card_id: card_id.clone(),
-                cap: cap.clone(),
-                merchant_id: spend.merchant.id.clone(),
-                ttl_seconds,
-                now_ms,
-            })
-            .map_err(|e| StorageError::Issuer(e.to_string()))?;
+        let request = CardRequest {
+            card_id: card_id.clone(),
+            cap: cap.clone(),
+            merchant_id: merchant_id.to_owned(),
+            ttl_seconds,
+            now_ms,
+        };
+        let card = cards.issuer.issue(&request).map_err(|e| StorageError::Issuer(e.to_string()))?;
         let pan_hash = cards.key.hash_pan(&card.secrets.pan);
         let taken: bool = conn.query_row(
             "SELECT EXISTS (SELECT 1 FROM cards WHERE pan_hash = ?1)",
@@ -662,8 +654,8 @@ fn issue_card(
             params![
                 card_id,
                 hold_id,
-                spend.id,
-                spend.agent_id,
+                spend_id,
+                agent_id,
                 cards.issuer.name(),
                 pan_hash,
                 cards.key.hash_cvv(&card_id, &card.secrets.cvv),
@@ -671,17 +663,85 @@ fn issue_card(
                 card.exp_month,
                 card.exp_year,
                 cap.units(),
-                currency,
-                spend.merchant.id,
+                cap.currency(),
+                merchant_id,
                 ms(card.expires_at_ms)?,
                 now
             ],
         )?;
         return Ok(card);
     }
-    Err(StorageError::Issuer(format!(
-        "no unused card number after {PAN_ATTEMPTS} attempts"
-    )))
+    Err(StorageError::Issuer(format!("no unused card number after {PAN_ATTEMPTS} attempts")))
+}
+
+/// Append one record to the audit chain, inside the caller's transaction
+/// (whose write lock orders the chain).
+fn append_audit(
+    conn: &Connection,
+    kind: &str,
+    record: &serde_json::Value,
+    now: i64,
+) -> Result<(), StorageError> {
+    let last: Option<(i64, String)> = conn
+        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let (seq, prev_hash) = match last {
+        Some((seq, hash)) => (seq + 1, hash),
+        None => (1, AUDIT_GENESIS.to_owned()),
+    };
+    let text = record.to_string();
+    let seq_u = u64::try_from(seq).map_err(|_| StorageError::Invariant("audit sequence".into()))?;
+    let hash = audit_hash(&prev_hash, seq_u, from_ms(now), kind, &text);
+    conn.execute(
+        "INSERT INTO audit (seq, at_ms, kind, record, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![seq, now, kind, text, prev_hash, hash],
+    )?;
+    Ok(())
+}
+
+/// A spend waiting for approval, write-locked: refuses anything else.
+fn pending_spend(
+    conn: &Connection,
+    spend_id: &str,
+    approval_ttl_ms: u64,
+    now_ms: u64,
+) -> Result<SpendRecord, StorageError> {
+    let spend =
+        spend_by_id(conn, spend_id)?.ok_or_else(|| StorageError::NotFound(format!("spend `{spend_id}`")))?;
+    if spend.status != SpendStatus::PendingApproval {
+        return Err(StorageError::InvalidState(format!(
+            "spend `{spend_id}` is {}, not waiting for approval",
+            spend.status.as_str()
+        )));
+    }
+    if spend.received_at_ms.saturating_add(approval_ttl_ms) <= now_ms {
+        return Err(StorageError::InvalidState(format!("the approval of spend `{spend_id}` has expired")));
+    }
+    Ok(spend)
+}
+
+fn resolve_approval(
+    conn: &Connection,
+    spend_id: &str,
+    decision: &str,
+    reason: &str,
+    now: i64,
+) -> Result<(), StorageError> {
+    let inserted = conn.execute(
+        "INSERT OR IGNORE INTO approval_resolutions (spend_id, decision, reason, resolved_at_ms) VALUES (?1, ?2, ?3, ?4)",
+        params![spend_id, decision, reason, now],
+    )?;
+    if inserted != 1 {
+        return Err(StorageError::InvalidState(format!("spend `{spend_id}` is already resolved")));
+    }
+    append_audit(
+        conn,
+        "approval",
+        &serde_json::json!({ "spend_id": spend_id, "decision": decision, "reason": reason }),
+        now,
+    )
 }
 
 impl Storage for SqliteStorage {
@@ -716,17 +776,24 @@ impl Storage for SqliteStorage {
                 "INSERT INTO deposits (id, transfer_id, idempotency_key, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
                 params![id, transfer_id, idempotency_key, now],
             )?;
+            append_audit(
+                tx,
+                "deposit",
+                &serde_json::json!({
+                    "deposit_id": id,
+                    "amount": amount.to_decimal().to_string(),
+                    "currency": amount.currency(),
+                }),
+                now,
+            )?;
             Ok(DepositRecord { id, amount: amount.clone(), replayed: false })
         })
     }
 
     fn balances(&self) -> Result<Vec<Balance>, StorageError> {
         self.read(|conn| {
-            let mut stmt =
-                conn.prepare("SELECT DISTINCT currency FROM accounts ORDER BY currency")?;
-            let currencies: Vec<String> = stmt
-                .query_map([], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
+            let mut stmt = conn.prepare("SELECT DISTINCT currency FROM accounts ORDER BY currency")?;
+            let currencies: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
             currencies
                 .into_iter()
                 .map(|currency| {
@@ -749,7 +816,7 @@ impl Storage for SqliteStorage {
         spend: &NewSpend,
         cards: &CardIssuance<'_>,
         now_ms: u64,
-        decide: &mut dyn FnMut(Arc<dyn History>) -> Verdict,
+        decide: &mut dyn FnMut(Arc<dyn History>) -> Decided,
     ) -> Result<Proposed, StorageError> {
         let (mut slot, conn) = self.writer()?;
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
@@ -758,9 +825,7 @@ impl Storage for SqliteStorage {
         }
         // The idempotency key first: a retry never runs the policies again.
         let replay = (|| {
-            let Some(key) = &spend.idempotency_key else {
-                return Ok(None);
-            };
+            let Some(key) = &spend.idempotency_key else { return Ok(None) };
             let earlier: Option<(String, String)> = conn
                 .query_row(
                     "SELECT id, fingerprint FROM spends WHERE agent_id = ?1 AND idempotency_key = ?2",
@@ -773,7 +838,7 @@ impl Storage for SqliteStorage {
                 Some((_, fingerprint)) if fingerprint != spend.fingerprint() => {
                     Err(StorageError::IdempotencyConflict(key.clone()))
                 }
-                Some((id, _)) => spend_by(&conn, "s.id = ?1", &[&id]),
+                Some((id, _)) => spend_by_id(&conn, &id),
             }
         })();
         match replay {
@@ -783,40 +848,148 @@ impl Storage for SqliteStorage {
                 *slot = Some(conn);
                 return done.and_then(|record| {
                     record
-                        .map(|spend| Proposed {
-                            spend,
-                            card: None,
-                            replayed: true,
-                        })
+                        .map(|spend| Proposed { spend, card: None, replayed: true })
                         .ok_or_else(|| StorageError::Invariant("replayed spend vanished".into()))
                 });
             }
         }
         // Lend the connection, inside its transaction, to the policies.
-        let history = Arc::new(TxHistory {
-            conn: Mutex::new(Some(conn)),
-        });
-        let verdict = decide(history.clone());
-        let conn = history
-            .conn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let history = Arc::new(TxHistory { conn: Mutex::new(Some(conn)) });
+        let decided = decide(history.clone());
+        let conn = history.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(conn) = conn else {
-            return Err(StorageError::Invariant(
-                "the proposal's connection was lost".into(),
-            ));
+            return Err(StorageError::Invariant("the proposal's connection was lost".into()));
         };
-        let result = commit_verdict(&conn, spend, verdict, cards, now_ms).and_then(|proposed| {
-            conn.execute_batch("COMMIT")
-                .map(|()| proposed)
-                .map_err(Into::into)
-        });
+        let result = commit_verdict(&conn, spend, decided, cards, now_ms)
+            .and_then(|proposed| conn.execute_batch("COMMIT").map(|()| proposed).map_err(Into::into));
         if result.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
         *slot = Some(conn);
         result
+    }
+
+    fn approve(
+        &self,
+        spend_id: &str,
+        default_ttl_seconds: u32,
+        approval_ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<SpendRecord, StorageError> {
+        self.write(|tx| {
+            let now = ms(now_ms)?;
+            let spend = pending_spend(tx, spend_id, approval_ttl_ms, now_ms)?;
+            let (ttl, cap_units): (Option<u32>, Option<i64>) = tx.query_row(
+                "SELECT card_ttl_seconds, card_cap_units FROM spends WHERE id = ?1",
+                params![spend_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let cap = match cap_units {
+                Some(units) => amount(units, spend.amount.currency())?,
+                None => spend.amount.clone(),
+            };
+            let ttl = ttl.unwrap_or(default_ttl_seconds).clamp(1, default_ttl_seconds.max(1));
+            if balance(tx, cap.currency(), AccountKind::Available)? < cap.units() {
+                return Err(StorageError::InvalidState(format!(
+                    "{INSUFFICIENT_FUNDS}: spend `{spend_id}` needs {cap}"
+                )));
+            }
+            resolve_approval(tx, spend_id, "approved", "approved by the operator", now)?;
+            let received = ms(spend.received_at_ms)?;
+            let expires = now + i64::from(ttl) * 1000;
+            place_hold(tx, spend_id, &spend.agent_id, &cap, &spend.merchant, received, expires, now)?;
+            spend_by_id(tx, spend_id)?
+                .ok_or_else(|| StorageError::Invariant("approved spend vanished".into()))
+        })
+    }
+
+    fn deny(
+        &self,
+        spend_id: &str,
+        reason: &str,
+        approval_ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<SpendRecord, StorageError> {
+        self.write(|tx| {
+            pending_spend(tx, spend_id, approval_ttl_ms, now_ms)?;
+            resolve_approval(tx, spend_id, "denied", reason, ms(now_ms)?)?;
+            spend_by_id(tx, spend_id)?.ok_or_else(|| StorageError::Invariant("denied spend vanished".into()))
+        })
+    }
+
+    fn expire_approvals(&self, approval_ttl_ms: u64, now_ms: u64) -> Result<usize, StorageError> {
+        self.write(|tx| {
+            let now = ms(now_ms)?;
+            let cutoff = ms(now_ms.saturating_sub(approval_ttl_ms))?;
+            let mut stmt = tx.prepare(
+                "SELECT s.id FROM spends s LEFT JOIN approval_resolutions a ON a.spend_id = s.id
+                 WHERE s.status = 'pending_approval' AND s.received_at_ms <= ?1 AND a.spend_id IS NULL",
+            )?;
+            let due: Vec<String> =
+                stmt.query_map(params![cutoff], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            for id in &due {
+                resolve_approval(tx, id, "expired", "approval expired", now)?;
+            }
+            Ok(due.len())
+        })
+    }
+
+    fn pending_approvals(&self, approval_ttl_ms: u64, now_ms: u64) -> Result<Vec<SpendRecord>, StorageError> {
+        self.read(|conn| {
+            let cutoff = ms(now_ms.saturating_sub(approval_ttl_ms))?;
+            let mut stmt = conn.prepare(&format!(
+                "{SPEND_SELECT} WHERE s.status = 'pending_approval' AND s.received_at_ms > ?1 AND a.spend_id IS NULL
+                 ORDER BY s.received_at_ms, s.id"
+            ))?;
+            let rows: Vec<SpendRow> = stmt.query_map(params![cutoff], spend_from_row)?.collect::<Result<_, _>>()?;
+            rows.into_iter().map(SpendRow::into_record).collect()
+        })
+    }
+
+    fn claim_card(
+        &self,
+        spend_id: &str,
+        cards: &CardIssuance<'_>,
+        now_ms: u64,
+    ) -> Result<Option<IssuedCard>, StorageError> {
+        self.write(|tx| {
+            let hold: Option<(i64, String, i64, String, i64, Option<String>, Option<String>)> = tx
+                .query_row(
+                    "SELECT h.id, h.agent_id, h.units, h.currency, h.expires_at_ms, c.id, r.kind
+                     FROM holds h LEFT JOIN cards c ON c.hold_id = h.id
+                     LEFT JOIN hold_resolutions r ON r.hold_id = h.id WHERE h.spend_id = ?1",
+                    params![spend_id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+                )
+                .optional()?;
+            let Some((hold_id, agent_id, units, currency, expires_at, None, None)) = hold else {
+                return Ok(None);
+            };
+            let left_ms = expires_at - ms(now_ms)?;
+            if left_ms < 1000 {
+                return Ok(None);
+            }
+            let merchant_id: String =
+                tx.query_row("SELECT merchant_id FROM spends WHERE id = ?1", params![spend_id], |r| {
+                    r.get(0)
+                })?;
+            let ttl = u32::try_from(left_ms / 1000).unwrap_or(u32::MAX).min(cards.default_ttl_seconds);
+            let cap = amount(units, &currency)?;
+            let card = issue_card(tx, spend_id, &agent_id, &merchant_id, cards, hold_id, &cap, ttl, now_ms)?;
+            Ok(Some(card))
+        })
+    }
+
+    fn spends(&self, agent_id: Option<&str>, limit: usize) -> Result<Vec<SpendRecord>, StorageError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "{SPEND_SELECT} WHERE ?1 IS NULL OR s.agent_id = ?1 ORDER BY s.created_at_ms DESC, s.id LIMIT ?2"
+            ))?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows: Vec<SpendRow> =
+                stmt.query_map(params![agent_id, limit], spend_from_row)?.collect::<Result<_, _>>()?;
+            rows.into_iter().map(SpendRow::into_record).collect()
+        })
     }
 
     fn authorize(
@@ -841,28 +1014,22 @@ impl Storage for SqliteStorage {
             let decision = decide(key, view.as_ref(), request, now_ms);
             if let Some(card) = &card {
                 let cap = card.record.cap.units();
+                let currency = card.record.cap.currency();
                 match decision {
-                    Ok(()) => resolve_hold(
-                        tx,
-                        card.hold_id,
-                        "captured",
-                        card.record.cap.currency(),
-                        cap,
-                        request.amount.units(),
-                        now,
-                    )?,
+                    Ok(()) => resolve_hold(tx, card.hold_id, "captured", currency, cap, request.amount.units(), now)?,
                     // Seen past its life before the sweep got to it: expire it now.
                     Err(DeclineCode::CardExpired) if card.record.state == CardState::Open => {
-                        resolve_hold(tx, card.hold_id, "expired", card.record.cap.currency(), cap, 0, now)?
+                        resolve_hold(tx, card.hold_id, "expired", currency, cap, 0, now)?
                     }
                     Err(_) => {}
                 }
             }
+            let card_id = card.as_ref().map(|c| c.record.id.clone());
             tx.execute(
                 "INSERT INTO authorizations (card_id, units, currency, merchant_id, approved, decline_code, created_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
-                    card.as_ref().map(|c| c.record.id.clone()),
+                    card_id,
                     request.amount.units(),
                     request.amount.currency(),
                     request.merchant_id,
@@ -871,11 +1038,20 @@ impl Storage for SqliteStorage {
                     now
                 ],
             )?;
-            Ok(AuthorizationOutcome {
-                approved: decision.is_ok(),
-                decline_code: decision.err(),
-                card_id: card.map(|c| c.record.id),
-            })
+            append_audit(
+                tx,
+                "authorization",
+                &serde_json::json!({
+                    "card_id": card_id,
+                    "amount": request.amount.to_decimal().to_string(),
+                    "currency": request.amount.currency(),
+                    "merchant_id": request.merchant_id,
+                    "approved": decision.is_ok(),
+                    "decline_code": decision.err().map(DeclineCode::as_str),
+                }),
+                now,
+            )?;
+            Ok(AuthorizationOutcome { approved: decision.is_ok(), decline_code: decision.err(), card_id })
         })
     }
 
@@ -883,27 +1059,16 @@ impl Storage for SqliteStorage {
         self.write(|tx| {
             let card = find_card(tx, "id", card_id)?
                 .ok_or_else(|| StorageError::NotFound(format!("card `{card_id}`")))?;
-            let state = match card.record.state {
-                CardState::Open => "open",
-                CardState::Used => "used",
-                CardState::Voided => "voided",
-                CardState::Expired => "expired",
-            };
             if card.record.state != CardState::Open {
                 return Err(StorageError::InvalidState(format!(
-                    "card `{card_id}` is already {state}"
+                    "card `{card_id}` is already {}",
+                    card.record.state.as_str()
                 )));
             }
+            let now = ms(now_ms)?;
             let cap = &card.record.cap;
-            resolve_hold(
-                tx,
-                card.hold_id,
-                "voided",
-                cap.currency(),
-                cap.units(),
-                0,
-                ms(now_ms)?,
-            )?;
+            resolve_hold(tx, card.hold_id, "voided", cap.currency(), cap.units(), 0, now)?;
+            append_audit(tx, "card_void", &serde_json::json!({ "card_id": card_id }), now)?;
             find_card(tx, "id", card_id)?
                 .map(|c| c.record)
                 .ok_or_else(|| StorageError::Invariant("voided card vanished".into()))
@@ -913,35 +1078,29 @@ impl Storage for SqliteStorage {
     fn expire_cards(&self, now_ms: u64) -> Result<usize, StorageError> {
         self.write(|tx| {
             let now = ms(now_ms)?;
-            let swept_to: i64 = tx.query_row(
-                "SELECT COALESCE(MAX(swept_to_ms), 0) FROM expiry_sweeps",
-                [],
-                |r| r.get(0),
-            )?;
-            let from = swept_to.saturating_sub(ms(SWEEP_OVERLAP.as_millis() as u64)?);
+            let swept_to: i64 =
+                tx.query_row("SELECT COALESCE(MAX(swept_to_ms), 0) FROM expiry_sweeps", [], |r| r.get(0))?;
+            let overlap = i64::try_from(SWEEP_OVERLAP.as_millis()).unwrap_or(i64::MAX);
             let mut stmt = tx.prepare(EXPIRY_DUE_SQL)?;
             let due: Vec<(i64, String, i64)> = stmt
-                .query_map(params![from, now], |r| {
+                .query_map(params![swept_to.saturating_sub(overlap), now], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })?
                 .collect::<Result<_, _>>()?;
-            for (hold_id, currency, cap) in &due {
-                resolve_hold(tx, *hold_id, "expired", currency, *cap, 0, now)?;
+            for (hold_id, currency, units) in &due {
+                resolve_hold(tx, *hold_id, "expired", currency, *units, 0, now)?;
             }
             // Move the mark on when it is worth a row: after a release, or a
             // minute on. Between marks a sweep rescans at most that much.
             if now > swept_to && (!due.is_empty() || now - swept_to >= 60_000) {
-                tx.execute(
-                    "INSERT INTO expiry_sweeps (swept_to_ms) VALUES (?1)",
-                    params![now],
-                )?;
+                tx.execute("INSERT INTO expiry_sweeps (swept_to_ms) VALUES (?1)", params![now])?;
             }
             Ok(due.len())
         })
     }
 
     fn spend(&self, id: &str) -> Result<Option<SpendRecord>, StorageError> {
-        self.read(|conn| spend_by(conn, "s.id = ?1", &[&id]))
+        self.read(|conn| spend_by_id(conn, id))
     }
 
     fn card(&self, id: &str) -> Result<Option<CardRecord>, StorageError> {
@@ -960,10 +1119,40 @@ impl Storage for SqliteStorage {
         })
     }
 
-    fn check_invariants(&self) -> Result<(), String> {
-        self.read(|conn| Ok(check_invariants(conn)))
-            .map_err(|e| e.to_string())?
+    fn audit(&self, kind: &str, record: &serde_json::Value, now_ms: u64) -> Result<(), StorageError> {
+        self.write(|tx| append_audit(tx, kind, record, ms(now_ms)?))
     }
+
+    fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StorageError> {
+        self.read(|conn| read_audit(conn, after, limit))
+    }
+
+    fn verify_audit(&self) -> Result<Result<u64, AuditBreak>, StorageError> {
+        self.read(|conn| Ok(verify_chain(&read_audit(conn, 0, usize::MAX)?)))
+    }
+
+    fn check_invariants(&self) -> Result<(), String> {
+        self.read(|conn| Ok(check_invariants(conn))).map_err(|e| e.to_string())?
+    }
+}
+
+fn read_audit(conn: &Connection, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StorageError> {
+    let mut stmt = conn.prepare(
+        "SELECT seq, at_ms, kind, record, prev_hash, hash FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let after = i64::try_from(after).unwrap_or(i64::MAX);
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![after, limit], |r| {
+        Ok(AuditRecord {
+            seq: from_ms(r.get(0)?),
+            at_ms: from_ms(r.get(1)?),
+            kind: r.get(2)?,
+            record: r.get(3)?,
+            prev_hash: r.get(4)?,
+            hash: r.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 fn check_invariants(conn: &Connection) -> Result<(), String> {
@@ -980,9 +1169,7 @@ fn check_invariants(conn: &Connection) -> Result<(), String> {
     for (transfer, n) in q(
         "SELECT CAST(transfer_id AS TEXT), COUNT(*) FROM entries GROUP BY transfer_id HAVING COUNT(*) <> 2 OR SUM(delta) <> 0",
     )? {
-        return Err(format!(
-            "transfer {transfer} has {n} entries that do not cancel out"
-        ));
+        return Err(format!("transfer {transfer} has {n} entries that do not cancel out"));
     }
     // The accounts of each currency sum to zero.
     for (currency, sum) in q(
@@ -997,7 +1184,8 @@ fn check_invariants(conn: &Connection) -> Result<(), String> {
                                  SELECT account_id, balance_after,
                                         SUM(delta) OVER (PARTITION BY account_id ORDER BY id) AS running
                                  FROM entries)
-                             WHERE balance_after <> running GROUP BY account_id")? {
+                             WHERE balance_after <> running GROUP BY account_id")?
+    {
         return Err(format!("account {account} has {bad} entries with a wrong running balance"));
     }
     let currencies = q("SELECT DISTINCT currency, 0 FROM accounts")?;
@@ -1010,35 +1198,29 @@ fn check_invariants(conn: &Connection) -> Result<(), String> {
             bal(AccountKind::Funding)?,
         );
         let one = |sql: &str| -> Result<i64, String> {
-            conn.query_row(sql, params![currency], |r| r.get(0))
-                .map_err(|e| e.to_string())
+            conn.query_row(sql, params![currency], |r| r.get(0)).map_err(|e| e.to_string())
         };
-        let deposits = one(
-            "SELECT COALESCE(SUM(units), 0) FROM transfers WHERE kind = 'deposit' AND currency = ?1",
-        )?;
+        let deposits =
+            one("SELECT COALESCE(SUM(units), 0) FROM transfers WHERE kind = 'deposit' AND currency = ?1")?;
         if available < 0 || held < 0 || spent < 0 {
-            return Err(format!(
-                "{currency}: a balance is negative ({available}/{held}/{spent})"
-            ));
+            return Err(format!("{currency}: a balance is negative ({available}/{held}/{spent})"));
         }
         if available + held + spent != deposits || -funding != deposits {
             return Err(format!(
                 "{currency}: available {available} + held {held} + spent {spent} != deposits {deposits}"
             ));
         }
-        let open = one("SELECT COALESCE(SUM(h.units), 0) FROM holds h LEFT JOIN hold_resolutions r ON r.hold_id = h.id
-                        WHERE r.hold_id IS NULL AND h.currency = ?1")?;
+        let open = one(
+            "SELECT COALESCE(SUM(h.units), 0) FROM holds h LEFT JOIN hold_resolutions r ON r.hold_id = h.id
+                        WHERE r.hold_id IS NULL AND h.currency = ?1",
+        )?;
         if open != held {
-            return Err(format!(
-                "{currency}: held {held} but open holds add up to {open}"
-            ));
+            return Err(format!("{currency}: held {held} but open holds add up to {open}"));
         }
         let captured = one("SELECT COALESCE(SUM(r.captured_units), 0) FROM hold_resolutions r JOIN holds h ON h.id = r.hold_id
                             WHERE h.currency = ?1")?;
         if captured != spent {
-            return Err(format!(
-                "{currency}: spent {spent} but captures add up to {captured}"
-            ));
+            return Err(format!("{currency}: spent {spent} but captures add up to {captured}"));
         }
     }
     // Each hold: one hold transfer, and once resolved, transfers that move
@@ -1056,19 +1238,25 @@ fn check_invariants(conn: &Connection) -> Result<(), String> {
                         WHERE r.hold_id IS NULL AND EXISTS (SELECT 1 FROM transfers t WHERE t.hold_id = h.id AND t.kind <> 'hold')")? {
         return Err(format!("open hold {hold} has money moved out of it"));
     }
+    // A hold without a card only while an approved-after-escalation spend
+    // waits for its agent to collect the card.
+    for (hold, _) in q("SELECT CAST(h.id AS TEXT), 0 FROM holds h LEFT JOIN cards c ON c.hold_id = h.id
+                        LEFT JOIN approval_resolutions a ON a.spend_id = h.spend_id
+                        WHERE c.id IS NULL AND (a.decision IS NULL OR a.decision <> 'approved')")?
+    {
+        return Err(format!("hold {hold} has no card and no approval"));
+    }
     // Cards and holds go together, and only approved spends have them.
     for (card, _) in q(
         "SELECT c.id, 0 FROM cards c LEFT JOIN holds h ON h.id = c.hold_id WHERE h.id IS NULL OR h.spend_id <> c.spend_id OR h.units <> c.cap_units",
     )? {
         return Err(format!("card {card} has no matching hold"));
     }
-    for (spend, _) in q(
-        "SELECT s.id, 0 FROM spends s LEFT JOIN holds h ON h.spend_id = s.id
-                         WHERE (s.status = 'approved') <> (h.id IS NOT NULL)",
-    )? {
-        return Err(format!(
-            "spend {spend}: approved if and only if it holds money, which is not the case"
-        ));
+    for (spend, _) in q("SELECT s.id, 0 FROM spends s LEFT JOIN holds h ON h.spend_id = s.id
+                 LEFT JOIN approval_resolutions a ON a.spend_id = s.id
+                 WHERE (s.status = 'approved' OR a.decision = 'approved') <> (h.id IS NOT NULL)")?
+    {
+        return Err(format!("spend {spend}: approved if and only if it holds money, which is not the case"));
     }
     Ok(())
 }
@@ -1092,10 +1280,7 @@ mod tests {
         let storage = SqliteStorage::open(&dir.path().join("db")).unwrap();
         let conn = storage.conn.lock().unwrap();
         let conn = conn.as_ref().unwrap();
-        let scope = HistoryScope {
-            agent_id: "bot".into(),
-            currency: "USD".into(),
-        };
+        let scope = HistoryScope { agent_id: "bot".into(), currency: "USD".into() };
         for (wallet_wide, merchant, mcc, index) in [
             (false, None, None, "holds_agent_time"),
             (false, Some("m.com"), Some("5734"), "holds_agent_time"),
@@ -1111,20 +1296,14 @@ mod tests {
             let (sql, args) = summarize_query(&scope, &filter).unwrap();
             let args: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
             let plan = plan(conn, &sql, &args);
-            assert!(
-                plan.contains(&format!("USING INDEX {index}")),
-                "{filter:?}:\n{plan}"
-            );
+            assert!(plan.contains(&format!("USING INDEX {index}")), "{filter:?}:\n{plan}");
             assert!(!plan.contains("SCAN h"), "{filter:?}:\n{plan}");
         }
         let card = format!(
             "SELECT {CARD_COLUMNS} FROM cards c LEFT JOIN hold_resolutions r ON r.hold_id = c.hold_id WHERE c.pan_hash = ?1"
         );
         let p = plan(conn, &card, &[&"x"]);
-        assert!(
-            p.contains("SEARCH c USING INDEX sqlite_autoindex_cards"),
-            "{p}"
-        );
+        assert!(p.contains("SEARCH c USING INDEX sqlite_autoindex_cards"), "{p}");
         let p = plan(
             conn,
             "SELECT balance_after FROM entries WHERE account_id = ?1 ORDER BY id DESC LIMIT 1",
@@ -1132,7 +1311,7 @@ mod tests {
         );
         assert!(p.contains("entries_account"), "{p}");
         let p = plan(conn, EXPIRY_DUE_SQL, &[&0, &1]);
-        assert!(p.contains("SEARCH c USING INDEX cards_expiry"), "{p}");
+        assert!(p.contains("SEARCH h USING INDEX holds_expiry"), "{p}");
         let p = plan(
             conn,
             "SELECT id, fingerprint FROM spends WHERE agent_id = ?1 AND idempotency_key = ?2",

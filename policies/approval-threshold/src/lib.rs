@@ -50,14 +50,10 @@ impl Policy for ApprovalThreshold {
 
     fn check_config(config: &Config) -> Result<(), String> {
         if config.threshold < Decimal::ZERO {
-            return Err(format!(
-                "`threshold` must not be negative, got `{}`",
-                config.threshold
-            ));
+            return Err(format!("`threshold` must not be negative, got `{}`", config.threshold));
         }
         let currency = &config.currency;
-        if !((3..=10).contains(&currency.len()) && currency.bytes().all(|b| b.is_ascii_uppercase()))
-        {
+        if !((3..=10).contains(&currency.len()) && currency.bytes().all(|b| b.is_ascii_uppercase())) {
             return Err(format!(
                 "`currency` must be an upper-case currency code like `USD`, got `{currency}`"
             ));
@@ -94,9 +90,7 @@ mod tests {
     const CONFIG: &str = r#"{ "threshold": "100.00", "currency": "USD" }"#;
 
     fn decide(amount: &str, currency: &str, config: &str) -> Decision {
-        TestHost::new()
-            .evaluate::<ApprovalThreshold>(&request(amount, currency), config)
-            .decision
+        TestHost::new().evaluate::<ApprovalThreshold>(&request(amount, currency), config).decision
     }
 
     #[test]
@@ -130,58 +124,30 @@ mod tests {
     #[test]
     fn a_zero_threshold_escalates_everything() {
         let config = r#"{ "threshold": "0", "currency": "USD" }"#;
-        assert!(matches!(
-            decide("0.01", "USD", config),
-            Decision::RequireApproval(_)
-        ));
+        assert!(matches!(decide("0.01", "USD", config), Decision::RequireApproval(_)));
     }
 
     #[test]
     fn the_policy_never_reads_history() {
-        let outcome =
-            TestHost::new().evaluate::<ApprovalThreshold>(&request("500.00", "USD"), CONFIG);
+        let outcome = TestHost::new().evaluate::<ApprovalThreshold>(&request("500.00", "USD"), CONFIG);
         assert_eq!(outcome.history_calls, 0);
     }
 
     #[test]
     fn bad_configs_are_refused_with_a_message() {
         let cases = [
-            (
-                r#"{ "threshold": "-1", "currency": "USD" }"#,
-                "`threshold` must not be negative",
-            ),
-            (
-                r#"{ "threshold": "100", "currency": "dollars" }"#,
-                "`currency` must be",
-            ),
-            (
-                r#"{ "threshold": "100", "currency": "" }"#,
-                "`currency` must be",
-            ),
-            (
-                r#"{ "threshold": 100, "currency": "USD" }"#,
-                "invalid config",
-            ),
-            (
-                r#"{ "threshold": "lots", "currency": "USD" }"#,
-                "invalid config",
-            ),
+            (r#"{ "threshold": "-1", "currency": "USD" }"#, "`threshold` must not be negative"),
+            (r#"{ "threshold": "100", "currency": "dollars" }"#, "`currency` must be"),
+            (r#"{ "threshold": "100", "currency": "" }"#, "`currency` must be"),
+            (r#"{ "threshold": 100, "currency": "USD" }"#, "invalid config"),
+            (r#"{ "threshold": "lots", "currency": "USD" }"#, "invalid config"),
             (r#"{ "threshold": "100" }"#, "missing field `currency`"),
-            (
-                r#"{ "threshold": "100", "currency": "USD", "treshold": "5" }"#,
-                "unknown field",
-            ),
+            (r#"{ "threshold": "100", "currency": "USD", "treshold": "5" }"#, "unknown field"),
         ];
         for (config, fragment) in cases {
             let result = TestHost::validate_config::<ApprovalThreshold>(config);
-            assert!(
-                matches!(&result, Err(message) if message.contains(fragment)),
-                "{config}: {result:?}"
-            );
+            assert!(matches!(&result, Err(message) if message.contains(fragment)), "{config}: {result:?}");
         }
-        assert_eq!(
-            TestHost::validate_config::<ApprovalThreshold>(CONFIG),
-            Ok(())
-        );
+        assert_eq!(TestHost::validate_config::<ApprovalThreshold>(CONFIG), Ok(()));
     }
 }

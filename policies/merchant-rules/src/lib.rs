@@ -76,16 +76,12 @@ fn check_entry(entry: &str) -> Result<(), String> {
         return Err("`allow_merchants` has an empty entry".into());
     }
     if entry == "*" || entry == "*." {
-        return Err(
-            "`allow_merchants` entry `*` would allow every merchant: leave the list empty \
+        return Err("`allow_merchants` entry `*` would allow every merchant: leave the list empty \
              (or remove it) to allow any merchant"
-                .into(),
-        );
+            .into());
     }
     if entry.chars().any(char::is_whitespace) {
-        return Err(format!(
-            "`allow_merchants` entry `{entry}` must not contain spaces"
-        ));
+        return Err(format!("`allow_merchants` entry `{entry}` must not contain spaces"));
     }
     let rest = match entry.strip_prefix("*.") {
         Some(domain) => domain,
@@ -104,9 +100,7 @@ fn check_entry(entry: &str) -> Result<(), String> {
         ));
     }
     if entry.starts_with("*.") && rest.split('.').any(str::is_empty) {
-        return Err(format!(
-            "`allow_merchants` entry `{entry}` is not a domain, like `*.example.com`"
-        ));
+        return Err(format!("`allow_merchants` entry `{entry}` is not a domain, like `*.example.com`"));
     }
     Ok(())
 }
@@ -140,22 +134,12 @@ impl Policy for MerchantRules {
         if config.allow_merchants.is_empty() {
             return Decision::allow();
         }
-        match config
-            .allow_merchants
-            .iter()
-            .find(|pattern| matches(pattern, &merchant.id))
-        {
+        match config.allow_merchants.iter().find(|pattern| matches(pattern, &merchant.id)) {
             Some(pattern) => {
-                log::debug(&format!(
-                    "merchant `{}` allowed by entry `{pattern}`",
-                    merchant.id
-                ));
+                log::debug(&format!("merchant `{}` allowed by entry `{pattern}`", merchant.id));
                 Decision::allow()
             }
-            None => Decision::deny(format!(
-                "merchant `{}` is not on the allowlist",
-                merchant.id
-            )),
+            None => Decision::deny(format!("merchant `{}` is not on the allowlist", merchant.id)),
         }
     }
 }
@@ -176,9 +160,7 @@ mod tests {
         let mut request = request("10.00", "USD");
         request.merchant.id = merchant.into();
         request.merchant.mcc = mcc.into();
-        TestHost::new()
-            .evaluate::<MerchantRules>(&request, config)
-            .decision
+        TestHost::new().evaluate::<MerchantRules>(&request, config).decision
     }
 
     #[test]
@@ -241,11 +223,7 @@ mod tests {
             r#"{ "allow_merchants": [] , "block_mcc": [] }"#,
             r#"{ "allow_merchants": ["acq-4471-0093", "*.eu.example.com"] }"#,
         ] {
-            assert_eq!(
-                TestHost::validate_config::<MerchantRules>(config),
-                Ok(()),
-                "{config}"
-            );
+            assert_eq!(TestHost::validate_config::<MerchantRules>(config), Ok(()), "{config}");
         }
     }
 
@@ -258,27 +236,15 @@ mod tests {
             (r#"{ "block_mcc": [7995] }"#, "invalid config"),
             (r#"{ "allow_merchants": ["*"] }"#, "leave the list empty"),
             (r#"{ "allow_merchants": [""] }"#, "empty entry"),
-            (
-                r#"{ "allow_merchants": ["*example.com"] }"#,
-                "must start with `*.`",
-            ),
-            (
-                r#"{ "allow_merchants": ["api.*.com"] }"#,
-                "only allowed as a leading",
-            ),
+            (r#"{ "allow_merchants": ["*example.com"] }"#, "must start with `*.`"),
+            (r#"{ "allow_merchants": ["api.*.com"] }"#, "only allowed as a leading"),
             (r#"{ "allow_merchants": ["*..com"] }"#, "is not a domain"),
             (r#"{ "allow_merchants": [" api.openai.com"] }"#, "spaces"),
-            (
-                r#"{ "allow_merchant": ["api.openai.com"] }"#,
-                "unknown field",
-            ),
+            (r#"{ "allow_merchant": ["api.openai.com"] }"#, "unknown field"),
         ];
         for (config, fragment) in cases {
             let result = TestHost::validate_config::<MerchantRules>(config);
-            assert!(
-                matches!(&result, Err(message) if message.contains(fragment)),
-                "{config}: {result:?}"
-            );
+            assert!(matches!(&result, Err(message) if message.contains(fragment)), "{config}: {result:?}");
         }
     }
 }

@@ -78,8 +78,7 @@ impl Policy for PurchaseCap {
             return Err(format!("`cap` must be positive, got `{}`", config.cap));
         }
         let currency = &config.currency;
-        if !((3..=10).contains(&currency.len()) && currency.bytes().all(|b| b.is_ascii_uppercase()))
-        {
+        if !((3..=10).contains(&currency.len()) && currency.bytes().all(|b| b.is_ascii_uppercase())) {
             return Err(format!(
                 "`currency` must be an upper-case currency code like `USD`, got `{currency}`"
             ));
@@ -145,9 +144,7 @@ mod tests {
     use spendguard_sdk::testing::{TestHost, request};
 
     fn decide(amount: &str, currency: &str, config: &str) -> Decision {
-        TestHost::new()
-            .evaluate::<PurchaseCap>(&request(amount, currency), config)
-            .decision
+        TestHost::new().evaluate::<PurchaseCap>(&request(amount, currency), config).decision
     }
 
     fn usd(amount: i64, scale: u32) -> Money {
@@ -176,21 +173,14 @@ mod tests {
 
     #[test]
     fn the_card_life_is_narrowed_when_set() {
-        assert_eq!(
-            decide("20.00", "USD", NARROW),
-            Decision::Allow(CardTerms::default().ttl_seconds(300))
-        );
+        assert_eq!(decide("20.00", "USD", NARROW), Decision::Allow(CardTerms::default().ttl_seconds(300)));
     }
 
     #[test]
     fn narrow_mode_caps_the_card_instead_of_denying() {
         assert_eq!(
             decide("120.00", "USD", NARROW),
-            Decision::Allow(
-                CardTerms::default()
-                    .ttl_seconds(300)
-                    .max_amount(usd(10000, 2))
-            )
+            Decision::Allow(CardTerms::default().ttl_seconds(300).max_amount(usd(10000, 2)))
         );
     }
 
@@ -222,56 +212,28 @@ mod tests {
             r#"{ "cap": "5", "currency": "USDC", "ttl_seconds": 900 }"#,
             r#"{ "cap": "5", "currency": "EUR", "ttl_seconds": 1 }"#,
         ] {
-            assert_eq!(
-                TestHost::validate_config::<PurchaseCap>(config),
-                Ok(()),
-                "{config}"
-            );
+            assert_eq!(TestHost::validate_config::<PurchaseCap>(config), Ok(()), "{config}");
         }
     }
 
     #[test]
     fn bad_configs_are_refused_with_a_message() {
         let cases = [
-            (
-                r#"{ "cap": "0", "currency": "USD" }"#,
-                "`cap` must be positive",
-            ),
-            (
-                r#"{ "cap": "-1", "currency": "USD" }"#,
-                "`cap` must be positive",
-            ),
-            (
-                r#"{ "cap": "10", "currency": "Usd" }"#,
-                "`currency` must be",
-            ),
+            (r#"{ "cap": "0", "currency": "USD" }"#, "`cap` must be positive"),
+            (r#"{ "cap": "-1", "currency": "USD" }"#, "`cap` must be positive"),
+            (r#"{ "cap": "10", "currency": "Usd" }"#, "`currency` must be"),
             (
                 r#"{ "cap": "10", "currency": "USD", "ttl_seconds": 0 }"#,
                 "`ttl_seconds` must be between 1 and 900",
             ),
-            (
-                r#"{ "cap": "10", "currency": "USD", "ttl_seconds": 3600 }"#,
-                "got `3600`",
-            ),
-            (
-                r#"{ "cap": "10", "currency": "USD", "ttl_seconds": -5 }"#,
-                "invalid config",
-            ),
-            (
-                r#"{ "cap": "10", "currency": "USD", "over_cap": "allow" }"#,
-                "unknown variant `allow`",
-            ),
-            (
-                r#"{ "cap": "10", "currency": "USD", "ttl": 60 }"#,
-                "unknown field",
-            ),
+            (r#"{ "cap": "10", "currency": "USD", "ttl_seconds": 3600 }"#, "got `3600`"),
+            (r#"{ "cap": "10", "currency": "USD", "ttl_seconds": -5 }"#, "invalid config"),
+            (r#"{ "cap": "10", "currency": "USD", "over_cap": "allow" }"#, "unknown variant `allow`"),
+            (r#"{ "cap": "10", "currency": "USD", "ttl": 60 }"#, "unknown field"),
         ];
         for (config, fragment) in cases {
             let result = TestHost::validate_config::<PurchaseCap>(config);
-            assert!(
-                matches!(&result, Err(message) if message.contains(fragment)),
-                "{config}: {result:?}"
-            );
+            assert!(matches!(&result, Err(message) if message.contains(fragment)), "{config}: {result:?}");
         }
     }
 }

@@ -101,18 +101,14 @@ pub fn parse_window(window: &str) -> Result<u64, String> {
     if count == 0 {
         return Err(format!("`window` must be longer than zero, got `{window}`"));
     }
-    count
-        .checked_mul(unit_ms)
-        .ok_or_else(|| format!("`window` `{window}` is too long"))
+    count.checked_mul(unit_ms).ok_or_else(|| format!("`window` `{window}` is too long"))
 }
 
 fn check_currency(currency: &str) -> Result<(), String> {
     if (3..=10).contains(&currency.len()) && currency.bytes().all(|b| b.is_ascii_uppercase()) {
         Ok(())
     } else {
-        Err(format!(
-            "`currency` must be an upper-case currency code like `USD`, got `{currency}`"
-        ))
+        Err(format!("`currency` must be an upper-case currency code like `USD`, got `{currency}`"))
     }
 }
 
@@ -123,11 +119,8 @@ fn is_mcc(mcc: &str) -> bool {
 impl Config {
     /// Whose and which spend the limit covers, for reasons and logs.
     fn scope(&self) -> String {
-        let mut scope = if self.wallet_wide {
-            "for the whole wallet".to_owned()
-        } else {
-            "for this agent".to_owned()
-        };
+        let mut scope =
+            if self.wallet_wide { "for the whole wallet".to_owned() } else { "for this agent".to_owned() };
         if let Some(merchant) = &self.merchant_id {
             scope.push_str(&format!(" at `{merchant}`"));
         }
@@ -139,9 +132,7 @@ impl Config {
 
     /// Whether the limit applies to this proposal at all.
     fn covers(&self, request: &SpendRequest) -> bool {
-        self.merchant_id
-            .as_ref()
-            .is_none_or(|m| *m == request.merchant.id)
+        self.merchant_id.as_ref().is_none_or(|m| *m == request.merchant.id)
             && self.mcc.as_ref().is_none_or(|m| *m == request.merchant.mcc)
     }
 
@@ -171,14 +162,10 @@ impl Policy for SpendLimit {
         parse_window(&config.window)?;
         if let Some(merchant) = &config.merchant_id {
             if merchant.trim().is_empty() {
-                return Err(
-                    "`merchant_id` must not be empty; remove it to count every merchant".into(),
-                );
+                return Err("`merchant_id` must not be empty; remove it to count every merchant".into());
             }
             if merchant.trim() != merchant {
-                return Err(format!(
-                    "`merchant_id` must not start or end with spaces, got `{merchant}`"
-                ));
+                return Err(format!("`merchant_id` must not start or end with spaces, got `{merchant}`"));
             }
         }
         if let Some(mcc) = &config.mcc
@@ -244,9 +231,7 @@ spendguard_sdk::export_policy!(SpendLimit);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spendguard_sdk::testing::{
-        DEFAULT_RECEIVED_AT_MS, HOUR_MS, Outcome, PastSpend, TestHost, request,
-    };
+    use spendguard_sdk::testing::{DEFAULT_RECEIVED_AT_MS, HOUR_MS, Outcome, PastSpend, TestHost, request};
 
     const DAILY_50: &str = r#"{ "limit": "50.00", "currency": "USD" }"#;
 
@@ -280,10 +265,7 @@ mod tests {
         let outcome = eval(vec![spent("45.00", 3)], "5.01", DAILY_50);
         assert!(matches!(outcome.decision, Decision::Deny(_)));
         let reason = reason(&outcome);
-        assert!(
-            reason.contains("spend limit of 50.00 USD per 24h"),
-            "{reason}"
-        );
+        assert!(reason.contains("spend limit of 50.00 USD per 24h"), "{reason}");
         assert!(reason.contains("45.00 USD already spent"), "{reason}");
         assert!(reason.contains("5.00 USD left"), "{reason}");
     }
@@ -312,28 +294,12 @@ mod tests {
     fn the_window_is_configurable() {
         let config = r#"{ "limit": "50.00", "currency": "USD", "window": "90m" }"#;
         // Two hours ago is outside a 90-minute window, one hour ago is inside.
-        assert!(
-            eval(vec![spent("45.00", 2)], "10.00", config)
-                .decision
-                .is_allow()
-        );
-        assert!(
-            !eval(vec![spent("45.00", 1)], "10.00", config)
-                .decision
-                .is_allow()
-        );
+        assert!(eval(vec![spent("45.00", 2)], "10.00", config).decision.is_allow());
+        assert!(!eval(vec![spent("45.00", 1)], "10.00", config).decision.is_allow());
 
         let weekly = r#"{ "limit": "50.00", "currency": "USD", "window": "7d" }"#;
-        assert!(
-            !eval(vec![spent("45.00", 6 * 24)], "10.00", weekly)
-                .decision
-                .is_allow()
-        );
-        assert!(
-            eval(vec![spent("45.00", 8 * 24)], "10.00", weekly)
-                .decision
-                .is_allow()
-        );
+        assert!(!eval(vec![spent("45.00", 6 * 24)], "10.00", weekly).decision.is_allow());
+        assert!(eval(vec![spent("45.00", 8 * 24)], "10.00", weekly).decision.is_allow());
     }
 
     #[test]
@@ -357,11 +323,7 @@ mod tests {
         let mut at_openai = request("5.00", "USD");
         at_openai.merchant.id = "api.openai.com".into();
         let host = TestHost::with_history(history.clone());
-        assert!(
-            host.evaluate::<SpendLimit>(&at_openai, config)
-                .decision
-                .is_allow()
-        );
+        assert!(host.evaluate::<SpendLimit>(&at_openai, config).decision.is_allow());
         at_openai.amount.amount = Decimal::new(501, 2);
         let outcome = host.evaluate::<SpendLimit>(&at_openai, config);
         assert!(matches!(outcome.decision, Decision::Deny(_)));
@@ -385,24 +347,11 @@ mod tests {
         let host = TestHost::with_history(history);
         let mut meal = request("10.00", "USD");
         meal.merchant.mcc = "5812".into();
-        assert!(
-            !host
-                .evaluate::<SpendLimit>(&meal, config)
-                .decision
-                .is_allow()
-        );
+        assert!(!host.evaluate::<SpendLimit>(&meal, config).decision.is_allow());
         meal.amount.amount = Decimal::new(500, 2);
-        assert!(
-            host.evaluate::<SpendLimit>(&meal, config)
-                .decision
-                .is_allow()
-        );
+        assert!(host.evaluate::<SpendLimit>(&meal, config).decision.is_allow());
         // Software (5734) is not limited by a restaurant limit.
-        assert!(
-            host.evaluate::<SpendLimit>(&request("80.00", "USD"), config)
-                .decision
-                .is_allow()
-        );
+        assert!(host.evaluate::<SpendLimit>(&request("80.00", "USD"), config).decision.is_allow());
     }
 
     #[test]
@@ -428,70 +377,30 @@ mod tests {
             r#"{ "limit": "1000", "currency": "USDC", "window": "30d", "wallet_wide": true }"#,
             r#"{ "limit": "20", "currency": "EUR", "merchant_id": "api.openai.com", "mcc": "5734" }"#,
         ] {
-            assert_eq!(
-                TestHost::validate_config::<SpendLimit>(config),
-                Ok(()),
-                "{config}"
-            );
+            assert_eq!(TestHost::validate_config::<SpendLimit>(config), Ok(()), "{config}");
         }
     }
 
     #[test]
     fn bad_configs_are_refused_with_a_message() {
         let cases = [
-            (
-                r#"{ "limit": "0", "currency": "USD" }"#,
-                "`limit` must be positive",
-            ),
-            (
-                r#"{ "limit": "-5.00", "currency": "USD" }"#,
-                "`limit` must be positive",
-            ),
-            (
-                r#"{ "limit": "50.00", "currency": "usd" }"#,
-                "`currency` must be",
-            ),
-            (
-                r#"{ "limit": "50.00", "currency": "USD", "window": "0h" }"#,
-                "longer than zero",
-            ),
-            (
-                r#"{ "limit": "50.00", "currency": "USD", "window": "24" }"#,
-                "got `24`",
-            ),
-            (
-                r#"{ "limit": "50.00", "currency": "USD", "window": "1w" }"#,
-                "got `1w`",
-            ),
-            (
-                r#"{ "limit": "50.00", "currency": "USD", "window": "-1h" }"#,
-                "got `-1h`",
-            ),
-            (
-                r#"{ "limit": "50.00", "currency": "USD", "window": "" }"#,
-                "got ``",
-            ),
-            (
-                r#"{ "limit": "50.00", "currency": "USD", "mcc": "57" }"#,
-                "`mcc` must be",
-            ),
-            (
-                r#"{ "limit": "50.00", "currency": "USD", "merchant_id": "" }"#,
-                "`merchant_id`",
-            ),
-            (
-                r#"{ "limit": "50.00", "currency": "USD", "limt": "1" }"#,
-                "unknown field",
-            ),
+            (r#"{ "limit": "0", "currency": "USD" }"#, "`limit` must be positive"),
+            (r#"{ "limit": "-5.00", "currency": "USD" }"#, "`limit` must be positive"),
+            (r#"{ "limit": "50.00", "currency": "usd" }"#, "`currency` must be"),
+            (r#"{ "limit": "50.00", "currency": "USD", "window": "0h" }"#, "longer than zero"),
+            (r#"{ "limit": "50.00", "currency": "USD", "window": "24" }"#, "got `24`"),
+            (r#"{ "limit": "50.00", "currency": "USD", "window": "1w" }"#, "got `1w`"),
+            (r#"{ "limit": "50.00", "currency": "USD", "window": "-1h" }"#, "got `-1h`"),
+            (r#"{ "limit": "50.00", "currency": "USD", "window": "" }"#, "got ``"),
+            (r#"{ "limit": "50.00", "currency": "USD", "mcc": "57" }"#, "`mcc` must be"),
+            (r#"{ "limit": "50.00", "currency": "USD", "merchant_id": "" }"#, "`merchant_id`"),
+            (r#"{ "limit": "50.00", "currency": "USD", "limt": "1" }"#, "unknown field"),
             (r#"{ "limit": 50.0, "currency": "USD" }"#, "invalid config"),
             (r#"{ "currency": "USD" }"#, "missing field `limit`"),
         ];
         for (config, fragment) in cases {
             let result = TestHost::validate_config::<SpendLimit>(config);
-            assert!(
-                matches!(&result, Err(message) if message.contains(fragment)),
-                "{config}: {result:?}"
-            );
+            assert!(matches!(&result, Err(message) if message.contains(fragment)), "{config}: {result:?}");
         }
     }
 

@@ -6,9 +6,7 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::Deserialize;
-use spendguard_sdk::{
-    CardTerms, Decimal, Decision, Money, Policy, SpendFilter, SpendRequest, history, log,
-};
+use spendguard_sdk::{CardTerms, Decimal, Decision, Money, Policy, SpendFilter, SpendRequest, history, log};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case")]

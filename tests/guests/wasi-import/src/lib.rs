@@ -17,11 +17,7 @@ impl Policy for Random {
         let mut byte = 0u8;
         // SAFETY: one writable byte; the host refuses this module anyway.
         let _ = unsafe { random_get(&mut byte, 1) };
-        if byte.is_multiple_of(2) {
-            Decision::allow()
-        } else {
-            Decision::deny("coin toss")
-        }
+        if byte.is_multiple_of(2) { Decision::allow() } else { Decision::deny("coin toss") }
     }
 }
 
