@@ -5,9 +5,12 @@
 
 pub mod cards;
 pub mod cases;
+pub mod config;
+pub mod datadir;
 pub mod history;
 pub mod ledger;
 pub mod money;
 pub mod policy;
 pub mod sandbox;
+pub mod server;
 pub mod storage;

@@ -362,3 +362,110 @@ pub fn new_id(prefix: &str) -> String {
     let bytes: [u8; 12] = rand::random();
     format!("{prefix}_{}", hex::encode(bytes))
 }
+
+/// Who a bearer token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Controls the wallet: deposits, policies, agents, approvals, cards, audit.
+    Operator,
+    /// May only propose spends and read its own spends and cards.
+    Agent(String),
+    /// May only send authorization requests.
+    Network,
+}
+
+impl Role {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Operator => "operator",
+            Role::Agent(_) => "agent",
+            Role::Network => "network",
+        }
+    }
+}
+
+/// A token as stored: its role, never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub id: String,
+    pub role: Role,
+    /// The token, or its agent, was revoked.
+    pub revoked: bool,
+}
+
+/// An uploaded policy module's identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyRecord {
+    pub name: String,
+    pub version: u32,
+    pub sha256: String,
+    pub size: usize,
+    pub created_at_ms: u64,
+}
+
+/// One policy attached to an agent, at a fixed version, with its config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub policy: String,
+    pub version: u32,
+    /// The config document, as JSON text.
+    pub config: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    pub id: String,
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The attachments in force, in order.
+    pub attachments: Vec<Attachment>,
+    pub revoked: bool,
+    pub created_at_ms: u64,
+}
+
+/// Tokens, agents, policy modules and attachments. Append-only like the
+/// ledger: revocations and new attachment sets are new rows.
+pub trait Registry: Send + Sync {
+    /// Store a token's hash for `role`; returns the token's id.
+    fn add_token(&self, role: &Role, token_hash: &str, now_ms: u64) -> Result<String, StorageError>;
+    /// The token with this hash, if any.
+    fn token(&self, token_hash: &str) -> Result<Option<TokenInfo>, StorageError>;
+
+    /// Store a module under `name` as its next version (1 for a new name).
+    fn add_policy(
+        &self,
+        name: &str,
+        module: &[u8],
+        sha256: &str,
+        now_ms: u64,
+    ) -> Result<PolicyRecord, StorageError>;
+    /// Every version of every policy, by name then version.
+    fn policies(&self) -> Result<Vec<PolicyRecord>, StorageError>;
+    fn policy_module(&self, name: &str, version: u32) -> Result<Option<Vec<u8>>, StorageError>;
+    fn latest_policy_version(&self, name: &str) -> Result<Option<u32>, StorageError>;
+
+    /// Create an agent with its attachments and its token's hash, in one
+    /// transaction (and an audit record).
+    fn create_agent(
+        &self,
+        agent: &AgentRecord,
+        token_hash: &str,
+        now_ms: u64,
+    ) -> Result<AgentRecord, StorageError>;
+    fn agents(&self) -> Result<Vec<AgentRecord>, StorageError>;
+    fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StorageError>;
+    /// Revoke an agent and every token it has. Revoking twice is a conflict.
+    fn revoke_agent(&self, id: &str, now_ms: u64) -> Result<AgentRecord, StorageError>;
+    /// Replace an agent's attachments (a new set; the old stays on record).
+    fn set_attachments(
+        &self,
+        id: &str,
+        attachments: &[Attachment],
+        now_ms: u64,
+    ) -> Result<AgentRecord, StorageError>;
+}
+
+/// What the daemon needs of a backend.
+pub trait Backend: Storage + Registry {}
+
+impl<T: Storage + Registry> Backend for T {}

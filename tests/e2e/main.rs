@@ -5,5 +5,6 @@
 mod cli;
 mod guests;
 mod policies;
+mod registry;
 mod sandbox;
 mod storage;

@@ -12,7 +12,9 @@ use spendguard::history::HistoryScope;
 use spendguard::money::Amount;
 use spendguard::policy::{CardTerms, Merchant, SpendFilter};
 use spendguard::storage::sqlite::SqliteStorage;
-use spendguard::storage::{CardIssuance, Decided, NewSpend, SpendStatus, Storage, StorageError, Verdict, new_id};
+use spendguard::storage::{
+    CardIssuance, Decided, NewSpend, SpendStatus, Storage, StorageError, Verdict, new_id,
+};
 
 use crate::sandbox::XorShift;
 
@@ -522,7 +524,10 @@ fn randomized_operations_keep_every_invariant() {
                     .unwrap();
                     Decided::from(match verdict_roll {
                         0 => Verdict::Deny(vec!["no".into()]),
-                        1 => Verdict::RequireApproval { reasons: vec!["ask".into()], terms: CardTerms::default() },
+                        1 => Verdict::RequireApproval {
+                            reasons: vec!["ask".into()],
+                            terms: CardTerms::default(),
+                        },
                         _ => Verdict::Approve(CardTerms {
                             ttl_seconds: (cap_roll == 0).then_some(60),
                             max_amount: (cap_roll == 1 && requested.units() > 1).then(|| {

@@ -13,6 +13,7 @@ CREATE TABLE tokens (
     created_at_ms INTEGER NOT NULL,
     CHECK ((role = 'agent') = (agent_id IS NOT NULL))
 );
+CREATE INDEX tokens_agent ON tokens (agent_id) WHERE agent_id IS NOT NULL;
 CREATE TABLE token_revocations (
     token_id      TEXT PRIMARY KEY REFERENCES tokens (id),
     revoked_at_ms INTEGER NOT NULL

@@ -1,6 +1,8 @@
 //! `spendguard policy check | eval | test`: a policy in the real sandbox,
-//! with no daemon and no money.
+//! with no daemon and no money. `spendguard policy upload | list`: policies
+//! on the daemon.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -10,6 +12,8 @@ use serde_json::json;
 use spendguard::cases::{self, CasesFile, HistoryEntry, Outcome, RequestDoc};
 use spendguard::sandbox::{LoadedPolicy, Sandbox};
 
+use super::client::{Client, ConnArgs, OutputArgs};
+use super::render::{self, Table};
 use super::{EXIT_FAILURE, EXIT_INVALID_INPUT, LimitArgs};
 
 #[derive(Debug, Subcommand)]
@@ -20,13 +24,19 @@ pub enum PolicyCommand {
     Eval(EvalArgs),
     /// Run every case of a cases file in the real sandbox.
     Test(TestArgs),
+    /// Register a module with the daemon as the next version of NAME (operator).
+    Upload(UploadArgs),
+    /// The policies registered with the daemon, every version.
+    List(ListArgs),
 }
 
-pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: PolicyCommand, conn: &ConnArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     match cmd {
         PolicyCommand::Check(args) => check(args),
         PolicyCommand::Eval(args) => eval(args),
         PolicyCommand::Test(args) => test(args),
+        PolicyCommand::Upload(args) => upload(conn, args, out),
+        PolicyCommand::List(args) => list(conn, args, out),
     }
 }
 
@@ -74,24 +84,37 @@ pub struct TestArgs {
     limits: LimitArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    /// The policy module (.wasm), as `cargo build --target wasm32-unknown-unknown` makes it.
+    file: PathBuf,
+    /// The name agents attach it by (`--policy NAME` or `NAME@VERSION`).
+    #[arg(long, value_parser = super::input::not_blank)]
+    name: String,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
 fn policy_name(file: &Path, name: Option<String>) -> String {
     name.unwrap_or_else(|| {
-        file.file_stem()
-            .map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned())
+        file.file_stem().map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned())
     })
 }
 
 /// Read and load a module; the error says which file and why.
 fn load(sandbox: &Sandbox, file: &Path) -> anyhow::Result<LoadedPolicy> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read `{}`", file.display()))?;
-    sandbox
-        .load(&bytes)
-        .with_context(|| format!("`{}` refused", file.display()))
+    sandbox.load(&bytes).with_context(|| format!("`{}` refused", file.display()))
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(file: &Path) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read `{}`", file.display()))?;
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read `{}`", file.display()))?;
     serde_json::from_str(&text).with_context(|| format!("invalid `{}`", file.display()))
 }
 
@@ -143,11 +166,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
         None => cases::DEFAULT_CONFIG.to_owned(),
     };
     if config.len() > sandbox.limits().max_config_bytes {
-        bail!(
-            "config is {} bytes, over the limit of {}",
-            config.len(),
-            sandbox.limits().max_config_bytes
-        );
+        bail!("config is {} bytes, over the limit of {}", config.len(), sandbox.limits().max_config_bytes);
     }
     let history = match &args.history {
         Some(file) => cases::to_history(&read_json::<Vec<HistoryEntry>>(file)?)
@@ -157,18 +176,8 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let outcome = cases::evaluate(&sandbox, &policy, &request, &config, history);
     let decision = outcome.decision(&name);
     let (fuel_used, elapsed, logs, fault) = match &outcome {
-        Outcome::Evaluated(run) => (
-            run.fuel_used,
-            run.elapsed,
-            &run.logs,
-            run.outcome.as_ref().err(),
-        ),
-        Outcome::ConfigRefused(run) => (
-            run.fuel_used,
-            run.elapsed,
-            &run.logs,
-            run.outcome.as_ref().err(),
-        ),
+        Outcome::Evaluated(run) => (run.fuel_used, run.elapsed, &run.logs, run.outcome.as_ref().err()),
+        Outcome::ConfigRefused(run) => (run.fuel_used, run.elapsed, &run.logs, run.outcome.as_ref().err()),
     };
     println!(
         "{}",
@@ -226,9 +235,128 @@ fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
         }
     }
     println!("{passed} passed, {failed} failed");
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_FAILURE)
-    })
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILURE) })
+}
+
+/// The content type of a policy upload.
+const WASM_CONTENT_TYPE: &str = "application/wasm";
+
+/// A registered policy version as the daemon describes it.
+#[derive(Debug, serde::Deserialize)]
+struct Registered {
+    name: String,
+    version: serde_json::Value,
+    sha256: String,
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    created_at: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Registry {
+    policies: Vec<Registered>,
+}
+
+/// A version as written after `@`: `3`, not `"3"`.
+fn version_text(version: &serde_json::Value) -> String {
+    match version {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn upload(conn: &ConnArgs, args: UploadArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    // The client is built first, so a missing token is reported before a
+    // large file is read.
+    let client = Client::new(conn)?;
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("cannot read `{}`", args.file.display()))?;
+    let reply = client.post_bytes("/v1/policies", &[("name", args.name)], WASM_CONTENT_TYPE, &bytes)?;
+    if args.output.json {
+        return reply.print(out);
+    }
+    let policy: Registered = reply.parse()?;
+    writeln!(out, "uploaded {}@{}", policy.name, version_text(&policy.version))?;
+    render::labelled(out, "sha256", &policy.sha256)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(conn: &ConnArgs, args: ListArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let reply = Client::new(conn)?.get("/v1/policies", &[])?;
+    if args.output.json {
+        return reply.print(out);
+    }
+    let registry: Registry = reply.parse()?;
+    if registry.policies.is_empty() {
+        writeln!(out, "no policies: upload one with `spendguard policy upload FILE.wasm --name NAME`")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = Table::new(&["POLICY", "SIZE", "CREATED", "SHA256"]);
+    for p in registry.policies {
+        table.row(vec![
+            format!("{}@{}", p.name, version_text(&p.version)),
+            p.size.map_or_else(|| render::MISSING.to_owned(), |size| format!("{size} B")),
+            render::or_missing(p.created_at.as_deref()),
+            p.sha256,
+        ]);
+    }
+    table.write(out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::client::responder::{conn, serve_once, text};
+    use super::*;
+
+    #[test]
+    fn upload_posts_the_module_bytes_under_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("daily_limit.wasm");
+        std::fs::write(&file, b"\0asm\x01\0\0\0").unwrap();
+        let (url, request) = serve_once(201, r#"{"name":"daily limit","version":2,"sha256":"ab12"}"#);
+        let args = UploadArgs { file, name: "daily limit".into(), output: OutputArgs { json: false } };
+        let mut out = Vec::new();
+        upload(&conn(&url), args, &mut out).unwrap();
+        let request = request.join().unwrap();
+        assert_eq!(request.method, "POST");
+        assert!(
+            request.target == "/v1/policies?name=daily%20limit"
+                || request.target == "/v1/policies?name=daily+limit",
+            "{}",
+            request.target
+        );
+        assert_eq!(request.header("content-type"), Some("application/wasm"));
+        assert_eq!(request.body, b"\0asm\x01\0\0\0");
+        assert_eq!(text(out), "uploaded daily limit@2\nsha256:   ab12\n");
+    }
+
+    #[test]
+    fn an_unreadable_module_is_named() {
+        let args = UploadArgs {
+            file: "/nonexistent/x.wasm".into(),
+            name: "x".into(),
+            output: OutputArgs { json: false },
+        };
+        let err = upload(&conn("http://127.0.0.1:9"), args, &mut Vec::new()).unwrap_err();
+        assert!(format!("{err:#}").starts_with("cannot read `/nonexistent/x.wasm`"), "{err:#}");
+    }
+
+    #[test]
+    fn list_shows_name_at_version() {
+        let (url, request) = serve_once(
+            200,
+            r#"{"policies":[{"name":"daily-limit","version":"1","sha256":"ff","size":2048,
+                "created_at":"2026-11-24T09:00:00Z"}]}"#,
+        );
+        let mut out = Vec::new();
+        list(&conn(&url), ListArgs { output: OutputArgs { json: false } }, &mut out).unwrap();
+        assert_eq!(request.join().unwrap().target, "/v1/policies");
+        assert_eq!(
+            text(out),
+            "POLICY         SIZE    CREATED               SHA256\n\
+             daily-limit@1  2048 B  2026-11-24T09:00:00Z  ff\n"
+        );
+    }
 }

@@ -24,6 +24,8 @@ use crate::ledger::{AccountKind, Balance, TransferKind};
 use crate::money::{self, Amount};
 use crate::policy::{CardTerms, Merchant, SpendFilter, SpendSummary};
 
+mod registry;
+
 /// How long a writer waits for another process's write lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -1166,25 +1168,27 @@ fn check_invariants(conn: &Connection) -> Result<(), String> {
         rows
     };
     // Every transfer has exactly two entries that cancel out.
-    for (transfer, n) in q(
+    if let Some((transfer, n)) = q(
         "SELECT CAST(transfer_id AS TEXT), COUNT(*) FROM entries GROUP BY transfer_id HAVING COUNT(*) <> 2 OR SUM(delta) <> 0",
-    )? {
+    )?.into_iter().next() {
         return Err(format!("transfer {transfer} has {n} entries that do not cancel out"));
     }
     // The accounts of each currency sum to zero.
-    for (currency, sum) in q(
+    if let Some((currency, sum)) = q(
         "SELECT a.currency, SUM(e.delta) FROM entries e JOIN accounts a ON a.id = e.account_id GROUP BY a.currency",
-    )? {
+    )?.into_iter().next() {
         if sum != 0 {
             return Err(format!("{currency} accounts sum to {sum}, not zero"));
         }
     }
     // Each account's running balance is the sum of its entries so far.
-    for (account, bad) in q("SELECT CAST(account_id AS TEXT), COUNT(*) FROM (
+    if let Some((account, bad)) = q("SELECT CAST(account_id AS TEXT), COUNT(*) FROM (
                                  SELECT account_id, balance_after,
                                         SUM(delta) OVER (PARTITION BY account_id ORDER BY id) AS running
                                  FROM entries)
                              WHERE balance_after <> running GROUP BY account_id")?
+    .into_iter()
+    .next()
     {
         return Err(format!("account {account} has {bad} entries with a wrong running balance"));
     }
@@ -1225,36 +1229,41 @@ fn check_invariants(conn: &Connection) -> Result<(), String> {
     }
     // Each hold: one hold transfer, and once resolved, transfers that move
     // exactly its amount out of `held`.
-    for (hold, n) in q("SELECT CAST(h.id AS TEXT), COUNT(t.id) FROM holds h LEFT JOIN transfers t ON t.hold_id = h.id AND t.kind = 'hold'
-                        GROUP BY h.id HAVING COUNT(t.id) <> 1")? {
+    if let Some((hold, n)) = q("SELECT CAST(h.id AS TEXT), COUNT(t.id) FROM holds h LEFT JOIN transfers t ON t.hold_id = h.id AND t.kind = 'hold'
+                        GROUP BY h.id HAVING COUNT(t.id) <> 1")?.into_iter().next() {
         return Err(format!("hold {hold} has {n} hold transfers"));
     }
-    for (hold, _) in q("SELECT CAST(h.id AS TEXT), 0 FROM holds h JOIN hold_resolutions r ON r.hold_id = h.id
+    if let Some((hold, _)) = q("SELECT CAST(h.id AS TEXT), 0 FROM holds h JOIN hold_resolutions r ON r.hold_id = h.id
                         WHERE h.units <> (SELECT COALESCE(SUM(t.units), 0) FROM transfers t WHERE t.hold_id = h.id AND t.kind IN ('capture', 'release'))
-                           OR r.captured_units > h.units")? {
+                           OR r.captured_units > h.units")?.into_iter().next() {
         return Err(format!("hold {hold} was resolved with the wrong amounts"));
     }
-    for (hold, _) in q("SELECT CAST(h.id AS TEXT), 0 FROM holds h LEFT JOIN hold_resolutions r ON r.hold_id = h.id
-                        WHERE r.hold_id IS NULL AND EXISTS (SELECT 1 FROM transfers t WHERE t.hold_id = h.id AND t.kind <> 'hold')")? {
+    if let Some((hold, _)) = q("SELECT CAST(h.id AS TEXT), 0 FROM holds h LEFT JOIN hold_resolutions r ON r.hold_id = h.id
+                        WHERE r.hold_id IS NULL AND EXISTS (SELECT 1 FROM transfers t WHERE t.hold_id = h.id AND t.kind <> 'hold')")?.into_iter().next() {
         return Err(format!("open hold {hold} has money moved out of it"));
     }
     // A hold without a card only while an approved-after-escalation spend
     // waits for its agent to collect the card.
-    for (hold, _) in q("SELECT CAST(h.id AS TEXT), 0 FROM holds h LEFT JOIN cards c ON c.hold_id = h.id
+    if let Some((hold, _)) =
+        q("SELECT CAST(h.id AS TEXT), 0 FROM holds h LEFT JOIN cards c ON c.hold_id = h.id
                         LEFT JOIN approval_resolutions a ON a.spend_id = h.spend_id
                         WHERE c.id IS NULL AND (a.decision IS NULL OR a.decision <> 'approved')")?
+        .into_iter()
+        .next()
     {
         return Err(format!("hold {hold} has no card and no approval"));
     }
     // Cards and holds go together, and only approved spends have them.
-    for (card, _) in q(
+    if let Some((card, _)) = q(
         "SELECT c.id, 0 FROM cards c LEFT JOIN holds h ON h.id = c.hold_id WHERE h.id IS NULL OR h.spend_id <> c.spend_id OR h.units <> c.cap_units",
-    )? {
+    )?.into_iter().next() {
         return Err(format!("card {card} has no matching hold"));
     }
-    for (spend, _) in q("SELECT s.id, 0 FROM spends s LEFT JOIN holds h ON h.spend_id = s.id
+    if let Some((spend, _)) = q("SELECT s.id, 0 FROM spends s LEFT JOIN holds h ON h.spend_id = s.id
                  LEFT JOIN approval_resolutions a ON a.spend_id = s.id
                  WHERE (s.status = 'approved' OR a.decision = 'approved') <> (h.id IS NOT NULL)")?
+    .into_iter()
+    .next()
     {
         return Err(format!("spend {spend}: approved if and only if it holds money, which is not the case"));
     }

@@ -1,0 +1,148 @@
+//! `spendguard init`, `spendguard serve` and `spendguard token new`: the
+//! commands that work on a data directory directly.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+use spendguard::config::ServeConfig;
+use spendguard::datadir::{self, DEFAULT_DATA_DIR, new_token, now_ms, token_hash};
+use spendguard::server::{self, AppState};
+use spendguard::storage::{Registry, Role};
+
+use super::LimitArgs;
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Where to create the data directory; it must not exist.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR, env = "SPENDGUARD_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Print the tokens as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
+    let tokens = datadir::init(&args.data_dir, now_ms())?;
+    if args.json {
+        println!("{}", json!({ "operator_token": tokens.operator_token, "network_token": tokens.network_token }));
+    } else {
+        println!("initialised `{}`", args.data_dir.display());
+        println!();
+        println!("operator token: {}", tokens.operator_token);
+        println!("network token:  {}", tokens.network_token);
+        println!();
+        println!("These are shown once and stored only as hashes: keep them now.");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The data directory made by `spendguard init`.
+    #[arg(long, value_name = "DIR", env = "SPENDGUARD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:7420).
+    #[arg(long, value_name = "ADDR", env = "SPENDGUARD_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// A TOML config file (see the README).
+    #[arg(long, value_name = "FILE", env = "SPENDGUARD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    init_logging();
+    let mut config = match &args.config {
+        Some(file) => ServeConfig::from_file(file)?,
+        None => ServeConfig::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    config.sandbox = args.limits.apply(config.sandbox);
+    config.check()?;
+    let opened = datadir::open(&config.data_dir)?;
+    let state = Arc::new(AppState::new(opened.storage, opened.key, config.clone())?);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on `{}`", config.listen))?;
+        server::serve(state, listener).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Structured logs on stderr; `SPENDGUARD_LOG` filters (default `info`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPENDGUARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mint a new token directly in a data directory (for an operator who
+    /// lost theirs: it needs the files, not the API). Printed once.
+    New(TokenArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TokenRole {
+    Operator,
+    Network,
+    Agent,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR, env = "SPENDGUARD_DATA_DIR")]
+    data_dir: PathBuf,
+    #[arg(long, value_enum)]
+    role: TokenRole,
+    /// The agent, for `--role agent`.
+    #[arg(long, value_name = "ID")]
+    agent: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
+    let TokenCommand::New(args) = cmd;
+    let opened = datadir::open(&args.data_dir)?;
+    let role = match (args.role, args.agent) {
+        (TokenRole::Operator, None) => Role::Operator,
+        (TokenRole::Network, None) => Role::Network,
+        (TokenRole::Agent, Some(id)) => {
+            match opened.storage.agent(&id)? {
+                Some(agent) if !agent.revoked => {}
+                Some(_) => bail!("agent `{id}` is revoked"),
+                None => bail!("no agent `{id}`"),
+            }
+            Role::Agent(id)
+        }
+        (TokenRole::Agent, None) => bail!("`--role agent` needs `--agent ID`"),
+        (_, Some(_)) => bail!("`--agent` goes only with `--role agent`"),
+    };
+    let token = new_token(&role);
+    opened.storage.add_token(&role, &token_hash(&token), now_ms())?;
+    if args.json {
+        println!("{}", json!({ "token": token, "role": role.name() }));
+    } else {
+        println!("{} token: {token}", role.name());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,85 @@
+//! The daemon's configuration: defaults, then a TOML file, then flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::cards::DEFAULT_CARD_TTL_SECONDS;
+use crate::sandbox::Limits;
+
+/// Where the daemon listens by default: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+/// How long a spend waits for an operator's approval: 10 minutes.
+pub const DEFAULT_APPROVAL_TTL_SECONDS: u64 = 600;
+/// How often expired cards and approvals are swept.
+pub const DEFAULT_SWEEP_INTERVAL_MS: u64 = 1_000;
+/// Largest JSON body accepted (policy uploads have their own cap, the
+/// sandbox's module size).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// `spendguard serve` settings. In a TOML file every field is optional:
+///
+/// ```toml
+/// listen = "127.0.0.1:7420"
+/// data_dir = "spendguard-data"
+/// card_ttl_seconds = 900
+/// approval_ttl_seconds = 600
+/// [sandbox]
+/// fuel = 20000000
+/// deadline = 100
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// A card's life when no policy shortens it.
+    pub card_ttl_seconds: u32,
+    pub approval_ttl_seconds: u64,
+    pub sweep_interval_ms: u64,
+    pub max_body_bytes: usize,
+    pub sandbox: Limits,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            // INVARIANT: a literal socket address.
+            listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7420))),
+            data_dir: PathBuf::from(crate::datadir::DEFAULT_DATA_DIR),
+            card_ttl_seconds: DEFAULT_CARD_TTL_SECONDS,
+            approval_ttl_seconds: DEFAULT_APPROVAL_TTL_SECONDS,
+            sweep_interval_ms: DEFAULT_SWEEP_INTERVAL_MS,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            sandbox: Limits::default(),
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Read a TOML file over the defaults.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+        let config: ServeConfig =
+            toml::from_str(&text).with_context(|| format!("invalid `{}`", path.display()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.card_ttl_seconds == 0 || self.card_ttl_seconds > crate::cards::MAX_CARD_TTL_SECONDS {
+            anyhow::bail!(
+                "`card_ttl_seconds` must be 1 to {}, got {}",
+                crate::cards::MAX_CARD_TTL_SECONDS,
+                self.card_ttl_seconds
+            );
+        }
+        if self.approval_ttl_seconds == 0 {
+            anyhow::bail!("`approval_ttl_seconds` must be positive");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,87 @@
+//! Who is calling: the bearer token's role, checked on every route.
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+
+use super::{ApiError, AppState};
+use crate::datadir::token_hash;
+use crate::storage::Role;
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Role);
+
+impl Caller {
+    pub fn operator(&self) -> Result<(), ApiError> {
+        match self.0 {
+            Role::Operator => Ok(()),
+            _ => Err(ApiError::forbidden(format!("the {} token may not do this", self.0.name()))),
+        }
+    }
+
+    pub fn agent(&self) -> Result<&str, ApiError> {
+        match &self.0 {
+            Role::Agent(id) => Ok(id),
+            _ => Err(ApiError::forbidden(format!(
+                "only an agent token may do this, not the {} token",
+                self.0.name()
+            ))),
+        }
+    }
+
+    pub fn network(&self) -> Result<(), ApiError> {
+        match self.0 {
+            Role::Network => Ok(()),
+            _ => Err(ApiError::forbidden(format!(
+                "only the network token may do this, not the {} token",
+                self.0.name()
+            ))),
+        }
+    }
+
+    /// `Some(agent)` for an agent (who may see only its own), `None` for the
+    /// operator (who sees everything); the network token sees nothing.
+    pub fn reader(&self) -> Result<Option<&str>, ApiError> {
+        match &self.0 {
+            Role::Operator => Ok(None),
+            Role::Agent(id) => Ok(Some(id)),
+            Role::Network => Err(ApiError::forbidden("the network token may only authorize charges")),
+        }
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing_token", "send `Authorization: Bearer TOKEN`"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && t.len() <= 256)
+            .ok_or_else(|| {
+                ApiError::unauthorized("invalid_token", "the Authorization header is not `Bearer TOKEN`")
+            })?;
+        // Looked up by its SHA-256: how long a lookup takes depends on the
+        // hash, which says nothing usable about any stored token, so this
+        // is not a timing oracle the way comparing tokens byte by byte is.
+        let hash = token_hash(token);
+        let backend = Arc::clone(&state.backend);
+        let found = tokio::task::spawn_blocking(move || backend.token(&hash)).await??;
+        let Some(info) = found else {
+            return Err(ApiError::unauthorized("invalid_token", "unknown token"));
+        };
+        if info.revoked {
+            return Err(ApiError::unauthorized("revoked_token", "this token was revoked"));
+        }
+        Ok(Caller(info.role))
+    }
+}

@@ -1,0 +1,96 @@
+//! The JSON the API speaks: request bodies (strict) and response shapes.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::ApiError;
+use crate::cards::IssuedCard;
+use crate::money::format_units;
+use crate::storage::{AgentRecord, CardRecord, SpendRecord};
+
+/// Parse a JSON body strictly: a body over the limit is 413, anything else
+/// malformed 422 with serde's message (which names the field).
+pub fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large("request body too large")
+        } else {
+            ApiError::invalid("invalid_body", e.body_text())
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::invalid("invalid_json", e.to_string()))
+}
+
+/// RFC 3339 of a time in ms since the epoch.
+pub fn time(ms: u64) -> String {
+    i128::try_from(ms)
+        .ok()
+        .and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).ok())
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+pub fn card(card: &CardRecord) -> Value {
+    json!({
+        "id": card.id,
+        "spend_id": card.spend_id,
+        "agent_id": card.agent_id,
+        "last4": card.last4,
+        "exp_month": card.exp_month,
+        "exp_year": card.exp_year,
+        "limit": card.cap.to_decimal().to_string(),
+        "currency": card.cap.currency(),
+        "merchant_id": card.merchant_id,
+        "expires_at": time(card.expires_at_ms),
+        "state": card.state.as_str(),
+        "captured": card.captured_units.map(|u| format_units(u, card.cap.exponent())),
+    })
+}
+
+/// A card with its PAN and CVV: only in the one response that reveals them.
+pub fn card_with_secrets(issued: &IssuedCard, record: &CardRecord) -> Value {
+    let mut v = card(record);
+    v["pan"] = json!(issued.secrets.pan);
+    v["cvv"] = json!(issued.secrets.cvv);
+    v
+}
+
+pub fn spend(spend: &SpendRecord, card_json: Option<Value>) -> Value {
+    json!({
+        "id": spend.id,
+        "agent_id": spend.agent_id,
+        "status": spend.status.as_str(),
+        "reasons": spend.reasons,
+        "amount": spend.amount.to_decimal().to_string(),
+        "currency": spend.amount.currency(),
+        "merchant": spend.merchant,
+        "purpose": spend.purpose,
+        "received_at": time(spend.received_at_ms),
+        "card": card_json,
+    })
+}
+
+pub fn agent(agent: &AgentRecord) -> Value {
+    let policies: Vec<Value> = agent
+        .attachments
+        .iter()
+        .map(|a| {
+            json!({
+                "policy": format!("{}@{}", a.policy, a.version),
+                "config": serde_json::from_str::<Value>(&a.config).unwrap_or(Value::Null),
+            })
+        })
+        .collect();
+    json!({
+        "id": agent.id,
+        "name": agent.name,
+        "labels": agent.labels,
+        "policies": policies,
+        "revoked": agent.revoked,
+        "created_at": time(agent.created_at_ms),
+    })
+}

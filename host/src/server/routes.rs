@@ -1,0 +1,734 @@
+//! The handlers. Each checks the caller's role first, validates its input
+//! completely before touching storage, and runs storage and policies on a
+//! blocking thread.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::json::{self, parse};
+use super::{ApiError, AppState, Caller};
+use crate::cards::AuthorizationRequest;
+use crate::cases::{check_country, check_mcc};
+use crate::datadir::{new_token, now_ms, token_hash};
+use crate::history::History;
+use crate::money::Amount;
+use crate::policy::{self, CardTerms, Decision};
+use crate::sandbox::fault_reason;
+use crate::storage::{AgentRecord, Attachment, Decided, NewSpend, Role, SpendStatus, Verdict, new_id};
+
+type Reply = Result<(StatusCode, Json<Value>), ApiError>;
+
+/// Longest merchant id, merchant name, agent name or label accepted.
+pub const MAX_NAME_CHARS: usize = 200;
+/// Longest purpose accepted.
+pub const MAX_PURPOSE_CHARS: usize = 1000;
+/// Longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
+/// Most policies attached to one agent.
+pub const MAX_ATTACHMENTS: usize = 32;
+
+fn ok(value: Value) -> Reply {
+    Ok((StatusCode::OK, Json(value)))
+}
+
+fn created(value: Value) -> Reply {
+    Ok((StatusCode::CREATED, Json(value)))
+}
+
+/// Run blocking work (storage, policies) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+/// Text a person typed: bounded, and no control characters (they hide
+/// things in logs and terminals).
+fn text(field: &str, value: &str, max: usize, required: bool) -> Result<(), ApiError> {
+    if required && value.trim().is_empty() {
+        return Err(ApiError::invalid("invalid_field", format!("`{field}` must not be empty")));
+    }
+    if value.chars().count() > max {
+        return Err(ApiError::invalid("invalid_field", format!("`{field}` is longer than {max} characters")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::invalid("invalid_field", format!("`{field}` contains control characters")));
+    }
+    Ok(())
+}
+
+fn amount(amount: &str, currency: &str) -> Result<Amount, ApiError> {
+    Amount::parse(amount, currency).map_err(|e| ApiError::invalid("invalid_amount", e.to_string()))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value.to_str().map_err(|_| {
+        ApiError::invalid("invalid_idempotency_key", "`Idempotency-Key` must be printable ASCII")
+    })?;
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_CHARS || key.chars().any(|c| c.is_control()) {
+        return Err(ApiError::invalid(
+            "invalid_idempotency_key",
+            format!("`Idempotency-Key` must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable characters"),
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "ok": true }))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("route")
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+    let s = Arc::clone(&state);
+    let balances = blocking(move || Ok(s.backend.balances()?)).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&balances)))
+}
+
+// ---- spends ----------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProposeBody {
+    amount: String,
+    currency: String,
+    merchant: MerchantBody,
+    #[serde(default)]
+    purpose: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MerchantBody {
+    id: String,
+    name: String,
+    mcc: String,
+    #[serde(default)]
+    country: String,
+}
+
+pub async fn propose(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
+    let agent_id = caller.agent()?.to_owned();
+    let body: ProposeBody = parse(body)?;
+    let amount = amount(&body.amount, &body.currency)?;
+    text("merchant.id", &body.merchant.id, MAX_NAME_CHARS, true)?;
+    text("merchant.name", &body.merchant.name, MAX_NAME_CHARS, false)?;
+    text("purpose", &body.purpose, MAX_PURPOSE_CHARS, false)?;
+    check_mcc("merchant.mcc", &body.merchant.mcc)
+        .map_err(|e| ApiError::invalid("invalid_field", e.to_string()))?;
+    check_country("merchant.country", &body.merchant.country)
+        .map_err(|e| ApiError::invalid("invalid_field", e.to_string()))?;
+    let key = idempotency_key(&headers)?;
+    let received_at_ms = now_ms();
+    let spend = NewSpend {
+        id: new_id("sp"),
+        agent_id: agent_id.clone(),
+        idempotency_key: key,
+        amount,
+        merchant: policy::Merchant {
+            id: body.merchant.id,
+            name: body.merchant.name,
+            mcc: body.merchant.mcc,
+            country: body.merchant.country,
+        },
+        purpose: body.purpose,
+        received_at_ms,
+    };
+    let s = Arc::clone(&state);
+    let proposed = blocking(move || {
+        let agent = s
+            .backend
+            .agent(&agent_id)?
+            .ok_or_else(|| ApiError::unauthorized("revoked_token", "unknown agent"))?;
+        let request = policy::SpendRequest {
+            id: spend.id.clone(),
+            agent: policy::Agent {
+                id: agent.id.clone(),
+                name: agent.name.clone(),
+                labels: agent.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            },
+            amount: spend.amount.clone(),
+            merchant: spend.merchant.clone(),
+            purpose: spend.purpose.clone(),
+            received_at_ms,
+        };
+        let mut decide = |history: Arc<dyn History>| evaluate_all(&s, &agent, &request, history);
+        Ok(s.backend.propose(&spend, &s.card_issuance(), now_ms(), &mut decide)?)
+    })
+    .await?;
+    state.metrics.proposal(if proposed.replayed { "replayed" } else { proposed.spend.status.as_str() });
+    let card = match (&proposed.card, &proposed.spend.card_id) {
+        (Some(issued), Some(card_id)) => {
+            let s = Arc::clone(&state);
+            let id = card_id.clone();
+            let record = blocking(move || Ok(s.backend.card(&id)?)).await?;
+            record.map(|r| card_json_for_proposal(issued, &r))
+        }
+        _ => None,
+    };
+    let mut v = json!({
+        "id": proposed.spend.id,
+        "status": proposed.spend.status.as_str(),
+        "reasons": proposed.spend.reasons,
+    });
+    if let Some(card) = card {
+        v["card"] = card;
+    } else if proposed.replayed && proposed.spend.card_id.is_some() {
+        v["card"] = json!({ "id": proposed.spend.card_id, "secrets": "shown once, in the first response" });
+    }
+    created(v)
+}
+
+fn card_json_for_proposal(issued: &crate::cards::IssuedCard, record: &crate::storage::CardRecord) -> Value {
+    let full = json::card_with_secrets(issued, record);
+    let keep =
+        ["id", "pan", "cvv", "exp_month", "exp_year", "limit", "currency", "merchant_id", "expires_at"];
+    Value::Object(keep.iter().filter_map(|k| full.get(*k).map(|v| ((*k).to_owned(), v.clone()))).collect())
+}
+
+/// Every attached policy, each in a fresh sandbox, combined: deny wins over
+/// require-approval over allow; any fault denies; no policy denies.
+fn evaluate_all(
+    state: &AppState,
+    agent: &AgentRecord,
+    request: &policy::SpendRequest,
+    history: Arc<dyn History>,
+) -> Decided {
+    if agent.attachments.is_empty() {
+        return Verdict::Deny(vec!["no policy attached".into()]).into();
+    }
+    let mut evaluations = Vec::new();
+    let (mut denies, mut escalations, mut terms) = (Vec::new(), Vec::new(), CardTerms::default());
+    for attachment in &agent.attachments {
+        let label = format!("{}@{}", attachment.policy, attachment.version);
+        let policy = match state.policy(&attachment.policy, attachment.version) {
+            Ok(p) => p,
+            Err(e) => {
+                denies.push(format!("policy `{label}` could not be loaded: {}", e.message));
+                evaluations.push(json!({ "policy": label, "decision": "deny", "error": e.message }));
+                continue;
+            }
+        };
+        let run = state.sandbox.evaluate(&policy, request, &attachment.config, Arc::clone(&history));
+        let fault = run.outcome.as_ref().err();
+        state.metrics.evaluation(run.elapsed.as_secs_f64(), fault.map(|f| f.kind()));
+        let decision = run.decision(&attachment.policy);
+        match &decision {
+            Decision::Allow(t) => terms = terms.narrowest(t.clone()),
+            Decision::Deny(reason) => denies.push(match fault {
+                Some(_) => reason.clone(),
+                None => format!("{}: {reason}", attachment.policy),
+            }),
+            Decision::RequireApproval(reason) => escalations.push(format!("{}: {reason}", attachment.policy)),
+        }
+        evaluations.push(json!({
+            "policy": attachment.policy,
+            "version": attachment.version,
+            "module_sha256": policy.sha256(),
+            "config_sha256": hex::encode(Sha256::digest(attachment.config.as_bytes())),
+            "decision": decision.kind(),
+            "reason": decision.reason(),
+            "card_terms": decision.card_terms(),
+            "fault": fault.map(|f| json!({ "kind": f.kind(), "detail": f.to_string() })),
+            "fuel_used": run.fuel_used,
+            "elapsed_us": u64::try_from(run.elapsed.as_micros()).unwrap_or(u64::MAX),
+            "logs": run.logs,
+        }));
+        let _ = fault_reason;
+    }
+    let verdict = if !denies.is_empty() {
+        Verdict::Deny(denies)
+    } else if !escalations.is_empty() {
+        Verdict::RequireApproval { reasons: escalations, terms }
+    } else {
+        Verdict::Approve(terms)
+    };
+    Decided { verdict, evaluations: Value::Array(evaluations) }
+}
+
+pub async fn get_spend(State(state): State<Arc<AppState>>, caller: Caller, Path(id): Path<String>) -> Reply {
+    let reader = caller.reader()?.map(str::to_owned);
+    let s = Arc::clone(&state);
+    let value = blocking(move || {
+        let spend = s.backend.spend(&id)?.filter(|sp| reader.as_ref().is_none_or(|a| *a == sp.agent_id));
+        let spend = spend.ok_or_else(|| ApiError::not_found(format!("spend `{id}`")))?;
+        // The proposing agent collects the card of a spend approved after
+        // escalation: made now, its PAN and CVV shown this once.
+        let mut secrets = None;
+        if reader.is_some() && spend.status == SpendStatus::Approved && spend.card_id.is_none() {
+            secrets = s.backend.claim_card(&spend.id, &s.card_issuance(), now_ms())?;
+        }
+        let spend = s.backend.spend(&id)?.ok_or_else(|| ApiError::not_found(format!("spend `{id}`")))?;
+        let card = match &spend.card_id {
+            Some(card_id) => s.backend.card(card_id)?,
+            None => None,
+        };
+        let card_json = match (&card, &secrets) {
+            (Some(record), Some(issued)) => Some(json::card_with_secrets(issued, record)),
+            (Some(record), None) => Some(json::card(record)),
+            _ => None,
+        };
+        Ok(json::spend(&spend, card_json))
+    })
+    .await?;
+    ok(value)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// Most records one listing returns.
+pub const MAX_LIST: usize = 1000;
+
+pub async fn list_spends(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+) -> Reply {
+    let reader = caller.reader()?.map(str::to_owned);
+    let limit = q.limit.unwrap_or(100).min(MAX_LIST);
+    let s = Arc::clone(&state);
+    let spends = blocking(move || Ok(s.backend.spends(reader.as_deref(), limit)?)).await?;
+    ok(json!({ "spends": spends.iter().map(|sp| json::spend(sp, None)).collect::<Vec<_>>() }))
+}
+
+// ---- approvals -------------------------------------------------------------
+
+pub async fn list_approvals(State(state): State<Arc<AppState>>, caller: Caller) -> Reply {
+    caller.operator()?;
+    let s = Arc::clone(&state);
+    let pending = blocking(move || Ok(s.backend.pending_approvals(s.approval_ttl_ms(), now_ms())?)).await?;
+    ok(json!({ "approvals": pending.iter().map(|sp| json::spend(sp, None)).collect::<Vec<_>>() }))
+}
+
+pub async fn approve(State(state): State<Arc<AppState>>, caller: Caller, Path(id): Path<String>) -> Reply {
+    caller.operator()?;
+    let s = Arc::clone(&state);
+    let spend = blocking(move || {
+        Ok(s.backend.approve(&id, s.config.card_ttl_seconds, s.approval_ttl_ms(), now_ms())?)
+    })
+    .await?;
+    state.metrics.proposal("approved_by_operator");
+    ok(json::spend(&spend, None))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+pub async fn deny(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
+    caller.operator()?;
+    let body: DenyBody = match &body {
+        Ok(b) if b.is_empty() => DenyBody::default(),
+        _ => parse(body)?,
+    };
+    let reason = body.reason.unwrap_or_else(|| "denied by the operator".into());
+    text("reason", &reason, MAX_PURPOSE_CHARS, false)?;
+    let s = Arc::clone(&state);
+    let spend = blocking(move || Ok(s.backend.deny(&id, &reason, s.approval_ttl_ms(), now_ms())?)).await?;
+    state.metrics.proposal("denied_by_operator");
+    ok(json::spend(&spend, None))
+}
+
+// ---- wallet ----------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DepositBody {
+    amount: String,
+    currency: String,
+}
+
+pub async fn deposit(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
+    caller.operator()?;
+    let body: DepositBody = parse(body)?;
+    let amount = amount(&body.amount, &body.currency)?;
+    let key = idempotency_key(&headers)?;
+    let s = Arc::clone(&state);
+    let d = blocking(move || Ok(s.backend.deposit(&amount, key.as_deref(), now_ms())?)).await?;
+    created(
+        json!({ "id": d.id, "amount": d.amount.to_decimal().to_string(), "currency": d.amount.currency() }),
+    )
+}
+
+pub async fn wallet(State(state): State<Arc<AppState>>, caller: Caller) -> Reply {
+    caller.operator()?;
+    let s = Arc::clone(&state);
+    let balances = blocking(move || Ok(s.backend.balances()?)).await?;
+    ok(json!({ "balances": balances }))
+}
+
+// ---- policies --------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadQuery {
+    name: String,
+}
+
+/// Policy names: what an operator types in attachments (`spend-limit@2`).
+fn policy_name(name: &str) -> Result<(), ApiError> {
+    let fine = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if fine {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "invalid_name",
+            format!("policy name `{name}` must be 1 to 64 of a-z, 0-9, `-` and `_`"),
+        ))
+    }
+}
+
+pub async fn upload_policy(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
+    caller.operator()?;
+    let Query(q) =
+        query.map_err(|_| ApiError::invalid("invalid_name", "give the policy's name as `?name=NAME`"))?;
+    policy_name(&q.name)?;
+    let module = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!("policy module over {} bytes", state.config.sandbox.max_module_bytes))
+        } else {
+            ApiError::invalid("invalid_body", e.body_text())
+        }
+    })?;
+    let s = Arc::clone(&state);
+    let record = blocking(move || {
+        // Compiled (and so checked) before it is stored: a module that does
+        // not load is refused and nothing is written.
+        let loaded = Arc::new(
+            s.sandbox.load(&module).map_err(|e| ApiError::invalid("invalid_policy", e.to_string()))?,
+        );
+        let record = s.backend.add_policy(&q.name, &module, loaded.sha256(), now_ms())?;
+        s.remember(&record.name, record.version, loaded);
+        Ok(record)
+    })
+    .await?;
+    created(json!({ "name": record.name, "version": record.version, "sha256": record.sha256 }))
+}
+
+pub async fn list_policies(State(state): State<Arc<AppState>>, caller: Caller) -> Reply {
+    caller.operator()?;
+    let s = Arc::clone(&state);
+    let policies = blocking(move || Ok(s.backend.policies()?)).await?;
+    let list: Vec<Value> = policies
+        .iter()
+        .map(|p| {
+            json!({ "name": p.name, "version": p.version, "sha256": p.sha256, "size": p.size,
+                    "created_at": json::time(p.created_at_ms) })
+        })
+        .collect();
+    ok(json!({ "policies": list }))
+}
+
+// ---- agents ----------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentBody {
+    policy: String,
+    #[serde(default)]
+    config: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentBody {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    policies: Vec<AttachmentBody>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum AttachmentsBody {
+    Wrapped { policies: Vec<AttachmentBody> },
+    List(Vec<AttachmentBody>),
+}
+
+/// Resolve `NAME` or `NAME@VERSION`, and have each policy accept its config
+/// (its `validate-config`), before anything is stored.
+fn resolve_attachments(state: &AppState, list: Vec<AttachmentBody>) -> Result<Vec<Attachment>, ApiError> {
+    if list.len() > MAX_ATTACHMENTS {
+        return Err(ApiError::invalid(
+            "too_many_policies",
+            format!("at most {MAX_ATTACHMENTS} policies per agent"),
+        ));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for item in list {
+        let (name, version) = match item.policy.split_once('@') {
+            Some((name, v)) => {
+                let v: u32 = v.parse().map_err(|_| {
+                    ApiError::invalid(
+                        "invalid_policy_ref",
+                        format!("`{}`: the version must be a number", item.policy),
+                    )
+                })?;
+                (name.to_owned(), v)
+            }
+            None => {
+                let v = state.backend.latest_policy_version(&item.policy)?.ok_or_else(|| {
+                    ApiError::invalid("unknown_policy", format!("no policy named `{}`", item.policy))
+                })?;
+                (item.policy.clone(), v)
+            }
+        };
+        policy_name(&name)?;
+        let config = item.config.unwrap_or_else(|| json!({})).to_string();
+        if config.len() > state.config.sandbox.max_config_bytes {
+            return Err(ApiError::too_large(format!(
+                "the config of `{name}` is over {} bytes",
+                state.config.sandbox.max_config_bytes
+            )));
+        }
+        let loaded = state.policy(&name, version).map_err(|e| {
+            if e.status == StatusCode::NOT_FOUND { ApiError::invalid("unknown_policy", e.message) } else { e }
+        })?;
+        let check = state.sandbox.validate_config(&loaded, &config);
+        match check.outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => {
+                return Err(ApiError::invalid(
+                    "invalid_config",
+                    format!("policy `{name}@{version}` refused its config: {message}"),
+                ));
+            }
+            Err(fault) => return Err(ApiError::invalid("invalid_config", fault_reason(&name, &fault))),
+        }
+        out.push(Attachment { policy: name, version, config });
+    }
+    Ok(out)
+}
+
+fn labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > MAX_ATTACHMENTS {
+        return Err(ApiError::invalid("invalid_field", format!("at most {MAX_ATTACHMENTS} labels")));
+    }
+    for (k, v) in labels {
+        text("labels", k, MAX_NAME_CHARS, true)?;
+        text("labels", v, MAX_NAME_CHARS, false)?;
+    }
+    Ok(())
+}
+
+pub async fn create_agent(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
+    caller.operator()?;
+    let body: AgentBody = parse(body)?;
+    text("name", &body.name, MAX_NAME_CHARS, true)?;
+    labels(&body.labels)?;
+    let s = Arc::clone(&state);
+    let (agent, token) = blocking(move || {
+        let attachments = resolve_attachments(&s, body.policies)?;
+        let id = new_id("ag");
+        let token = new_token(&Role::Agent(id.clone()));
+        let record = AgentRecord {
+            id,
+            name: body.name,
+            labels: body.labels,
+            attachments,
+            revoked: false,
+            created_at_ms: now_ms(),
+        };
+        let agent = s.backend.create_agent(&record, &token_hash(&token), now_ms())?;
+        Ok((agent, token))
+    })
+    .await?;
+    created(json!({ "id": agent.id, "name": agent.name, "token": token }))
+}
+
+pub async fn list_agents(State(state): State<Arc<AppState>>, caller: Caller) -> Reply {
+    caller.operator()?;
+    let s = Arc::clone(&state);
+    let agents = blocking(move || Ok(s.backend.agents()?)).await?;
+    ok(json!({ "agents": agents.iter().map(json::agent).collect::<Vec<_>>() }))
+}
+
+pub async fn revoke_agent(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Reply {
+    caller.operator()?;
+    let s = Arc::clone(&state);
+    let agent = blocking(move || Ok(s.backend.revoke_agent(&id, now_ms())?)).await?;
+    ok(json::agent(&agent))
+}
+
+pub async fn set_policies(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
+    caller.operator()?;
+    let list = match parse::<AttachmentsBody>(body)? {
+        AttachmentsBody::Wrapped { policies } | AttachmentsBody::List(policies) => policies,
+    };
+    let s = Arc::clone(&state);
+    let agent = blocking(move || {
+        if s.backend.agent(&id)?.is_none() {
+            return Err(ApiError::not_found(format!("agent `{id}`")));
+        }
+        let attachments = resolve_attachments(&s, list)?;
+        Ok(s.backend.set_attachments(&id, &attachments, now_ms())?)
+    })
+    .await?;
+    ok(json::agent(&agent))
+}
+
+// ---- cards -----------------------------------------------------------------
+
+pub async fn list_cards(State(state): State<Arc<AppState>>, caller: Caller) -> Reply {
+    let reader = caller.reader()?.map(str::to_owned);
+    let s = Arc::clone(&state);
+    let cards = blocking(move || Ok(s.backend.cards(reader.as_deref())?)).await?;
+    ok(json!({ "cards": cards.iter().map(json::card).collect::<Vec<_>>() }))
+}
+
+pub async fn void_card(State(state): State<Arc<AppState>>, caller: Caller, Path(id): Path<String>) -> Reply {
+    caller.operator()?;
+    let s = Arc::clone(&state);
+    let card = blocking(move || Ok(s.backend.void_card(&id, now_ms())?)).await?;
+    ok(json::card(&card))
+}
+
+// ---- network ---------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizeBody {
+    pan: String,
+    cvv: String,
+    exp_month: u8,
+    exp_year: u16,
+    amount: String,
+    currency: String,
+    merchant_id: String,
+}
+
+impl std::fmt::Debug for AuthorizeBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorizeBody").field("merchant_id", &self.merchant_id).finish_non_exhaustive()
+    }
+}
+
+pub async fn authorize(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
+    caller.network()?;
+    let body: AuthorizeBody = parse(body)?;
+    let digits = |s: &str, n: std::ops::RangeInclusive<usize>| {
+        n.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
+    };
+    if !digits(&body.pan, 12..=19) || !digits(&body.cvv, 3..=4) || !(1..=12).contains(&body.exp_month) {
+        return Err(ApiError::invalid("invalid_card_data", "`pan`, `cvv` or `exp_month` is malformed"));
+    }
+    text("merchant_id", &body.merchant_id, MAX_NAME_CHARS, true)?;
+    let request = AuthorizationRequest {
+        amount: amount(&body.amount, &body.currency)?,
+        pan: body.pan,
+        cvv: body.cvv,
+        exp_month: body.exp_month,
+        exp_year: body.exp_year,
+        merchant_id: body.merchant_id,
+    };
+    let s = Arc::clone(&state);
+    let outcome = blocking(move || Ok(s.backend.authorize(&request, &s.key, now_ms())?)).await?;
+    state.metrics.authorization(outcome.decline_code.map_or("approved", |c| c.as_str()));
+    ok(json!({ "approved": outcome.approved, "decline_code": outcome.decline_code.map(|c| c.as_str()) }))
+}
+
+// ---- audit -----------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+pub async fn audit(State(state): State<Arc<AppState>>, caller: Caller, Query(q): Query<AuditQuery>) -> Reply {
+    caller.operator()?;
+    let limit = q.limit.unwrap_or(100).min(MAX_LIST);
+    let s = Arc::clone(&state);
+    let records = blocking(move || Ok(s.backend.audit_records(q.after, limit)?)).await?;
+    let list: Vec<Value> = records
+        .iter()
+        .map(|r| {
+            json!({
+                "seq": r.seq,
+                "at": json::time(r.at_ms),
+                "kind": r.kind,
+                "record": serde_json::from_str::<Value>(&r.record).unwrap_or(Value::String(r.record.clone())),
+                "prev_hash": r.prev_hash,
+                "hash": r.hash,
+            })
+        })
+        .collect();
+    ok(json!({ "records": list }))
+}
+
+pub async fn audit_verify(State(state): State<Arc<AppState>>, caller: Caller) -> Reply {
+    caller.operator()?;
+    let s = Arc::clone(&state);
+    let result = blocking(move || Ok(s.backend.verify_audit()?)).await?;
+    ok(match result {
+        Ok(n) => json!({ "ok": true, "records": n }),
+        Err(broken) => {
+            json!({ "ok": false, "seq": broken.seq, "error": format!("record {}: {}", broken.seq, broken.error) })
+        }
+    })
+}
