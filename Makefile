@@ -1,5 +1,5 @@
 # spendguard — the two quick-start commands.
-#   make run   build the host and the example policies, then show them deciding
+#   make run   build everything, set up a demo wallet and run the daemon on 127.0.0.1:7420
 #   make test  install what is missing, build every policy from source, run every test
 
 CARGO       ?= cargo
@@ -34,20 +34,10 @@ policy-cases: build policies
 test: wasm-target policy-cases
 	$(CARGO) test --release
 
+# A demo wallet on 127.0.0.1:7420: funded, the example policies uploaded, an
+# agent with them attached; prints the tokens and examples, then serves.
 run: build policies
-	@echo
-	@echo "Built $(BIN) and the example policies in $(WASM_DIR)/."
-	@echo "Each example policy, checked and run against its cases in the real sandbox:"
-	@for p in $(POLICIES); do \
-		w=$(WASM_DIR)/$$(echo $$p | tr - _).wasm; \
-		echo; echo "== $$p"; \
-		$(BIN) policy check $$w | sed -n '2,3p'; \
-		$(BIN) policy test $$w policies/$$p/cases.json | tail -n 1; \
-	done
-	@echo
-	@echo "Evaluate one spend yourself:"
-	@echo "  $(BIN) policy eval $(WASM_DIR)/spend_limit.wasm --request examples/request.json --config examples/spend-limit.json --history examples/history.json"
-	@$(BIN) policy eval $(WASM_DIR)/spend_limit.wasm --request examples/request.json --config examples/spend-limit.json --history examples/history.json
+	@scripts/demo.sh
 
 clean:
 	$(CARGO) clean
