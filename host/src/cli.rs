@@ -26,8 +26,8 @@ pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_INVALID_INPUT: u8 = 2;
 
 /// A mistake on the command line that clap cannot see (an amount with too
-/// many decimals, more `--config` files than `--policy` names, no token):
-/// exit 2, like clap's own.
+/// many decimals, more `--config` files than `--policy` names, a daemon URL
+/// that is not http): exit 2, like clap's own.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);

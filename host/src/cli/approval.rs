@@ -87,7 +87,7 @@ fn list(conn: &ConnArgs, args: ListArgs, out: &mut dyn Write) -> anyhow::Result<
             spend.amount(),
             merchant,
             render::or_missing(spend.agent_id.as_deref()),
-            render::or_missing(spend.created_at.as_deref()),
+            render::or_missing(spend.received_at.as_deref()),
         )?;
         if let Some(purpose) = &spend.purpose {
             writeln!(out, "  purpose: {purpose}")?;
@@ -105,7 +105,13 @@ fn approve(conn: &ConnArgs, args: ApproveArgs, out: &mut dyn Write) -> anyhow::R
     if args.output.json {
         return reply.print(out);
     }
-    spend::write_spend(out, &reply.parse()?)?;
+    let approved: Spend = reply.parse()?;
+    spend::write_spend(out, &approved)?;
+    if approved.card.is_none() {
+        // The card is made when its agent collects it, so that only the
+        // agent ever sees its PAN and CVV.
+        writeln!(out, "the agent collects its card with `spendguard spend show {}`", approved.id)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -128,7 +134,7 @@ mod tests {
     const DENIED: &str = r#"{"id":"sp_3","agent_id":"ag_1","status":"denied",
         "reasons":["operator: not this month"],"amount":"250.00","currency":"USD",
         "merchant":{"id":"aws.amazon.com","name":"AWS","mcc":"7372","country":"US"},
-        "purpose":"GPU hours","created_at":"2026-11-24T12:00:00Z","card":null}"#;
+        "purpose":"GPU hours","received_at":"2026-11-24T12:00:00Z","card":null}"#;
 
     #[test]
     fn deny_sends_the_reason_when_given() {
@@ -162,6 +168,15 @@ mod tests {
         assert!(request.body.is_empty());
         let printed: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(printed["status"], "approved");
+
+        let (url, request) = serve_once(200, &DENIED.replace("denied", "approved"));
+        let args = ApproveArgs { spend_id: "sp_3".into(), output: OutputArgs { json: false } };
+        let mut out = Vec::new();
+        approve(&conn(&url), args, &mut out).unwrap();
+        request.join().unwrap();
+        let out = text(out);
+        assert!(out.starts_with("approved  sp_3\n"), "{out}");
+        assert!(out.ends_with("the agent collects its card with `spendguard spend show sp_3`\n"), "{out}");
     }
 
     #[test]

@@ -68,6 +68,12 @@ pub struct Card {
     pub agent_id: Option<String>,
     #[serde(default)]
     pub state: Option<String>,
+    /// What the merchant charged, once the card is used.
+    #[serde(default)]
+    pub captured: Option<String>,
+    /// Instead of the PAN and CVV when a proposal is replayed: where they were shown.
+    #[serde(default)]
+    pub secrets: Option<String>,
 }
 
 // Hand-written so that the PAN and CVV never reach a debug print.
@@ -106,9 +112,20 @@ impl Card {
         render::money(self.limit.as_deref(), self.currency.as_deref())
     }
 
-    /// `card_… 4000 00•• •••• 1234 exp 11/2026 limit 10.00 USD`.
+    /// `card_… 4000 00•• •••• 1234 exp 11/2026 limit 10.00 USD`, leaving out
+    /// what the daemon did not send.
     pub fn summary(&self) -> String {
-        format!("{} {} exp {} limit {}", self.id, self.masked(), self.expiry(), self.limit())
+        let mut parts = vec![self.id.clone()];
+        if self.pan.is_some() || self.last4.is_some() {
+            parts.push(self.masked());
+        }
+        if self.exp_month.is_some() && self.exp_year.is_some() {
+            parts.push(format!("exp {}", self.expiry()));
+        }
+        if self.limit.is_some() {
+            parts.push(format!("limit {}", self.limit()));
+        }
+        parts.join(" ")
     }
 }
 
@@ -127,8 +144,9 @@ fn list(conn: &ConnArgs, args: ListArgs, out: &mut dyn Write) -> anyhow::Result<
         writeln!(out, "no cards")?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut table =
-        Table::new(&["ID", "STATE", "CARD", "EXP", "LIMIT", "MERCHANT", "SPEND", "AGENT", "EXPIRES"]);
+    let mut table = Table::new(&[
+        "ID", "STATE", "CARD", "EXP", "LIMIT", "CAPTURED", "MERCHANT", "SPEND", "AGENT", "EXPIRES",
+    ]);
     for card in &cards.cards {
         table.row(vec![
             card.id.clone(),
@@ -136,6 +154,10 @@ fn list(conn: &ConnArgs, args: ListArgs, out: &mut dyn Write) -> anyhow::Result<
             card.masked(),
             card.expiry(),
             card.limit(),
+            card.captured.as_deref().map_or_else(
+                || render::MISSING.to_owned(),
+                |captured| render::money(Some(captured), card.currency.as_deref()),
+            ),
             render::or_missing(card.merchant_id.as_deref()),
             render::or_missing(card.spend_id.as_deref()),
             render::or_missing(card.agent_id.as_deref()),
@@ -186,5 +208,12 @@ mod tests {
         let debug = format!("{card:?}");
         assert!(!debug.contains("4000001234567899") && !debug.contains("987"), "{debug}");
         assert_eq!(card.masked(), "4000 00•• •••• 7899");
+    }
+
+    #[test]
+    fn a_summary_leaves_out_what_was_not_sent() {
+        let card: Card =
+            serde_json::from_str(r#"{"id":"card_1","secrets":"shown once, in the first response"}"#).unwrap();
+        assert_eq!(card.summary(), "card_1");
     }
 }

@@ -99,7 +99,7 @@ pub struct Client {
     agent: ureq::Agent,
     /// Without a trailing slash: paths are appended to it.
     base: String,
-    token: String,
+    token: Option<String>,
 }
 
 impl fmt::Debug for Client {
@@ -109,8 +109,8 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
-    /// A client for `conn`. A missing token or an unusable URL is a mistake
-    /// on the command line (exit 2), found before anything is sent.
+    /// A client for `conn`. An unusable URL is a mistake on the command line
+    /// (exit 2), found before anything is sent.
     pub fn new(conn: &ConnArgs) -> anyhow::Result<Client> {
         let base = conn.url.trim().trim_end_matches('/');
         if base.starts_with("https://") {
@@ -129,14 +129,9 @@ impl Client {
         if authority.is_empty() || authority.contains(['?', '#']) {
             return Err(UsageError(format!("`{base}` is not a daemon URL: expected http://HOST:PORT")).into());
         }
-        let token = match conn.token.as_deref().map(str::trim) {
-            Some(token) if !token.is_empty() => token.to_owned(),
-            _ => {
-                return Err(
-                    UsageError("no token: set `SPENDGUARD_TOKEN` or pass `--token`".to_owned()).into()
-                );
-            }
-        };
+        // Without a token the request still goes out: the daemon (or its
+        // absence) says what is wrong, and a 401 gets a hint below.
+        let token = conn.token.as_deref().map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned);
         let agent = ureq::Agent::config_builder()
             // 4xx and 5xx bodies carry the daemon's error code and message.
             .http_status_as_error(false)
@@ -202,9 +197,10 @@ impl Client {
         query: &[(&str, String)],
         idempotency_key: Option<&str>,
     ) -> RequestBuilder<B> {
-        request = request
-            .header("Authorization", format!("Bearer {}", self.token))
-            .header("Accept", "application/json");
+        request = request.header("Accept", "application/json");
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
         if let Some(key) = idempotency_key {
             request = request.header("Idempotency-Key", key);
         }
@@ -227,7 +223,11 @@ impl Client {
                 anyhow!("reading the answer of the daemon at `{}` failed: {}", self.base, plain(&err))
             })?;
         if !status.is_success() {
-            return Err(refusal(&self.base, status, &text));
+            let err = refusal(&self.base, status, &text);
+            if status == StatusCode::UNAUTHORIZED && self.token.is_none() {
+                return Err(err.context("no token was sent: set `SPENDGUARD_TOKEN` or pass `--token`"));
+            }
+            return Err(err);
         }
         if serde_json::from_str::<serde::de::IgnoredAny>(&text).is_err() {
             return Err(anyhow!(
@@ -530,10 +530,26 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_token_or_a_bad_url_is_a_usage_error() {
+    fn without_a_token_a_401_says_how_to_give_one() {
+        let (url, request) = serve_once(
+            401,
+            r#"{"error":{"code":"missing_token","message":"send `Authorization: Bearer TOKEN`"}}"#,
+        );
+        let client = Client::new(&ConnArgs::new(&url, Some(" "))).unwrap();
+        let err = client.get("/v1/wallet", &[]).unwrap_err();
+        assert_eq!(request.join().unwrap().header("authorization"), None);
+        assert_eq!(
+            format!("{err:#}"),
+            "no token was sent: set `SPENDGUARD_TOKEN` or pass `--token`: \
+             missing_token: send `Authorization: Bearer TOKEN`"
+        );
+        // The daemon's code is still there for whoever looks for it.
+        assert_eq!(err.downcast_ref::<Refused>().unwrap().code, "missing_token");
+    }
+
+    #[test]
+    fn a_bad_url_is_a_usage_error() {
         for conn in [
-            ConnArgs::new(DEFAULT_URL, None),
-            ConnArgs::new(DEFAULT_URL, Some("  ")),
             ConnArgs::new("https://example.com", Some("t")),
             ConnArgs::new("127.0.0.1:7420", Some("t")),
             ConnArgs::new("http://", Some("t")),
@@ -541,8 +557,6 @@ mod tests {
             let err = Client::new(&conn).unwrap_err();
             assert!(err.downcast_ref::<UsageError>().is_some(), "{conn:?}: {err}");
         }
-        let err = Client::new(&ConnArgs::new(DEFAULT_URL, None)).unwrap_err();
-        assert_eq!(err.to_string(), "no token: set `SPENDGUARD_TOKEN` or pass `--token`");
         // A trailing slash is not doubled.
         let client = Client::new(&ConnArgs::new("http://127.0.0.1:7420/", Some("t"))).unwrap();
         assert_eq!(client.url("/v1/wallet"), "http://127.0.0.1:7420/v1/wallet");

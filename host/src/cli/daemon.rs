@@ -28,7 +28,10 @@ pub struct InitArgs {
 pub fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
     let tokens = datadir::init(&args.data_dir, now_ms())?;
     if args.json {
-        println!("{}", json!({ "operator_token": tokens.operator_token, "network_token": tokens.network_token }));
+        println!(
+            "{}",
+            json!({ "operator_token": tokens.operator_token, "network_token": tokens.network_token })
+        );
     } else {
         println!("initialised `{}`", args.data_dir.display());
         println!();
@@ -71,7 +74,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.check()?;
     let opened = datadir::open(&config.data_dir)?;
     let state = Arc::new(AppState::new(opened.storage, opened.key, config.clone())?);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

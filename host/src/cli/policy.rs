@@ -88,7 +88,8 @@ pub struct TestArgs {
 pub struct UploadArgs {
     /// The policy module (.wasm), as `cargo build --target wasm32-unknown-unknown` makes it.
     file: PathBuf,
-    /// The name agents attach it by (`--policy NAME` or `NAME@VERSION`).
+    /// The name agents attach it by (`--policy NAME` or `NAME@VERSION`):
+    /// lower-case letters, digits, `-` and `_`.
     #[arg(long, value_parser = super::input::not_blank)]
     name: String,
     #[command(flatten)]

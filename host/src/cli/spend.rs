@@ -15,12 +15,15 @@ use super::render::{self, Table};
 
 #[derive(Debug, Subcommand)]
 pub enum SpendCommand {
-    /// Propose a spend (agent token). Approved: prints the single-use card,
-    /// its PAN and CVV shown this once. Denied or waiting for approval: says why.
-    /// Exits 0 whatever the decision.
+    /// Propose a spend (agent token); exit 0 whatever the decision.
+    ///
+    /// Approved: prints the single-use card, its PAN and CVV shown this once.
+    /// Denied or waiting for approval: prints why.
     Propose(ProposeArgs),
-    /// One spend. The proposing agent sees an approved card's PAN and CVV the
-    /// first time it looks, if `propose` has not shown them already.
+    /// Show one spend.
+    ///
+    /// The agent collects the card of a spend an operator approved here: its
+    /// PAN and CVV are shown this once.
     Show(ShowArgs),
     /// Spends: every agent's (operator) or your own (agent).
     List(ListArgs),
@@ -76,6 +79,9 @@ pub struct ShowArgs {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    /// At most this many, newest first (the daemon's default is 100).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    limit: Option<u32>,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -98,8 +104,9 @@ pub struct Spend {
     pub merchant: Option<Merchant>,
     #[serde(default)]
     pub purpose: Option<String>,
-    #[serde(default)]
-    pub created_at: Option<String>,
+    /// When the daemon received the proposal.
+    #[serde(default, alias = "created_at")]
+    pub received_at: Option<String>,
     #[serde(default)]
     pub card: Option<Card>,
 }
@@ -166,6 +173,9 @@ pub fn write_spend(out: &mut dyn Write, spend: &Spend) -> anyhow::Result<()> {
         if let Some(cvv) = &card.cvv {
             render::labelled(out, "cvv", cvv)?;
         }
+        if let Some(note) = &card.secrets {
+            render::labelled(out, "pan/cvv", note)?;
+        }
         if let Some(at) = &card.expires_at {
             render::labelled(out, "expires", at)?;
         }
@@ -185,8 +195,8 @@ pub fn write_spend(out: &mut dyn Write, spend: &Spend) -> anyhow::Result<()> {
     if let Some(agent) = &spend.agent_id {
         render::labelled(out, "agent", agent)?;
     }
-    if let Some(at) = &spend.created_at {
-        render::labelled(out, "created", at)?;
+    if let Some(at) = &spend.received_at {
+        render::labelled(out, "received", at)?;
     }
     for reason in &spend.reasons {
         render::labelled(out, "reason", &reason_text(reason))?;
@@ -236,7 +246,8 @@ struct Spends {
 }
 
 fn list(conn: &ConnArgs, args: ListArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
-    let reply = Client::new(conn)?.get("/v1/spends", &[])?;
+    let query: Vec<_> = args.limit.map(|n| ("limit", n.to_string())).into_iter().collect();
+    let reply = Client::new(conn)?.get("/v1/spends", &query)?;
     if args.output.json {
         return reply.print(out);
     }
@@ -245,7 +256,7 @@ fn list(conn: &ConnArgs, args: ListArgs, out: &mut dyn Write) -> anyhow::Result<
         writeln!(out, "no spends")?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut table = Table::new(&["ID", "STATUS", "AMOUNT", "MERCHANT", "AGENT", "CREATED", "CARD"]);
+    let mut table = Table::new(&["ID", "STATUS", "AMOUNT", "MERCHANT", "AGENT", "RECEIVED"]);
     for spend in &spends.spends {
         table.row(vec![
             spend.id.clone(),
@@ -253,8 +264,7 @@ fn list(conn: &ConnArgs, args: ListArgs, out: &mut dyn Write) -> anyhow::Result<
             spend.amount(),
             render::or_missing(spend.merchant.as_ref().map(|m| m.id.as_str())),
             render::or_missing(spend.agent_id.as_deref()),
-            render::or_missing(spend.created_at.as_deref()),
-            render::or_missing(spend.card.as_ref().map(|c| c.id.as_str())),
+            render::or_missing(spend.received_at.as_deref()),
         ]);
     }
     table.write(out)?;
@@ -348,7 +358,7 @@ mod tests {
             200,
             r#"{"id":"sp_1","agent_id":"ag_1","status":"approved","reasons":[],"amount":"10.00",
                 "currency":"USD","merchant":{"id":"api.openai.com","name":"OpenAI","mcc":"5734",
-                "country":"US"},"purpose":"credits","created_at":"2026-11-24T12:00:00Z",
+                "country":"US"},"purpose":"credits","received_at":"2026-11-24T12:00:00Z",
                 "card":{"id":"card_9","pan":null,"cvv":null,"last4":"1234","exp_month":11,
                 "exp_year":2026,"limit":"10.00","currency":"USD","merchant_id":"api.openai.com",
                 "expires_at":"2026-11-24T12:15:00Z"}}"#,
@@ -365,7 +375,7 @@ mod tests {
              merchant: OpenAI (api.openai.com, mcc 5734, US)\n\
              purpose:  credits\n\
              agent:    ag_1\n\
-             created:  2026-11-24T12:00:00Z\n"
+             received: 2026-11-24T12:00:00Z\n"
         );
     }
 
