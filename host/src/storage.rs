@@ -388,6 +388,8 @@ impl Role {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenInfo {
     pub id: String,
+    /// The stored hash, for the caller's constant-time comparison.
+    pub hash: String,
     pub role: Role,
     /// The token, or its agent, was revoked.
     pub revoked: bool,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
 use crate::datadir::token_hash;
@@ -70,13 +71,14 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .ok_or_else(|| {
                 ApiError::unauthorized("invalid_token", "the Authorization header is not `Bearer TOKEN`")
             })?;
-        // Looked up by its SHA-256: how long a lookup takes depends on the
-        // hash, which says nothing usable about any stored token, so this
-        // is not a timing oracle the way comparing tokens byte by byte is.
+        // Found by its SHA-256 (the index lookup's timing depends on the
+        // hash, which tells nothing usable about any stored token), then
+        // compared in constant time.
         let hash = token_hash(token);
         let backend = Arc::clone(&state.backend);
-        let found = tokio::task::spawn_blocking(move || backend.token(&hash)).await??;
-        let Some(info) = found else {
+        let lookup = hash.clone();
+        let found = tokio::task::spawn_blocking(move || backend.token(&lookup)).await??;
+        let Some(info) = found.filter(|info| bool::from(info.hash.as_bytes().ct_eq(hash.as_bytes()))) else {
             return Err(ApiError::unauthorized("invalid_token", "unknown token"));
         };
         if info.revoked {

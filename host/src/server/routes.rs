@@ -253,7 +253,6 @@ fn evaluate_all(
             "elapsed_us": u64::try_from(run.elapsed.as_micros()).unwrap_or(u64::MAX),
             "logs": run.logs,
         }));
-        let _ = fault_reason;
     }
     let verdict = if !denies.is_empty() {
         Verdict::Deny(denies)

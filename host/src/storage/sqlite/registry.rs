@@ -18,7 +18,8 @@ use crate::storage::{
 /// token or its agent is.
 const TOKEN_SQL: &str = "SELECT t.id, t.role, t.agent_id,
         EXISTS (SELECT 1 FROM token_revocations r WHERE r.token_id = t.id)
-        OR EXISTS (SELECT 1 FROM agent_revocations a WHERE a.agent_id = t.agent_id)
+        OR EXISTS (SELECT 1 FROM agent_revocations a WHERE a.agent_id = t.agent_id),
+        t.hash
      FROM tokens t WHERE t.hash = ?1";
 
 /// An agent by id (its primary key).
@@ -209,13 +210,14 @@ impl Registry for SqliteStorage {
                         r.get::<_, String>(1)?,
                         r.get::<_, Option<String>>(2)?,
                         r.get::<_, bool>(3)?,
+                        r.get::<_, String>(4)?,
                     ))
                 })
                 .optional()?;
             match row {
-                Some((id, role, agent_id, revoked)) => {
+                Some((id, role, agent_id, revoked, hash)) => {
                     let role = parse_role(&id, &role, agent_id)?;
-                    Ok(Some(TokenInfo { id, role, revoked }))
+                    Ok(Some(TokenInfo { id, hash, role, revoked }))
                 }
                 None => Ok(None),
             }
