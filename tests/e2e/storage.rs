@@ -779,3 +779,57 @@ fn a_card_number_already_in_use_is_drawn_again() {
     assert_ne!(second.secrets.pan, first.secrets.pan, "the repeated number was drawn again");
     b.storage.check_invariants().unwrap();
 }
+
+/// The invariant checker itself must catch what it claims to: each kind of
+/// tampering, done behind the ledger's back, is reported.
+#[test]
+fn the_invariant_checks_catch_tampering() {
+    let tampering: &[(&str, &str)] = &[
+        ("UPDATE entries SET delta = delta + 1 WHERE id = (SELECT MAX(id) FROM entries)", "cancel out"),
+        (
+            "UPDATE entries SET balance_after = balance_after + 1 WHERE id = (SELECT MAX(id) FROM entries)",
+            "running balance",
+        ),
+        ("UPDATE hold_resolutions SET captured_units = captured_units + 1", "captures add up"),
+        ("DELETE FROM hold_resolutions", "held"),
+        ("UPDATE holds SET units = units + 1", "open holds"),
+        ("UPDATE spends SET status = 'denied' WHERE status = 'approved'", "approved if and only if"),
+        ("DELETE FROM cards", "no card and no approval"),
+    ];
+    for (sql, fragment) in tampering {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spendguard.db");
+        let storage = SqliteStorage::open(&path).unwrap();
+        let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
+        let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
+        storage.deposit(&usd("50.00"), None, T0).unwrap();
+        let used = storage
+            .propose(
+                &spend("bot", usd("10.00"), "m.com", None, T0),
+                &cards,
+                T0,
+                &mut approve(CardTerms::default()),
+            )
+            .unwrap()
+            .card
+            .unwrap();
+        storage.authorize(&charge(&used, usd("4.00"), "m.com"), &key, T0).unwrap();
+        storage
+            .propose(
+                &spend("bot", usd("5.00"), "m.com", None, T0),
+                &cards,
+                T0,
+                &mut approve(CardTerms::default()),
+            )
+            .unwrap();
+        storage.check_invariants().unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let table = sql.split_whitespace().nth(if sql.starts_with("DELETE") { 2 } else { 1 }).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA foreign_keys = OFF; DROP TRIGGER {table}_append_only_u; DROP TRIGGER {table}_append_only_d; {sql};"
+        ))
+        .unwrap();
+        let err = storage.check_invariants().expect_err(&format!("`{sql}` went unnoticed"));
+        assert!(err.contains(fragment), "`{sql}`: {err}");
+    }
+}

@@ -27,9 +27,8 @@ pub fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result
 
 /// RFC 3339 of a time in ms since the epoch.
 pub fn time(ms: u64) -> String {
-    i128::try_from(ms)
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).ok())
         .and_then(|t| t.format(&Rfc3339).ok())
         .unwrap_or_default()
 }
