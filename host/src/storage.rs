@@ -228,8 +228,10 @@ pub trait Storage: Send + Sync {
         decide: &mut dyn FnMut(Arc<dyn History>) -> Decided,
     ) -> Result<Proposed, StorageError>;
 
-    /// The operator approves a spend waiting for approval: funds are checked
-    /// again and the money held; the card is made when the agent first reads
+    /// The operator approves a spend waiting for approval: `decide` runs the
+    /// agent's policies again inside the transaction (a deny still wins, a
+    /// require-approval is what the operator just answered), funds are
+    /// checked again and the money held; the card is made when the agent first reads
     /// the spend ([`Storage::claim_card`]), and lives until the hold lapses.
     /// Refused once the spend is resolved or waited longer than `approval_ttl_ms`.
     fn approve(
@@ -238,6 +240,7 @@ pub trait Storage: Send + Sync {
         default_ttl_seconds: u32,
         approval_ttl_ms: u64,
         now_ms: u64,
+        decide: &mut dyn FnMut(&SpendRecord, Arc<dyn History>) -> Decided,
     ) -> Result<SpendRecord, StorageError>;
 
     /// The operator denies a spend waiting for approval.

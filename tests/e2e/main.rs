@@ -3,6 +3,7 @@
 //! per topic (wasmtime's `tests/all` layout).
 
 mod cli;
+mod daemon;
 mod guests;
 mod policies;
 mod registry;

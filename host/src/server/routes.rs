@@ -23,8 +23,10 @@ use crate::datadir::{new_token, now_ms, token_hash};
 use crate::history::History;
 use crate::money::Amount;
 use crate::policy::{self, CardTerms, Decision};
-use crate::sandbox::fault_reason;
-use crate::storage::{AgentRecord, Attachment, Decided, NewSpend, Role, SpendStatus, Verdict, new_id};
+use crate::sandbox::{LoadedPolicy, fault_reason};
+use crate::storage::{
+    AgentRecord, Attachment, Decided, NewSpend, Role, SpendRecord, SpendStatus, Verdict, new_id,
+};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
 
@@ -85,6 +87,21 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
+type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+
+/// A query string, or a 422 saying what is wrong with it.
+fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q).map_err(|e| ApiError::invalid("invalid_query", e.body_text()))
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "ok": true }))
 }
@@ -96,7 +113,10 @@ pub async fn not_found() -> ApiError {
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
     let s = Arc::clone(&state);
     let balances = blocking(move || Ok(s.backend.balances()?)).await?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&balances)))
+    Ok((
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.render(&balances),
+    ))
 }
 
 // ---- spends ----------------------------------------------------------------
@@ -161,17 +181,14 @@ pub async fn propose(
             .ok_or_else(|| ApiError::unauthorized("revoked_token", "unknown agent"))?;
         let request = policy::SpendRequest {
             id: spend.id.clone(),
-            agent: policy::Agent {
-                id: agent.id.clone(),
-                name: agent.name.clone(),
-                labels: agent.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            },
+            agent: policy_agent(&agent),
             amount: spend.amount.clone(),
             merchant: spend.merchant.clone(),
             purpose: spend.purpose.clone(),
             received_at_ms,
         };
-        let mut decide = |history: Arc<dyn History>| evaluate_all(&s, &agent, &request, history);
+        let policies = load_policies(&s, &agent);
+        let mut decide = |history: Arc<dyn History>| evaluate_all(&s, &policies, &request, history);
         Ok(s.backend.propose(&spend, &s.card_issuance(), now_ms(), &mut decide)?)
     })
     .await?;
@@ -198,6 +215,27 @@ pub async fn propose(
     created(v)
 }
 
+fn policy_agent(agent: &AgentRecord) -> policy::Agent {
+    policy::Agent {
+        id: agent.id.clone(),
+        name: agent.name.clone(),
+        labels: agent.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}
+
+/// The request the policies saw when the spend was proposed, rebuilt from
+/// the record (same id, amount, merchant, purpose and time).
+fn policy_request(spend: &SpendRecord, agent: &AgentRecord) -> policy::SpendRequest {
+    policy::SpendRequest {
+        id: spend.id.clone(),
+        agent: policy_agent(agent),
+        amount: spend.amount.clone(),
+        merchant: spend.merchant.clone(),
+        purpose: spend.purpose.clone(),
+        received_at_ms: spend.received_at_ms,
+    }
+}
+
 fn card_json_for_proposal(issued: &crate::cards::IssuedCard, record: &crate::storage::CardRecord) -> Value {
     let full = json::card_with_secrets(issued, record);
     let keep =
@@ -207,24 +245,37 @@ fn card_json_for_proposal(issued: &crate::cards::IssuedCard, record: &crate::sto
 
 /// Every attached policy, each in a fresh sandbox, combined: deny wins over
 /// require-approval over allow; any fault denies; no policy denies.
+/// An agent's attachments with their compiled modules, or why one cannot
+/// be loaded. Resolved before the storage transaction: the evaluation runs
+/// while storage is write-locked, and must not ask storage for anything else.
+type Loaded = Vec<(Attachment, Result<Arc<LoadedPolicy>, String>)>;
+
+fn load_policies(state: &AppState, agent: &AgentRecord) -> Loaded {
+    agent
+        .attachments
+        .iter()
+        .map(|a| (a.clone(), state.policy(&a.policy, a.version).map_err(|e| e.message)))
+        .collect()
+}
+
 fn evaluate_all(
     state: &AppState,
-    agent: &AgentRecord,
+    policies: &Loaded,
     request: &policy::SpendRequest,
     history: Arc<dyn History>,
 ) -> Decided {
-    if agent.attachments.is_empty() {
+    if policies.is_empty() {
         return Verdict::Deny(vec!["no policy attached".into()]).into();
     }
     let mut evaluations = Vec::new();
     let (mut denies, mut escalations, mut terms) = (Vec::new(), Vec::new(), CardTerms::default());
-    for attachment in &agent.attachments {
+    for (attachment, policy) in policies {
         let label = format!("{}@{}", attachment.policy, attachment.version);
-        let policy = match state.policy(&attachment.policy, attachment.version) {
+        let policy = match policy {
             Ok(p) => p,
-            Err(e) => {
-                denies.push(format!("policy `{label}` could not be loaded: {}", e.message));
-                evaluations.push(json!({ "policy": label, "decision": "deny", "error": e.message }));
+            Err(message) => {
+                denies.push(format!("policy `{label}` could not be loaded: {message}"));
+                evaluations.push(json!({ "policy": label, "decision": "deny", "error": message }));
                 continue;
             }
         };
@@ -305,9 +356,10 @@ pub const MAX_LIST: usize = 1000;
 pub async fn list_spends(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Query(q): Query<ListQuery>,
+    q: QueryResult<ListQuery>,
 ) -> Reply {
     let reader = caller.reader()?.map(str::to_owned);
+    let q = query(q)?;
     let limit = q.limit.unwrap_or(100).min(MAX_LIST);
     let s = Arc::clone(&state);
     let spends = blocking(move || Ok(s.backend.spends(reader.as_deref(), limit)?)).await?;
@@ -327,7 +379,18 @@ pub async fn approve(State(state): State<Arc<AppState>>, caller: Caller, Path(id
     caller.operator()?;
     let s = Arc::clone(&state);
     let spend = blocking(move || {
-        Ok(s.backend.approve(&id, s.config.card_ttl_seconds, s.approval_ttl_ms(), now_ms())?)
+        // Everything the policies need is read first: storage is locked
+        // while they run.
+        let pending = s.backend.spend(&id)?.ok_or_else(|| ApiError::not_found(format!("spend `{id}`")))?;
+        let agent = s.backend.agent(&pending.agent_id)?.filter(|a| !a.revoked);
+        let policies = agent.as_ref().map(|a| load_policies(&s, a));
+        let mut decide = |spend: &SpendRecord, history: Arc<dyn History>| match (&agent, &policies) {
+            (Some(agent), Some(policies)) if agent.id == spend.agent_id => {
+                evaluate_all(&s, policies, &policy_request(spend, agent), history)
+            }
+            _ => Verdict::Deny(vec!["the agent was revoked".into()]).into(),
+        };
+        Ok(s.backend.approve(&id, s.config.card_ttl_seconds, s.approval_ttl_ms(), now_ms(), &mut decide)?)
     })
     .await?;
     state.metrics.proposal("approved_by_operator");
@@ -418,11 +481,13 @@ fn policy_name(name: &str) -> Result<(), ApiError> {
 
 pub async fn upload_policy(
     State(state): State<Arc<AppState>>,
-    caller: Caller,
+    // Taken as a result so the body is read before a refusal: a client still
+    // sending its module then gets the 401 instead of a broken pipe.
+    caller: Result<Caller, ApiError>,
     query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Reply {
-    caller.operator()?;
+    caller?.operator()?;
     let Query(q) =
         query.map_err(|_| ApiError::invalid("invalid_name", "give the policy's name as `?name=NAME`"))?;
     policy_name(&q.name)?;
@@ -699,8 +764,9 @@ pub struct AuditQuery {
     limit: Option<usize>,
 }
 
-pub async fn audit(State(state): State<Arc<AppState>>, caller: Caller, Query(q): Query<AuditQuery>) -> Reply {
+pub async fn audit(State(state): State<Arc<AppState>>, caller: Caller, q: QueryResult<AuditQuery>) -> Reply {
     caller.operator()?;
+    let q = query(q)?;
     let limit = q.limit.unwrap_or(100).min(MAX_LIST);
     let s = Arc::clone(&state);
     let records = blocking(move || Ok(s.backend.audit_records(q.after, limit)?)).await?;

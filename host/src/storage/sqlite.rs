@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
+use serde_json::json;
 
 use super::{
     AUDIT_GENESIS, AuditBreak, AuditRecord, AuthorizationOutcome, CardIssuance, CardRecord, Decided,
@@ -128,6 +129,73 @@ impl SqliteStorage {
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StorageError>) -> Result<T, StorageError> {
         let (mut slot, conn) = self.writer()?;
         let result = f(&conn);
+        *slot = Some(conn);
+        result
+    }
+}
+
+/// How a lending transaction ends.
+enum Ending<T> {
+    Commit(T),
+    /// Nothing to write (a replay): roll back, answer with this.
+    Rollback(T),
+}
+
+/// The connection of a lending transaction, which it may lend to the
+/// policies' history for the time of their evaluation.
+struct Lender {
+    conn: Option<Connection>,
+}
+
+impl Lender {
+    fn conn(&self) -> Result<&Connection, StorageError> {
+        self.conn
+            .as_ref()
+            .ok_or_else(|| StorageError::Invariant("the transaction's connection was lost".into()))
+    }
+
+    /// Lend the connection, inside its transaction, to `f` as a history;
+    /// take it back when `f` returns.
+    fn lend<R>(&mut self, f: impl FnOnce(Arc<dyn History>) -> R) -> Result<R, StorageError> {
+        let history = Arc::new(TxHistory { conn: Mutex::new(self.conn.take()) });
+        let result = f(history.clone());
+        self.conn = history.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.conn()?;
+        Ok(result)
+    }
+}
+
+impl SqliteStorage {
+    /// One write-locked transaction in which policies can read history: the
+    /// lock is taken first, so nothing commits between what they read and
+    /// this transaction's commit.
+    fn lending_transaction<T>(
+        &self,
+        body: impl FnOnce(&mut Lender) -> Result<Ending<T>, StorageError>,
+    ) -> Result<T, StorageError> {
+        let (mut slot, conn) = self.writer()?;
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            *slot = Some(conn);
+            return Err(e.into());
+        }
+        let mut lender = Lender { conn: Some(conn) };
+        let result = body(&mut lender);
+        // A lost connection (a panic while lent) is dropped, which rolls
+        // its transaction back; the next writer reconnects.
+        let Some(conn) = lender.conn.take() else {
+            return match result {
+                Err(e) => Err(e),
+                Ok(_) => Err(StorageError::Invariant("the transaction's connection was lost".into())),
+            };
+        };
+        let result = match result {
+            Ok(Ending::Commit(value)) => conn.execute_batch("COMMIT").map(|()| value).map_err(Into::into),
+            Ok(Ending::Rollback(value)) => Ok(value),
+            Err(e) => Err(e),
+        };
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
         *slot = Some(conn);
         result
     }
@@ -821,55 +889,32 @@ impl Storage for SqliteStorage {
         now_ms: u64,
         decide: &mut dyn FnMut(Arc<dyn History>) -> Decided,
     ) -> Result<Proposed, StorageError> {
-        let (mut slot, conn) = self.writer()?;
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            *slot = Some(conn);
-            return Err(e.into());
-        }
-        // The idempotency key first: a retry never runs the policies again.
-        let replay = (|| {
-            let Some(key) = &spend.idempotency_key else { return Ok(None) };
-            let earlier: Option<(String, String)> = conn
-                .query_row(
-                    "SELECT id, fingerprint FROM spends WHERE agent_id = ?1 AND idempotency_key = ?2",
-                    params![spend.agent_id, key],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            match earlier {
-                None => Ok(None),
-                Some((_, fingerprint)) if fingerprint != spend.fingerprint() => {
-                    Err(StorageError::IdempotencyConflict(key.clone()))
+        self.lending_transaction(|lender| {
+            // The idempotency key first: a retry never runs the policies again.
+            if let Some(key) = &spend.idempotency_key {
+                let earlier: Option<(String, String)> = lender
+                    .conn()?
+                    .query_row(
+                        "SELECT id, fingerprint FROM spends WHERE agent_id = ?1 AND idempotency_key = ?2",
+                        params![spend.agent_id, key],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                match earlier {
+                    None => {}
+                    Some((_, fingerprint)) if fingerprint != spend.fingerprint() => {
+                        return Err(StorageError::IdempotencyConflict(key.clone()));
+                    }
+                    Some((id, _)) => {
+                        let spend = spend_by_id(lender.conn()?, &id)?
+                            .ok_or_else(|| StorageError::Invariant("replayed spend vanished".into()))?;
+                        return Ok(Ending::Rollback(Proposed { spend, card: None, replayed: true }));
+                    }
                 }
-                Some((id, _)) => spend_by_id(&conn, &id),
             }
-        })();
-        match replay {
-            Ok(None) => {}
-            done => {
-                let _ = conn.execute_batch("ROLLBACK");
-                *slot = Some(conn);
-                return done.and_then(|record| {
-                    record
-                        .map(|spend| Proposed { spend, card: None, replayed: true })
-                        .ok_or_else(|| StorageError::Invariant("replayed spend vanished".into()))
-                });
-            }
-        }
-        // Lend the connection, inside its transaction, to the policies.
-        let history = Arc::new(TxHistory { conn: Mutex::new(Some(conn)) });
-        let decided = decide(history.clone());
-        let conn = history.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(conn) = conn else {
-            return Err(StorageError::Invariant("the proposal's connection was lost".into()));
-        };
-        let result = commit_verdict(&conn, spend, decided, cards, now_ms)
-            .and_then(|proposed| conn.execute_batch("COMMIT").map(|()| proposed).map_err(Into::into));
-        if result.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        *slot = Some(conn);
-        result
+            let decided = lender.lend(|history| decide(history))?;
+            commit_verdict(lender.conn()?, spend, decided, cards, now_ms).map(Ending::Commit)
+        })
     }
 
     fn approve(
@@ -878,20 +923,35 @@ impl Storage for SqliteStorage {
         default_ttl_seconds: u32,
         approval_ttl_ms: u64,
         now_ms: u64,
+        decide: &mut dyn FnMut(&SpendRecord, Arc<dyn History>) -> Decided,
     ) -> Result<SpendRecord, StorageError> {
-        self.write(|tx| {
+        self.lending_transaction(|lender| {
             let now = ms(now_ms)?;
-            let spend = pending_spend(tx, spend_id, approval_ttl_ms, now_ms)?;
+            let spend = pending_spend(lender.conn()?, spend_id, approval_ttl_ms, now_ms)?;
+            // The operator answers the escalation, not the other policies:
+            // they run again against the history as it is now, and a deny
+            // (a limit used up since, say) still wins.
+            let decided = lender.lend(|history| decide(&spend, history))?;
+            let terms = match decided.verdict {
+                Verdict::Deny(reasons) => {
+                    return Err(StorageError::InvalidState(format!(
+                        "the policies now deny spend `{spend_id}`: {}",
+                        reasons.join("; ")
+                    )));
+                }
+                Verdict::Approve(terms) | Verdict::RequireApproval { terms, .. } => terms,
+            };
+            let tx = lender.conn()?;
             let (ttl, cap_units): (Option<u32>, Option<i64>) = tx.query_row(
                 "SELECT card_ttl_seconds, card_cap_units FROM spends WHERE id = ?1",
                 params![spend_id],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            let cap = match cap_units {
-                Some(units) => amount(units, spend.amount.currency())?,
-                None => spend.amount.clone(),
+            let recorded = CardTerms {
+                ttl_seconds: ttl,
+                max_amount: cap_units.map(|u| amount(u, spend.amount.currency())).transpose()?,
             };
-            let ttl = ttl.unwrap_or(default_ttl_seconds).clamp(1, default_ttl_seconds.max(1));
+            let (cap, ttl) = card_terms(&spend.amount, &recorded.narrowest(terms), default_ttl_seconds);
             if balance(tx, cap.currency(), AccountKind::Available)? < cap.units() {
                 return Err(StorageError::InvalidState(format!(
                     "{INSUFFICIENT_FUNDS}: spend `{spend_id}` needs {cap}"
@@ -901,8 +961,15 @@ impl Storage for SqliteStorage {
             let received = ms(spend.received_at_ms)?;
             let expires = now + i64::from(ttl) * 1000;
             place_hold(tx, spend_id, &spend.agent_id, &cap, &spend.merchant, received, expires, now)?;
+            append_audit(
+                tx,
+                "approval_policies",
+                &json!({ "spend_id": spend_id, "policies": decided.evaluations }),
+                now,
+            )?;
             spend_by_id(tx, spend_id)?
                 .ok_or_else(|| StorageError::Invariant("approved spend vanished".into()))
+                .map(Ending::Commit)
         })
     }
 
