@@ -295,17 +295,25 @@ fn the_audit_chain_records_every_change_and_never_a_token() {
     assert_eq!(b.verify_audit().unwrap(), Ok(records.len() as u64));
     assert_eq!(
         audit_kinds(b),
-        ["policy_uploaded", "policy_uploaded", "agent_created", "attachments_set", "agent_revoked"]
+        [
+            "token_created",
+            "policy_uploaded",
+            "policy_uploaded",
+            "agent_created",
+            "token_created",
+            "attachments_set",
+            "agent_revoked"
+        ]
     );
     let json = |i: usize| serde_json::from_str::<serde_json::Value>(&records[i].record).unwrap();
     assert_eq!(
-        json(0),
+        json(1),
         serde_json::json!({
             "name": "limits", "version": 1, "sha256": sha256_hex(module), "size": module.len(),
         })
     );
     assert_eq!(
-        json(2),
+        json(3),
         serde_json::json!({
             "agent_id": "ag_x",
             "name": "ag_x the bot",
@@ -314,14 +322,19 @@ fn the_audit_chain_records_every_change_and_never_a_token() {
         })
     );
     assert_eq!(
-        json(3),
+        json(5),
         serde_json::json!({
             "agent_id": "ag_x",
             "policies": [{ "policy": "limits@2", "config_sha256": sha256_hex(b"{}") }],
         })
     );
-    assert_eq!(json(4), serde_json::json!({ "agent_id": "ag_x" }));
-    assert_eq!(records.iter().map(|r| r.at_ms).collect::<Vec<_>>(), [T0 + 1, T0 + 2, T0 + 3, T0 + 5, T0 + 6]);
+    assert_eq!(json(6), serde_json::json!({ "agent_id": "ag_x" }));
+    assert_eq!(json(4)["role"], "agent");
+    assert_eq!(json(4)["agent_id"], "ag_x");
+    assert_eq!(
+        records.iter().map(|r| r.at_ms).collect::<Vec<_>>(),
+        [T0, T0 + 1, T0 + 2, T0 + 3, T0 + 4, T0 + 5, T0 + 6]
+    );
 
     assert_eq!(secrets.len(), 8);
     for record in &records {
