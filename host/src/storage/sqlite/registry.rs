@@ -391,12 +391,7 @@ impl Registry for SqliteStorage {
 mod tests {
     use super::*;
 
-    /// The plan SQLite chose, one line per step.
-    fn plan(conn: &Connection, sql: &str, args: &[&dyn rusqlite::ToSql]) -> String {
-        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let rows = stmt.query_map(args, |r| r.get::<_, String>(3)).unwrap();
-        rows.map(Result::unwrap).collect::<Vec<_>>().join("\n")
-    }
+    use crate::storage::sqlite::tests::plan;
 
     /// Every request looks its token up, and every proposal its agent and
     /// attachments: these stay index lookups however many there are.
