@@ -65,12 +65,11 @@ fn attachment_history(db: &Path, agent_id: &str) -> Vec<(i64, String, u32, Strin
              WHERE agent_id = ?1 ORDER BY set_no, position",
         )
         .unwrap();
-    let rows = stmt
-        .query_map([agent_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+
+    stmt.query_map([agent_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .unwrap()
         .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    rows
+        .unwrap()
 }
 
 fn audit_kinds(b: &dyn Backend) -> Vec<String> {

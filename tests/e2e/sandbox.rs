@@ -259,7 +259,7 @@ fn random_bytes_are_refused_cleanly() {
             _ => {
                 bytes = real.clone();
                 let cut = (rng.next() as usize) % bytes.len();
-                if rng.next() % 2 == 0 {
+                if rng.next().is_multiple_of(2) {
                     bytes.truncate(cut);
                 } else {
                     for _ in 0..8 {

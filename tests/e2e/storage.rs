@@ -492,16 +492,16 @@ fn randomized_operations_keep_every_invariant() {
                 let currency = currencies[pick(&mut rng, 3)];
                 let amount = Amount::from_units(1 + (rng.next() % 20_000) as i64, currency).unwrap();
                 let agent = agents[pick(&mut rng, 3)];
-                let reuse = !keys.is_empty() && rng.next() % 10 == 0;
+                let reuse = !keys.is_empty() && rng.next().is_multiple_of(10);
                 let new = if reuse {
                     let (_, earlier) = &keys[pick(&mut rng, keys.len())];
                     let mut again = earlier.clone();
-                    if rng.next() % 2 == 0 {
+                    if rng.next().is_multiple_of(2) {
                         again.amount = amount.clone(); // a conflict, unless equal by chance
                     }
                     again
                 } else {
-                    let key = (rng.next() % 3 == 0).then(|| new_id("key"));
+                    let key = rng.next().is_multiple_of(3).then(|| new_id("key"));
                     spend(agent, amount, merchants[pick(&mut rng, 2)], key.as_deref(), now)
                 };
                 let verdict_roll = rng.next() % 10;

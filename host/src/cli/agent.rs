@@ -296,11 +296,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, "{limit: 5}").unwrap();
-        let err = policies_body(&attachments(&["a"], &[bad.clone()])).unwrap_err();
+        let err = policies_body(&attachments(&["a"], std::slice::from_ref(&bad))).unwrap_err();
         assert!(err.downcast_ref::<UsageError>().is_none());
         assert_eq!(err.to_string(), format!("invalid `{}`", bad.display()));
         let missing = dir.path().join("missing.json");
-        let err = policies_body(&attachments(&["a"], &[missing.clone()])).unwrap_err();
+        let err = policies_body(&attachments(&["a"], std::slice::from_ref(&missing))).unwrap_err();
         assert_eq!(err.to_string(), format!("cannot read `{}`", missing.display()));
     }
 

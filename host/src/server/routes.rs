@@ -279,7 +279,7 @@ fn evaluate_all(
                 continue;
             }
         };
-        let run = state.sandbox.evaluate(&policy, request, &attachment.config, Arc::clone(&history));
+        let run = state.sandbox.evaluate(policy, request, &attachment.config, Arc::clone(&history));
         let fault = run.outcome.as_ref().err();
         state.metrics.evaluation(run.elapsed.as_secs_f64(), fault.map(|f| f.kind()));
         let decision = run.decision(&attachment.policy);

@@ -912,7 +912,7 @@ impl Storage for SqliteStorage {
                     }
                 }
             }
-            let decided = lender.lend(|history| decide(history))?;
+            let decided = lender.lend(decide)?;
             commit_verdict(lender.conn()?, spend, decided, cards, now_ms).map(Ending::Commit)
         })
     }
