@@ -13,7 +13,7 @@ use spendguard::money::Amount;
 use spendguard::policy::{CardTerms, Merchant, SpendFilter};
 use spendguard::storage::sqlite::SqliteStorage;
 use spendguard::storage::{
-    CardIssuance, Decided, NewSpend, SpendStatus, Storage, StorageError, Verdict, new_id,
+    CardIssuance, Decided, NewSpend, Proposed, SpendStatus, Storage, StorageError, Verdict, new_id,
 };
 
 use crate::sandbox::XorShift;
@@ -63,6 +63,16 @@ fn approve(terms: CardTerms) -> impl FnMut(Arc<dyn spendguard::history::History>
     move |_| Verdict::Approve(terms.clone()).into()
 }
 
+/// Propose with every policy allowing at the default terms.
+fn propose_allowed(
+    storage: &(impl Storage + ?Sized),
+    cards: &CardIssuance<'_>,
+    spend: NewSpend,
+    now: u64,
+) -> Proposed {
+    storage.propose(&spend, cards, now, &mut approve(CardTerms::default())).unwrap()
+}
+
 fn charge(card: &spendguard::cards::IssuedCard, amount: Amount, merchant_id: &str) -> AuthorizationRequest {
     AuthorizationRequest {
         pan: card.secrets.pan.clone(),
@@ -81,15 +91,7 @@ fn a_card_is_issued_charged_once_and_the_rest_released() {
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("100.00"), None, T0).unwrap();
 
-    let p = b
-        .storage
-        .propose(
-            &spend("bot", usd("30.00"), "api.openai.com", None, T0),
-            &cards,
-            T0,
-            &mut approve(CardTerms::default()),
-        )
-        .unwrap();
+    let p = propose_allowed(&*b.storage, &cards, spend("bot", usd("30.00"), "api.openai.com", None, T0), T0);
     assert_eq!(p.spend.status, SpendStatus::Approved);
     let card = p.card.expect("an approved spend gets a card");
     let bal = &b.storage.balances().unwrap()[0];
@@ -135,15 +137,7 @@ fn policies_narrow_the_card_and_funds_must_cover_it() {
     assert_eq!(p.card.unwrap().expires_at_ms, T0 + 900_000);
 
     // 20 - 15 - 5 = 0 left: the next approval is denied for funds, holds nothing.
-    let p = b
-        .storage
-        .propose(
-            &spend("bot", usd("0.01"), "m.com", None, T0),
-            &cards,
-            T0,
-            &mut approve(CardTerms::default()),
-        )
-        .unwrap();
+    let p = propose_allowed(&*b.storage, &cards, spend("bot", usd("0.01"), "m.com", None, T0), T0);
     assert_eq!(p.spend.status, SpendStatus::Denied);
     assert_eq!(p.spend.reasons, vec!["insufficient funds".to_owned()]);
     assert!(p.card.is_none());
@@ -164,15 +158,7 @@ fn idempotency_keys_replay_or_conflict() {
     );
     assert_eq!(b.storage.balances().unwrap()[0].available, 5000, "a replayed deposit moves nothing");
 
-    let first = b
-        .storage
-        .propose(
-            &spend("bot", usd("10.00"), "m.com", Some("k1"), T0),
-            &cards,
-            T0,
-            &mut approve(CardTerms::default()),
-        )
-        .unwrap();
+    let first = propose_allowed(&*b.storage, &cards, spend("bot", usd("10.00"), "m.com", Some("k1"), T0), T0);
     let mut ran = false;
     let again = b
         .storage
@@ -192,15 +178,8 @@ fn idempotency_keys_replay_or_conflict() {
     );
     assert_eq!(other.unwrap_err(), StorageError::IdempotencyConflict("k1".into()));
     // Keys are per agent.
-    let p = b
-        .storage
-        .propose(
-            &spend("other-bot", usd("11.00"), "m.com", Some("k1"), T0),
-            &cards,
-            T0,
-            &mut approve(CardTerms::default()),
-        )
-        .unwrap();
+    let p =
+        propose_allowed(&*b.storage, &cards, spend("other-bot", usd("11.00"), "m.com", Some("k1"), T0), T0);
     assert!(!p.replayed);
     let bal = &b.storage.balances().unwrap()[0];
     assert_eq!((bal.available, bal.held), (2900, 2100));
@@ -214,16 +193,7 @@ fn expired_and_voided_cards_release_their_holds_once() {
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("30.00"), None, T0).unwrap();
     let issue = |amount: &str| {
-        b.storage
-            .propose(
-                &spend("bot", usd(amount), "m.com", None, T0),
-                &cards,
-                T0,
-                &mut approve(CardTerms::default()),
-            )
-            .unwrap()
-            .card
-            .unwrap()
+        propose_allowed(&*b.storage, &cards, spend("bot", usd(amount), "m.com", None, T0), T0).card.unwrap()
     };
     let (a, v, e) = (issue("10.00"), issue("10.00"), issue("10.00"));
     b.storage.void_card(&v.card_id, T0 + 1).unwrap();
@@ -256,14 +226,7 @@ fn cards_that_expired_while_the_daemon_was_down_are_released_on_open() {
     {
         let storage = SqliteStorage::open(&path).unwrap();
         storage.deposit(&usd("10.00"), None, T0).unwrap();
-        storage
-            .propose(
-                &spend("bot", usd("10.00"), "m.com", None, T0),
-                &cards,
-                T0,
-                &mut approve(CardTerms::default()),
-            )
-            .unwrap();
+        propose_allowed(&storage, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0);
     }
     let storage = SqliteStorage::open(&path).unwrap();
     assert_eq!(storage.balances().unwrap()[0].held, 1000, "still held across a restart");
@@ -280,16 +243,7 @@ fn history_counts_captures_and_open_holds_in_the_requests_currency() {
     b.storage.deposit(&usd("100.00"), None, T0).unwrap();
     b.storage.deposit(&Amount::parse("100.00", "EUR").unwrap(), None, T0).unwrap();
     let issue = |agent: &str, amount: Amount, merchant_id: &str, at: u64| {
-        b.storage
-            .propose(
-                &spend(agent, amount, merchant_id, None, at),
-                &cards,
-                at,
-                &mut approve(CardTerms::default()),
-            )
-            .unwrap()
-            .card
-            .unwrap()
+        propose_allowed(&*b.storage, &cards, spend(agent, amount, merchant_id, None, at), at).card.unwrap()
     };
     let used = issue("bot", usd("20.00"), "a.com", T0);
     b.storage.authorize(&charge(&used, usd("5.00"), "a.com"), &key, T0 + 1).unwrap(); // counts 5
@@ -330,15 +284,7 @@ fn racing_charges_on_one_card_approve_exactly_once() {
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("100.00"), None, T0).unwrap();
     for round in 0..5 {
-        let card = b
-            .storage
-            .propose(
-                &spend("bot", usd("10.00"), "m.com", None, T0),
-                &cards,
-                T0,
-                &mut approve(CardTerms::default()),
-            )
-            .unwrap()
+        let card = propose_allowed(&*b.storage, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0)
             .card
             .unwrap();
         let card = Arc::new(card);
@@ -372,15 +318,7 @@ fn racing_charges_from_two_connections_approve_exactly_once() {
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     one.deposit(&usd("10.00"), None, T0).unwrap();
     let card = Arc::new(
-        one.propose(
-            &spend("bot", usd("10.00"), "m.com", None, T0),
-            &cards,
-            T0,
-            &mut approve(CardTerms::default()),
-        )
-        .unwrap()
-        .card
-        .unwrap(),
+        propose_allowed(&*one, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0).card.unwrap(),
     );
     let threads: Vec<_> = (0..8)
         .map(|i| {
@@ -756,24 +694,8 @@ fn a_card_number_already_in_use_is_drawn_again() {
     let (key, issuer) = (CardKey::generate(), RepeatingIssuer(std::sync::Mutex::new(0)));
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("10.00"), None, T0).unwrap();
-    let first = b
-        .storage
-        .propose(
-            &spend("bot", usd("1.00"), "m.com", None, T0),
-            &cards,
-            T0,
-            &mut approve(CardTerms::default()),
-        )
-        .unwrap();
-    let second = b
-        .storage
-        .propose(
-            &spend("bot", usd("1.00"), "m.com", None, T0),
-            &cards,
-            T0,
-            &mut approve(CardTerms::default()),
-        )
-        .unwrap();
+    let first = propose_allowed(&*b.storage, &cards, spend("bot", usd("1.00"), "m.com", None, T0), T0);
+    let second = propose_allowed(&*b.storage, &cards, spend("bot", usd("1.00"), "m.com", None, T0), T0);
     let (first, second) = (first.card.unwrap(), second.card.unwrap());
     assert_eq!(first.secrets.pan, "4000001234567899");
     assert_ne!(second.secrets.pan, first.secrets.pan, "the repeated number was drawn again");
@@ -803,25 +725,11 @@ fn the_invariant_checks_catch_tampering() {
         let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
         let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
         storage.deposit(&usd("50.00"), None, T0).unwrap();
-        let used = storage
-            .propose(
-                &spend("bot", usd("10.00"), "m.com", None, T0),
-                &cards,
-                T0,
-                &mut approve(CardTerms::default()),
-            )
-            .unwrap()
+        let used = propose_allowed(&storage, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0)
             .card
             .unwrap();
         storage.authorize(&charge(&used, usd("4.00"), "m.com"), &key, T0).unwrap();
-        storage
-            .propose(
-                &spend("bot", usd("5.00"), "m.com", None, T0),
-                &cards,
-                T0,
-                &mut approve(CardTerms::default()),
-            )
-            .unwrap();
+        propose_allowed(&storage, &cards, spend("bot", usd("5.00"), "m.com", None, T0), T0);
         storage.check_invariants().unwrap();
         let conn = rusqlite::Connection::open(&path).unwrap();
         let table = sql.split_whitespace().nth(if sql.starts_with("DELETE") { 2 } else { 1 }).unwrap();
