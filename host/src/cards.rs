@@ -352,6 +352,10 @@ pub struct IssuedCard {
     pub exp_year: u16,
     /// The instant the card stops authorizing, in Unix milliseconds.
     pub expires_at_ms: u64,
+    /// The most it may be charged, in its currency.
+    pub cap: Amount,
+    /// The only merchant it works at.
+    pub merchant_id: String,
 }
 
 /// Something that issues cards: the built-in [`SimulatedIssuer`] today, real
@@ -399,6 +403,8 @@ impl Issuer for SimulatedIssuer {
             exp_month,
             exp_year,
             expires_at_ms,
+            cap: request.cap.clone(),
+            merchant_id: request.merchant_id.clone(),
         })
     }
 }

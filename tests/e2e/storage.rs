@@ -4,7 +4,6 @@
 //! runs the same tests.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use spendguard::cards::{AuthorizationRequest, CardKey, CardState, DeclineCode, SimulatedIssuer};
@@ -664,7 +663,6 @@ fn assert_no_secrets_at_rest(files: &[std::path::PathBuf], cards: &[&spendguard:
             }
         }
     }
-    let _ = Path::new("");
 }
 
 /// Hands out the same card number twice, then fresh ones.

@@ -50,7 +50,23 @@ pub fn card(card: &CardRecord) -> Value {
     })
 }
 
-/// A card with its PAN and CVV: only in the one response that reveals them.
+/// A card just issued, with its PAN and CVV, in the shape of SPEC §9's
+/// proposal response: the one time they are shown.
+pub fn new_card(issued: &IssuedCard) -> Value {
+    json!({
+        "id": issued.card_id,
+        "pan": issued.secrets.pan,
+        "cvv": issued.secrets.cvv,
+        "exp_month": issued.exp_month,
+        "exp_year": issued.exp_year,
+        "limit": issued.cap.to_decimal().to_string(),
+        "currency": issued.cap.currency(),
+        "merchant_id": issued.merchant_id,
+        "expires_at": time(issued.expires_at_ms),
+    })
+}
+
+/// A stored card with its PAN and CVV: only in the one response that reveals them.
 pub fn card_with_secrets(issued: &IssuedCard, record: &CardRecord) -> Value {
     let mut v = card(record);
     v["pan"] = json!(issued.secrets.pan);

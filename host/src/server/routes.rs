@@ -193,15 +193,7 @@ pub async fn propose(
     })
     .await?;
     state.metrics.proposal(if proposed.replayed { "replayed" } else { proposed.spend.status.as_str() });
-    let card = match (&proposed.card, &proposed.spend.card_id) {
-        (Some(issued), Some(card_id)) => {
-            let s = Arc::clone(&state);
-            let id = card_id.clone();
-            let record = blocking(move || Ok(s.backend.card(&id)?)).await?;
-            record.map(|r| card_json_for_proposal(issued, &r))
-        }
-        _ => None,
-    };
+    let card = proposed.card.as_ref().map(json::new_card);
     let mut v = json!({
         "id": proposed.spend.id,
         "status": proposed.spend.status.as_str(),
@@ -234,13 +226,6 @@ fn policy_request(spend: &SpendRecord, agent: &AgentRecord) -> policy::SpendRequ
         purpose: spend.purpose.clone(),
         received_at_ms: spend.received_at_ms,
     }
-}
-
-fn card_json_for_proposal(issued: &crate::cards::IssuedCard, record: &crate::storage::CardRecord) -> Value {
-    let full = json::card_with_secrets(issued, record);
-    let keep =
-        ["id", "pan", "cvv", "exp_month", "exp_year", "limit", "currency", "merchant_id", "expires_at"];
-    Value::Object(keep.iter().filter_map(|k| full.get(*k).map(|v| ((*k).to_owned(), v.clone()))).collect())
 }
 
 /// Every attached policy, each in a fresh sandbox, combined: deny wins over
@@ -327,7 +312,11 @@ pub async fn get_spend(State(state): State<Arc<AppState>>, caller: Caller, Path(
         if reader.is_some() && spend.status == SpendStatus::Approved && spend.card_id.is_none() {
             secrets = s.backend.claim_card(&spend.id, &s.card_issuance(), now_ms())?;
         }
-        let spend = s.backend.spend(&id)?.ok_or_else(|| ApiError::not_found(format!("spend `{id}`")))?;
+        // Read again only when a card was just made for it.
+        let spend = match &secrets {
+            Some(_) => s.backend.spend(&id)?.ok_or_else(|| ApiError::not_found(format!("spend `{id}`")))?,
+            None => spend,
+        };
         let card = match &spend.card_id {
             Some(card_id) => s.backend.card(card_id)?,
             None => None,
