@@ -19,19 +19,19 @@ use crate::guests;
 
 /// How long `serve` may take to say it listens (it compiles nothing at start,
 /// but this machine builds other things while the tests run).
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a daemon sent SIGTERM may take to exit.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What `serve` prints on stdout once it accepts connections.
-const LISTENING: &str = "spendguard listening on ";
+pub(crate) const LISTENING: &str = "spendguard listening on ";
 
-fn spendguard() -> Command {
+pub(crate) fn spendguard() -> Command {
     Command::new(env!("CARGO_BIN_EXE_spendguard"))
 }
 
-fn path(p: &Path) -> &str {
+pub(crate) fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
@@ -39,15 +39,15 @@ fn path(p: &Path) -> &str {
 
 /// A running `spendguard serve`, killed and reaped when dropped, so a failing
 /// test leaves no daemon behind.
-struct Daemon {
-    child: Child,
-    url: String,
-    log: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) url: String,
+    pub(crate) log: PathBuf,
 }
 
 impl Daemon {
     /// Start `serve` on a free port and wait until it says where it listens.
-    fn start(data: &Path, log: &Path) -> Daemon {
+    pub(crate) fn start(data: &Path, log: &Path) -> Daemon {
         let stderr = OpenOptions::new().create(true).append(true).open(log).expect("log file opens");
         let mut child = spendguard()
             .args(["serve", "--data-dir", path(data), "--listen", "127.0.0.1:0"])
@@ -86,16 +86,16 @@ impl Daemon {
         daemon
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn pid(&self) -> String {
+    pub(crate) fn pid(&self) -> String {
         self.child.id().to_string()
     }
 
     /// SIGTERM, as a service manager stops it; how it exited.
-    fn terminate(&mut self) -> ExitStatus {
+    pub(crate) fn terminate(&mut self) -> ExitStatus {
         let kill = Command::new("kill").args(["-TERM", &self.pid()]).status().expect("`kill` runs");
         assert!(kill.success(), "`kill -TERM {}` failed", self.pid());
         let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
@@ -124,7 +124,7 @@ impl Drop for Daemon {
 
 /// A request body.
 #[derive(Debug, Clone)]
-enum Body {
+pub(crate) enum Body {
     None,
     Json(Value),
     /// Sent as JSON, whatever it holds (for malformed JSON).
@@ -138,12 +138,12 @@ enum Body {
 
 /// How long a [`Body::SlowModule`] waits before its first byte: far longer
 /// than the daemon takes to answer a request from its headers alone.
-const SLOW_UPLINK_DELAY: Duration = Duration::from_millis(300);
+pub(crate) const SLOW_UPLINK_DELAY: Duration = Duration::from_millis(300);
 
 /// A reader that waits [`SLOW_UPLINK_DELAY`] before its first byte.
-struct SlowReader {
-    waited: bool,
-    bytes: std::io::Cursor<Vec<u8>>,
+pub(crate) struct SlowReader {
+    pub(crate) waited: bool,
+    pub(crate) bytes: std::io::Cursor<Vec<u8>>,
 }
 
 impl std::io::Read for SlowReader {
@@ -158,22 +158,22 @@ impl std::io::Read for SlowReader {
 
 /// A response: its status, and its body as JSON (`Null` when it is not).
 #[derive(Debug)]
-struct Reply {
-    status: u16,
-    json: Value,
-    text: String,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) json: Value,
+    pub(crate) text: String,
 }
 
 impl Reply {
     /// The JSON body, after checking the status.
-    fn expect(self, status: u16, what: &str) -> Value {
+    pub(crate) fn expect(self, status: u16, what: &str) -> Value {
         assert_eq!(self.status, status, "{what}: {}", self.text);
         self.json
     }
 
     /// Check a refusal: its status and its error code, with a message.
     #[track_caller]
-    fn refused(&self, status: u16, code: &str, what: &str) {
+    pub(crate) fn refused(&self, status: u16, code: &str, what: &str) {
         if let Err(e) = self.check(status, Some(code)) {
             panic!("{what}: {e}");
         }
@@ -182,7 +182,7 @@ impl Reply {
     /// The status is `status`; for a refusal (`code` given) the body is
     /// `{"error": {"code": code, "message": "…"}}`.
     /// An empty `code` stands for any code (where the spec names none).
-    fn check(&self, status: u16, code: Option<&str>) -> Result<(), String> {
+    pub(crate) fn check(&self, status: u16, code: Option<&str>) -> Result<(), String> {
         let got = &self.json["error"];
         let code_fits = |c: &str| {
             got["code"].as_str().is_some_and(|got| if c.is_empty() { !got.is_empty() } else { got == c })
@@ -203,32 +203,32 @@ impl Reply {
     }
 }
 
-fn bearer(token: &str) -> String {
+pub(crate) fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
 /// An agent as the operator created it.
 #[derive(Debug, Clone)]
-struct AgentToken {
-    id: String,
-    token: String,
+pub(crate) struct AgentToken {
+    pub(crate) id: String,
+    pub(crate) token: String,
 }
 
 /// A fresh data directory with a daemon serving it, and the tokens `init`
 /// printed.
-struct Wallet {
+pub(crate) struct Wallet {
     // Dropped first: the daemon stops before its directory is removed.
-    daemon: Daemon,
-    data: PathBuf,
-    log: PathBuf,
-    operator: String,
-    network: String,
-    http: ureq::Agent,
-    _dir: tempfile::TempDir,
+    pub(crate) daemon: Daemon,
+    pub(crate) data: PathBuf,
+    pub(crate) log: PathBuf,
+    pub(crate) operator: String,
+    pub(crate) network: String,
+    pub(crate) http: ureq::Agent,
+    pub(crate) _dir: tempfile::TempDir,
 }
 
 impl Wallet {
-    fn new() -> Wallet {
+    pub(crate) fn new() -> Wallet {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         let out = spendguard()
@@ -264,7 +264,7 @@ impl Wallet {
     }
 
     /// Stop the daemon with SIGTERM; it must exit cleanly.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let status = self.daemon.terminate();
         assert!(
             status.success(),
@@ -274,16 +274,16 @@ impl Wallet {
     }
 
     /// Serve the same data directory again (on a new port).
-    fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.daemon = Daemon::start(&self.data, &self.log);
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.daemon.url)
     }
 
     /// One request, `authorization` being the whole header value.
-    fn send(
+    pub(crate) fn send(
         &self,
         method: &str,
         path: &str,
@@ -295,7 +295,7 @@ impl Wallet {
     }
 
     /// [`Wallet::send`], saying so when no HTTP response could be read.
-    fn try_send(
+    pub(crate) fn try_send(
         &self,
         method: &str,
         path: &str,
@@ -347,27 +347,27 @@ impl Wallet {
         Ok(Reply { status, json, text })
     }
 
-    fn get(&self, path: &str, token: &str) -> Reply {
+    pub(crate) fn get(&self, path: &str, token: &str) -> Reply {
         self.send("GET", path, Some(&bearer(token)), &[], Body::None)
     }
 
-    fn post(&self, path: &str, token: &str, body: Value) -> Reply {
+    pub(crate) fn post(&self, path: &str, token: &str, body: Value) -> Reply {
         self.send("POST", path, Some(&bearer(token)), &[], Body::Json(body))
     }
 
     /// What the operator reads at `path`, which must answer 200.
-    fn read(&self, path: &str) -> Value {
+    pub(crate) fn read(&self, path: &str) -> Value {
         self.get(path, &self.operator).expect(200, &format!("GET {path}"))
     }
 
-    fn deposit(&self, amount: &str) {
+    pub(crate) fn deposit(&self, amount: &str) {
         let reply =
             self.post("/v1/wallet/deposits", &self.operator, json!({"amount": amount, "currency": "USD"}));
         let d = reply.expect(201, "deposit");
         assert_eq!((&d["amount"], &d["currency"]), (&json!(amount), &json!("USD")), "{d}");
     }
 
-    fn upload(&self, name: &str, package: &str) -> Value {
+    pub(crate) fn upload(&self, name: &str, package: &str) -> Value {
         let module = guests::bytes(package);
         let reply = self.send(
             "POST",
@@ -382,7 +382,7 @@ impl Wallet {
         p
     }
 
-    fn create_agent(&self, name: &str, policies: Value) -> AgentToken {
+    pub(crate) fn create_agent(&self, name: &str, policies: Value) -> AgentToken {
         let reply = self.post(
             "/v1/agents",
             &self.operator,
@@ -395,16 +395,16 @@ impl Wallet {
         AgentToken { id: field("id"), token: field("token") }
     }
 
-    fn propose(&self, agent: &AgentToken, amount: &str, merchant: &str, mcc: &str) -> Reply {
+    pub(crate) fn propose(&self, agent: &AgentToken, amount: &str, merchant: &str, mcc: &str) -> Reply {
         self.post("/v1/spends", &agent.token, proposal(amount, merchant, mcc))
     }
 
     /// A merchant's charge through the card network.
-    fn charge(&self, card: &Value, amount: &str, merchant: &str) -> Value {
+    pub(crate) fn charge(&self, card: &Value, amount: &str, merchant: &str) -> Value {
         self.charge_in(card, amount, "USD", merchant)
     }
 
-    fn charge_in(&self, card: &Value, amount: &str, currency: &str, merchant: &str) -> Value {
+    pub(crate) fn charge_in(&self, card: &Value, amount: &str, currency: &str, merchant: &str) -> Value {
         let body = json!({
             "pan": card["pan"], "cvv": card["cvv"], "exp_month": card["exp_month"], "exp_year": card["exp_year"],
             "amount": amount, "currency": currency, "merchant_id": merchant,
@@ -414,7 +414,7 @@ impl Wallet {
 
     /// The USD balances, exactly.
     #[track_caller]
-    fn assert_wallet(&self, available: &str, held: &str, spent: &str) {
+    pub(crate) fn assert_wallet(&self, available: &str, held: &str, spent: &str) {
         assert_eq!(
             self.read("/v1/wallet"),
             json!({"balances": [{"currency": "USD", "available": available, "held": held, "spent": spent}]}),
@@ -422,7 +422,7 @@ impl Wallet {
     }
 
     /// `spendguard …` as a client of this daemon, with `token`.
-    fn cli(&self, token: &str, args: &[&str]) -> std::process::Output {
+    pub(crate) fn cli(&self, token: &str, args: &[&str]) -> std::process::Output {
         spendguard()
             .args(args)
             .env("SPENDGUARD_URL", &self.daemon.url)
@@ -432,7 +432,7 @@ impl Wallet {
     }
 }
 
-fn proposal(amount: &str, merchant: &str, mcc: &str) -> Value {
+pub(crate) fn proposal(amount: &str, merchant: &str, mcc: &str) -> Value {
     json!({
         "amount": amount, "currency": "USD",
         "merchant": {"id": merchant, "name": merchant, "mcc": mcc, "country": "US"},
@@ -440,15 +440,15 @@ fn proposal(amount: &str, merchant: &str, mcc: &str) -> Value {
     })
 }
 
-fn approved() -> Value {
+pub(crate) fn approved() -> Value {
     json!({"approved": true, "decline_code": null})
 }
 
-fn declined(code: &str) -> Value {
+pub(crate) fn declined(code: &str) -> Value {
     json!({"approved": false, "decline_code": code})
 }
 
-fn luhn_valid(pan: &str) -> bool {
+pub(crate) fn luhn_valid(pan: &str) -> bool {
     let mut sum = 0;
     for (i, b) in pan.bytes().rev().enumerate() {
         let mut d = u32::from(b - b'0');
@@ -465,7 +465,7 @@ fn luhn_valid(pan: &str) -> bool {
 
 /// A card's PAN and CVV are well formed: 16 Luhn-valid digits, 3 or 4 digits.
 #[track_caller]
-fn assert_secrets(card: &Value) {
+pub(crate) fn assert_secrets(card: &Value) {
     let pan = card["pan"].as_str().unwrap_or_else(|| panic!("the card has its PAN: {card}"));
     assert!(pan.len() == 16 && pan.bytes().all(|b| b.is_ascii_digit()), "a 16-digit PAN: {pan}");
     assert!(luhn_valid(pan), "a Luhn-valid PAN: {pan}");
@@ -474,11 +474,11 @@ fn assert_secrets(card: &Value) {
 }
 
 #[track_caller]
-fn assert_no_secrets(card: &Value) {
+pub(crate) fn assert_no_secrets(card: &Value) {
     assert!(card.get("pan").is_none() && card.get("cvv").is_none(), "PAN and CVV are shown once: {card}");
 }
 
-fn ids(list: &Value) -> Vec<&str> {
+pub(crate) fn ids(list: &Value) -> Vec<&str> {
     list.as_array().expect("a list").iter().map(|x| x["id"].as_str().expect("an id")).collect()
 }
 
