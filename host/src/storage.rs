@@ -216,10 +216,16 @@ pub trait Storage: Send + Sync {
     fn balances(&self) -> Result<Vec<Balance>, StorageError>;
 
     /// Record a proposal and its outcome in one transaction: look up the
-    /// idempotency key, let `decide` run the policies against a history that
-    /// reads inside this transaction (so no other proposal can commit between
-    /// what the policies saw and this commit), then — on approval — check the
-    /// funds, place the hold and issue the card.
+    /// idempotency key, let `decide` run the policies, then — on approval —
+    /// check the funds, place the hold and issue the card.
+    ///
+    /// The decision commits as if the policies had run inside the commit's
+    /// transaction (SPEC §4): no other proposal can commit between what the
+    /// policies saw and this commit. A backend may run `decide` outside its
+    /// write lock against a snapshot, provided it commits only when every
+    /// history query the policies made still has the same answer (policies
+    /// are deterministic, so they would decide the same), and otherwise
+    /// runs `decide` again; `decide` may therefore be called more than once.
     fn propose(
         &self,
         spend: &NewSpend,
@@ -229,7 +235,7 @@ pub trait Storage: Send + Sync {
     ) -> Result<Proposed, StorageError>;
 
     /// The operator approves a spend waiting for approval: `decide` runs the
-    /// agent's policies again inside the transaction (a deny still wins, a
+    /// agent's policies again, as for [`Storage::propose`] (a deny still wins, a
     /// require-approval is what the operator just answered), funds are
     /// checked again and the money held; the card is made when the agent first reads
     /// the spend ([`Storage::claim_card`]), and lives until the hold lapses.

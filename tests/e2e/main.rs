@@ -8,6 +8,7 @@ mod cli;
 mod daemon;
 mod guests;
 mod policies;
+mod races;
 mod registry;
 mod sandbox;
 mod storage;

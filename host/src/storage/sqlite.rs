@@ -2,7 +2,17 @@
 //!
 //! Writes are serialized by SQLite's own write lock (`BEGIN IMMEDIATE`), so
 //! several processes on one file stay correct; within a process one writer
-//! connection does them in turn.
+//! connection does them in turn. Reads use a pool of read connections, each
+//! read one snapshot, and never wait for the writer.
+//!
+//! Policies run outside the write lock, against a read snapshot; each
+//! history query they make is recorded with its answer. Under the lock the
+//! queries run again: if every answer is the same, the decision commits (it
+//! is the one the policies would make now); if not, they run again. After
+//! [`OPTIMISTIC_ATTEMPTS`] the evaluation happens under the lock, which
+//! always completes. A deny commits without the check: it moves no money.
+//! So a slow or hostile policy holds the lock only while its own agent's
+//! proposals keep conflicting, and a faulting one never does.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -71,7 +81,20 @@ pub struct SqliteStorage {
     /// The writer connection. `None` only while a proposal lends it to the
     /// policies' history, with this lock held.
     conn: Mutex<Option<Connection>>,
+    /// Idle read connections. Reads (and policies' history queries outside
+    /// the write lock) never wait for the writer: WAL gives each its
+    /// snapshot.
+    readers: Mutex<Vec<Connection>>,
 }
+
+/// Read connections kept open for reuse; more are opened when needed.
+const IDLE_READERS: usize = 16;
+
+/// How many times a proposal's policies are evaluated outside the write
+/// lock before the host gives up on optimism and evaluates under it. An
+/// evaluation whose history changed before its commit is thrown away; under
+/// the lock nothing can change, so the last attempt always completes.
+pub const OPTIMISTIC_ATTEMPTS: usize = 3;
 
 impl std::fmt::Debug for SqliteStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -84,7 +107,11 @@ impl SqliteStorage {
     /// migration not yet applied.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         let conn = Self::connect(path)?;
-        Ok(SqliteStorage { path: path.to_path_buf(), conn: Mutex::new(Some(conn)) })
+        Ok(SqliteStorage {
+            path: path.to_path_buf(),
+            conn: Mutex::new(Some(conn)),
+            readers: Mutex::new(Vec::new()),
+        })
     }
 
     fn connect(path: &Path) -> Result<Connection, StorageError> {
@@ -95,6 +122,14 @@ impl SqliteStorage {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         migrations().to_latest(&mut conn).map_err(|e| StorageError::Database(format!("migrations: {e}")))?;
+        Ok(conn)
+    }
+
+    /// A read connection: refuses every write, whatever a bug asks of it.
+    fn connect_reader(&self) -> Result<Connection, StorageError> {
+        let conn = Connection::open(&self.path)?;
+        conn.pragma_update(None, "query_only", "ON")?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         Ok(conn)
     }
 
@@ -125,13 +160,63 @@ impl SqliteStorage {
         result
     }
 
-    /// Run `f` on the connection without a write lock (a read snapshot).
+    /// Run `f` in a read transaction on a read connection: one consistent
+    /// snapshot, taken without waiting for any writer.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StorageError>) -> Result<T, StorageError> {
-        let (mut slot, conn) = self.writer()?;
+        let conn = self.idle_reader().map_or_else(|| self.connect_reader(), Ok)?;
+        conn.execute_batch("BEGIN")?;
         let result = f(&conn);
-        *slot = Some(conn);
+        self.end_read(conn);
         result
     }
+
+    fn idle_reader(&self) -> Option<Connection> {
+        self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    /// End a read transaction and keep the connection for the next read.
+    fn end_read(&self, conn: Connection) {
+        if !conn.is_autocommit() && conn.execute_batch("COMMIT").is_err() {
+            return; // dropped: closing it ends the transaction
+        }
+        let mut idle = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
+        }
+    }
+
+    /// Run `decide` against history read from one snapshot, outside the
+    /// write lock; what it decided, and every history query it made with
+    /// its answer (to be checked again at commit).
+    fn evaluate_on_snapshot<R>(
+        &self,
+        decide: impl FnOnce(Arc<dyn History>) -> R,
+    ) -> Result<(R, Vec<HistoryRead>), StorageError> {
+        let conn = self.idle_reader().map_or_else(|| self.connect_reader(), Ok)?;
+        conn.execute_batch("BEGIN")?;
+        let mut lender = Lender { conn: Some(conn) };
+        let result = lender.lend(decide);
+        if let Some(conn) = lender.conn.take() {
+            self.end_read(conn);
+        }
+        result
+    }
+}
+
+/// A history query a policy made, with the answer it got.
+type HistoryRead = (HistoryScope, SpendFilter, SpendSummary);
+
+/// Whether every history query of an evaluation still has the answer it
+/// had. Policies are deterministic (same request, config and answers, same
+/// decision), so if so, evaluating again now would decide the same: the
+/// decision may commit as if it had been made under this lock.
+fn still_true(conn: &Connection, reads: &[HistoryRead]) -> Result<bool, StorageError> {
+    for (scope, filter, answer) in reads {
+        if summarize(conn, scope, filter)? != *answer {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// How a lending transaction ends.
@@ -141,8 +226,8 @@ enum Ending<T> {
     Rollback(T),
 }
 
-/// The connection of a lending transaction, which it may lend to the
-/// policies' history for the time of their evaluation.
+/// A connection inside a transaction, which may be lent to the policies'
+/// history for the time of their evaluation.
 struct Lender {
     conn: Option<Connection>,
 }
@@ -155,13 +240,19 @@ impl Lender {
     }
 
     /// Lend the connection, inside its transaction, to `f` as a history;
-    /// take it back when `f` returns.
-    fn lend<R>(&mut self, f: impl FnOnce(Arc<dyn History>) -> R) -> Result<R, StorageError> {
-        let history = Arc::new(TxHistory { conn: Mutex::new(self.conn.take()) });
+    /// take it back when `f` returns, with the queries `f` made.
+    fn lend<R>(
+        &mut self,
+        f: impl FnOnce(Arc<dyn History>) -> R,
+    ) -> Result<(R, Vec<HistoryRead>), StorageError> {
+        let history = Arc::new(LentHistory { conn: Mutex::new(self.conn.take()), reads: Mutex::default() });
         let result = f(history.clone());
+        // Taken back even should a policy's host state still hold the
+        // history: later queries through it find no connection.
         self.conn = history.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let reads = std::mem::take(&mut *history.reads.lock().unwrap_or_else(|p| p.into_inner()));
         self.conn()?;
-        Ok(result)
+        Ok((result, reads))
     }
 }
 
@@ -201,18 +292,21 @@ impl SqliteStorage {
     }
 }
 
-/// The policies' view of history inside a proposal's transaction. It owns
-/// the connection for the duration of the evaluation, so every query sees
-/// exactly what the commit will be checked against.
-struct TxHistory {
+/// The policies' view of history during one evaluation: a connection inside
+/// a transaction (a read snapshot, or the write-locked transaction that will
+/// commit the decision), and a record of what was asked.
+struct LentHistory {
     conn: Mutex<Option<Connection>>,
+    reads: Mutex<Vec<HistoryRead>>,
 }
 
-impl History for TxHistory {
+impl History for LentHistory {
     fn summarize(&self, scope: &HistoryScope, filter: &SpendFilter) -> Result<SpendSummary, HistoryError> {
         let guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let conn = guard.as_ref().ok_or_else(|| HistoryError("the proposal has ended".into()))?;
-        summarize(conn, scope, filter).map_err(|e| HistoryError(e.to_string()))
+        let conn = guard.as_ref().ok_or_else(|| HistoryError("the evaluation has ended".into()))?;
+        let answer = summarize(conn, scope, filter).map_err(|e| HistoryError(e.to_string()))?;
+        self.reads.lock().unwrap_or_else(|p| p.into_inner()).push((scope.clone(), filter.clone(), answer));
+        Ok(answer)
     }
 }
 
@@ -815,6 +909,82 @@ fn resolve_approval(
     )
 }
 
+/// The answer already given to a proposal with this idempotency key, if any.
+fn replay(conn: &Connection, spend: &NewSpend) -> Result<Option<Proposed>, StorageError> {
+    let Some(key) = &spend.idempotency_key else {
+        return Ok(None);
+    };
+    let earlier: Option<(String, String)> = conn
+        .query_row(
+            "SELECT id, fingerprint FROM spends WHERE agent_id = ?1 AND idempotency_key = ?2",
+            params![spend.agent_id, key],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match earlier {
+        None => Ok(None),
+        Some((_, fingerprint)) if fingerprint != spend.fingerprint() => {
+            Err(StorageError::IdempotencyConflict(key.clone()))
+        }
+        Some((id, _)) => {
+            let spend = spend_by_id(conn, &id)?
+                .ok_or_else(|| StorageError::Invariant("replayed spend vanished".into()))?;
+            Ok(Some(Proposed { spend, card: None, replayed: true }))
+        }
+    }
+}
+
+/// The operator's approval of a pending spend, once its policies have run
+/// again: a deny still wins; otherwise the hold is placed (the card is made
+/// when the agent collects it).
+fn commit_approval(
+    tx: &Connection,
+    spend: &SpendRecord,
+    decided: Decided,
+    default_ttl_seconds: u32,
+    now_ms: u64,
+) -> Result<SpendRecord, StorageError> {
+    let now = ms(now_ms)?;
+    let spend_id = spend.id.as_str();
+    // The operator answers the escalation, not the other policies: a deny
+    // (a limit used up since, say) still wins.
+    let terms = match decided.verdict {
+        Verdict::Deny(reasons) => {
+            return Err(StorageError::InvalidState(format!(
+                "the policies now deny spend `{spend_id}`: {}",
+                reasons.join("; ")
+            )));
+        }
+        Verdict::Approve(terms) | Verdict::RequireApproval { terms, .. } => terms,
+    };
+    let (ttl, cap_units): (Option<u32>, Option<i64>) = tx.query_row(
+        "SELECT card_ttl_seconds, card_cap_units FROM spends WHERE id = ?1",
+        params![spend_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let recorded = CardTerms {
+        ttl_seconds: ttl,
+        max_amount: cap_units.map(|u| amount(u, spend.amount.currency())).transpose()?,
+    };
+    let (cap, ttl) = card_terms(&spend.amount, &recorded.narrowest(terms), default_ttl_seconds);
+    if balance(tx, cap.currency(), AccountKind::Available)? < cap.units() {
+        return Err(StorageError::InvalidState(format!(
+            "{INSUFFICIENT_FUNDS}: spend `{spend_id}` needs {cap}"
+        )));
+    }
+    resolve_approval(tx, spend_id, "approved", "approved by the operator", now)?;
+    let received = ms(spend.received_at_ms)?;
+    let expires = now + i64::from(ttl) * 1000;
+    place_hold(tx, spend_id, &spend.agent_id, &cap, &spend.merchant, received, expires, now)?;
+    append_audit(
+        tx,
+        "approval_policies",
+        &json!({ "spend_id": spend_id, "policies": decided.evaluations }),
+        now,
+    )?;
+    spend_by_id(tx, spend_id)?.ok_or_else(|| StorageError::Invariant("approved spend vanished".into()))
+}
+
 impl Storage for SqliteStorage {
     fn deposit(
         &self,
@@ -889,30 +1059,36 @@ impl Storage for SqliteStorage {
         now_ms: u64,
         decide: &mut dyn FnMut(Arc<dyn History>) -> Decided,
     ) -> Result<Proposed, StorageError> {
-        self.lending_transaction(|lender| {
-            // The idempotency key first: a retry never runs the policies again.
-            if let Some(key) = &spend.idempotency_key {
-                let earlier: Option<(String, String)> = lender
-                    .conn()?
-                    .query_row(
-                        "SELECT id, fingerprint FROM spends WHERE agent_id = ?1 AND idempotency_key = ?2",
-                        params![spend.agent_id, key],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?;
-                match earlier {
-                    None => {}
-                    Some((_, fingerprint)) if fingerprint != spend.fingerprint() => {
-                        return Err(StorageError::IdempotencyConflict(key.clone()));
-                    }
-                    Some((id, _)) => {
-                        let spend = spend_by_id(lender.conn()?, &id)?
-                            .ok_or_else(|| StorageError::Invariant("replayed spend vanished".into()))?;
-                        return Ok(Ending::Rollback(Proposed { spend, card: None, replayed: true }));
-                    }
+        // The idempotency key first: a retry never runs the policies again.
+        if let Some(replay) = self.read(|conn| replay(conn, spend))? {
+            return Ok(replay);
+        }
+        // Evaluate outside the write lock, so a slow (or hostile) policy
+        // delays only its own agent's proposals; commit only if no history
+        // the policies read has changed since.
+        for _ in 0..OPTIMISTIC_ATTEMPTS {
+            let (decided, reads) = self.evaluate_on_snapshot(&mut *decide)?;
+            let committed = self.write(|tx| {
+                if let Some(replay) = replay(tx, spend)? {
+                    return Ok(Some(replay));
                 }
+                // A deny moves no money: it stands as of its snapshot.
+                let stands = matches!(decided.verdict, Verdict::Deny(_)) || still_true(tx, &reads)?;
+                if !stands {
+                    return Ok(None);
+                }
+                commit_verdict(tx, spend, decided, cards, now_ms).map(Some)
+            })?;
+            if let Some(proposed) = committed {
+                return Ok(proposed);
             }
-            let decided = lender.lend(decide)?;
+        }
+        // Contended: evaluate under the write lock, where nothing can change.
+        self.lending_transaction(|lender| {
+            if let Some(replay) = replay(lender.conn()?, spend)? {
+                return Ok(Ending::Rollback(replay));
+            }
+            let (decided, _) = lender.lend(&mut *decide)?;
             commit_verdict(lender.conn()?, spend, decided, cards, now_ms).map(Ending::Commit)
         })
     }
@@ -925,51 +1101,27 @@ impl Storage for SqliteStorage {
         now_ms: u64,
         decide: &mut dyn FnMut(&SpendRecord, Arc<dyn History>) -> Decided,
     ) -> Result<SpendRecord, StorageError> {
-        self.lending_transaction(|lender| {
-            let now = ms(now_ms)?;
-            let spend = pending_spend(lender.conn()?, spend_id, approval_ttl_ms, now_ms)?;
-            // The operator answers the escalation, not the other policies:
-            // they run again against the history as it is now, and a deny
-            // (a limit used up since, say) still wins.
-            let decided = lender.lend(|history| decide(&spend, history))?;
-            let terms = match decided.verdict {
-                Verdict::Deny(reasons) => {
-                    return Err(StorageError::InvalidState(format!(
-                        "the policies now deny spend `{spend_id}`: {}",
-                        reasons.join("; ")
-                    )));
+        // As a proposal: the policies run again outside the write lock, and
+        // their decision commits only if what they read still holds.
+        for _ in 0..OPTIMISTIC_ATTEMPTS {
+            let spend = self.read(|conn| pending_spend(conn, spend_id, approval_ttl_ms, now_ms))?;
+            let (decided, reads) = self.evaluate_on_snapshot(|history| decide(&spend, history))?;
+            let committed = self.write(|tx| {
+                let spend = pending_spend(tx, spend_id, approval_ttl_ms, now_ms)?;
+                let stands = matches!(decided.verdict, Verdict::Deny(_)) || still_true(tx, &reads)?;
+                if !stands {
+                    return Ok(None);
                 }
-                Verdict::Approve(terms) | Verdict::RequireApproval { terms, .. } => terms,
-            };
-            let tx = lender.conn()?;
-            let (ttl, cap_units): (Option<u32>, Option<i64>) = tx.query_row(
-                "SELECT card_ttl_seconds, card_cap_units FROM spends WHERE id = ?1",
-                params![spend_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
-            let recorded = CardTerms {
-                ttl_seconds: ttl,
-                max_amount: cap_units.map(|u| amount(u, spend.amount.currency())).transpose()?,
-            };
-            let (cap, ttl) = card_terms(&spend.amount, &recorded.narrowest(terms), default_ttl_seconds);
-            if balance(tx, cap.currency(), AccountKind::Available)? < cap.units() {
-                return Err(StorageError::InvalidState(format!(
-                    "{INSUFFICIENT_FUNDS}: spend `{spend_id}` needs {cap}"
-                )));
+                commit_approval(tx, &spend, decided, default_ttl_seconds, now_ms).map(Some)
+            })?;
+            if let Some(record) = committed {
+                return Ok(record);
             }
-            resolve_approval(tx, spend_id, "approved", "approved by the operator", now)?;
-            let received = ms(spend.received_at_ms)?;
-            let expires = now + i64::from(ttl) * 1000;
-            place_hold(tx, spend_id, &spend.agent_id, &cap, &spend.merchant, received, expires, now)?;
-            append_audit(
-                tx,
-                "approval_policies",
-                &json!({ "spend_id": spend_id, "policies": decided.evaluations }),
-                now,
-            )?;
-            spend_by_id(tx, spend_id)?
-                .ok_or_else(|| StorageError::Invariant("approved spend vanished".into()))
-                .map(Ending::Commit)
+        }
+        self.lending_transaction(|lender| {
+            let spend = pending_spend(lender.conn()?, spend_id, approval_ttl_ms, now_ms)?;
+            let (decided, _) = lender.lend(|history| decide(&spend, history))?;
+            commit_approval(lender.conn()?, &spend, decided, default_ttl_seconds, now_ms).map(Ending::Commit)
         })
     }
 
