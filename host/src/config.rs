@@ -15,6 +15,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
 pub const DEFAULT_APPROVAL_TTL_SECONDS: u64 = 600;
 /// How often expired cards and approvals are swept.
 pub const DEFAULT_SWEEP_INTERVAL_MS: u64 = 1_000;
+/// Proposals of one agent evaluated at once.
+pub const DEFAULT_AGENT_CONCURRENCY: u32 = 1;
+/// Proposals of one agent waiting for their turn before more are refused.
+pub const DEFAULT_AGENT_QUEUE: u32 = 64;
 /// Largest JSON body accepted (policy uploads have their own cap, the
 /// sandbox's module size).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
@@ -26,6 +30,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 /// data_dir = "spendguard-data"
 /// card_ttl_seconds = 900
 /// approval_ttl_seconds = 600
+/// agent_concurrency = 1
+/// agent_queue = 64
 /// [sandbox]
 /// fuel = 20000000
 /// deadline = 100
@@ -40,6 +46,12 @@ pub struct ServeConfig {
     pub approval_ttl_seconds: u64,
     pub sweep_interval_ms: u64,
     pub max_body_bytes: usize,
+    /// Proposals of one agent evaluated at once: whatever its policies cost,
+    /// one agent can take no more of the machine than this many evaluations.
+    pub agent_concurrency: u32,
+    /// Proposals of one agent that may wait for their turn; more are
+    /// refused (429) until the queue drains.
+    pub agent_queue: u32,
     pub sandbox: Limits,
 }
 
@@ -53,6 +65,8 @@ impl Default for ServeConfig {
             approval_ttl_seconds: DEFAULT_APPROVAL_TTL_SECONDS,
             sweep_interval_ms: DEFAULT_SWEEP_INTERVAL_MS,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            agent_concurrency: DEFAULT_AGENT_CONCURRENCY,
+            agent_queue: DEFAULT_AGENT_QUEUE,
             sandbox: Limits::default(),
         }
     }
@@ -76,6 +90,9 @@ impl ServeConfig {
                 crate::cards::MAX_CARD_TTL_SECONDS,
                 self.card_ttl_seconds
             );
+        }
+        if self.agent_concurrency == 0 {
+            anyhow::bail!("`agent_concurrency` must be at least 1");
         }
         if self.approval_ttl_seconds == 0 {
             anyhow::bail!("`approval_ttl_seconds` must be positive");

@@ -12,12 +12,15 @@ mod routes;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
 use axum::routing::{get, post, put};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use auth::Caller;
 pub use error::ApiError;
@@ -39,6 +42,24 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Policies compiled once, by (name, version).
     policies: RwLock<HashMap<(String, u32), Arc<LoadedPolicy>>>,
+    /// Each agent's turn at evaluation (see [`AppState::agent_turn`]).
+    turns: Mutex<HashMap<String, Arc<Turns>>>,
+}
+
+/// A proposal counted among its agent's waiting ones until dropped.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One agent's evaluations in progress and proposals waiting.
+#[derive(Debug)]
+struct Turns {
+    running: Arc<Semaphore>,
+    waiting: AtomicU32,
 }
 
 impl std::fmt::Debug for AppState {
@@ -57,7 +78,46 @@ impl AppState {
             config,
             metrics: Metrics::new(),
             policies: RwLock::new(HashMap::new()),
+            turns: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Wait for `agent_id`'s turn to have a proposal evaluated: at most
+    /// `agent_concurrency` of an agent's proposals run at once, so an agent
+    /// whose policies burn their whole budget (or that floods the daemon)
+    /// takes that many cores at most, and other agents keep theirs. The
+    /// turn lasts as long as the permit: hand it to the evaluation, so that
+    /// a client hanging up frees nothing early. Refused with 429 when
+    /// `agent_queue` proposals already wait.
+    pub async fn agent_turn(&self, agent_id: &str) -> Result<OwnedSemaphorePermit, ApiError> {
+        let turns = {
+            let mut all = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+            let concurrency = self.config.agent_concurrency.max(1) as usize;
+            Arc::clone(all.entry(agent_id.to_owned()).or_insert_with(|| {
+                Arc::new(Turns { running: Arc::new(Semaphore::new(concurrency)), waiting: AtomicU32::new(0) })
+            }))
+        };
+        if let Ok(permit) = Arc::clone(&turns.running).try_acquire_owned() {
+            return Ok(permit);
+        }
+        if turns.waiting.fetch_add(1, Ordering::AcqRel) >= self.config.agent_queue {
+            turns.waiting.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.proposal("throttled");
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                format!(
+                    "{} proposals of this agent are already waiting; retry when earlier ones are answered",
+                    self.config.agent_queue
+                ),
+            ));
+        }
+        // Counted out however the wait ends, a client hanging up included.
+        let _waiting = Waiting(&turns.waiting);
+        Arc::clone(&turns.running)
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::internal("the agent's turn was closed"))
     }
 
     /// A policy version, compiled: from the cache, or loaded from storage and
@@ -160,35 +220,40 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> a
             }
         }
     });
+    let stopped = shutdown_signal()?;
     tracing::info!(%addr, "spendguard listening");
     // On stdout too, for scripts and tests that asked for port 0.
     println!("spendguard listening on http://{addr}");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, app(state)).with_graceful_shutdown(stopped).await?;
     sweeper.abort();
     tracing::info!("spendguard stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled: a signal sent as soon as the daemon says
+/// it listens is a clean stop, never the default action (death).
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let stopped = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        async move {
+            tokio::select! {
+                _ = terminate.recv() => {},
+                _ = interrupt.recv() => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
     };
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    tracing::info!("shutting down: finishing requests in flight");
+    let stopped = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    Ok(async move {
+        stopped.await;
+        tracing::info!("shutting down: finishing requests in flight");
+    })
 }

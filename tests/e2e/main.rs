@@ -7,6 +7,7 @@
 mod cli;
 mod daemon;
 mod guests;
+mod hostile;
 mod policies;
 mod races;
 mod registry;

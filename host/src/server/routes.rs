@@ -173,8 +173,10 @@ pub async fn propose(
         purpose: body.purpose,
         received_at_ms,
     };
+    let turn = state.agent_turn(&agent_id).await?;
     let s = Arc::clone(&state);
     let proposed = blocking(move || {
+        let _turn = turn;
         let agent = s
             .backend
             .agent(&agent_id)?
