@@ -367,3 +367,101 @@ fn approve_deny_and_expiry_race_on_one_pending_spend() {
     assert_eq!(balances(&*b.storage), (1_000_000 - approved * 1_000, approved * 1_000, 0), "{seen:?}");
     println!("resolutions over {ROUNDS} races: {seen:?}");
 }
+
+// ---- the same races through the daemon ------------------------------------------
+
+/// `n` proposals of seeded amounts from `CONNECTIONS` connections at once,
+/// proposal `i` by `agents[i % len]`; each amount in cents with its reply.
+fn race_daemon(
+    w: &crate::daemon::Wallet,
+    agents: &[crate::daemon::AgentToken],
+    rng: &mut XorShift,
+    n: usize,
+    max_cents: u64,
+) -> Vec<(i64, serde_json::Value)> {
+    const CONNECTIONS: usize = 16;
+    let amounts: Vec<i64> = (0..n).map(|_| 1 + (rng.next() % max_cents) as i64).collect();
+    let barrier = Barrier::new(CONNECTIONS);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..CONNECTIONS)
+            .map(|c| {
+                let (amounts, barrier) = (&amounts, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    (c..n)
+                        .step_by(CONNECTIONS)
+                        .map(|i| {
+                            let reply = w.propose(
+                                &agents[i % agents.len()],
+                                &cents(amounts[i]),
+                                "api.openai.com",
+                                "5734",
+                            );
+                            (amounts[i], reply.expect(201, &format!("proposal {i}")))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Approved cents; every denied amount no longer fitted in `limit`.
+#[track_caller]
+fn check_daemon_race(what: &str, seed: u64, results: &[(i64, serde_json::Value)], limit: i64) -> i64 {
+    let total: i64 = results.iter().filter(|(_, r)| r["status"] == "approved").map(|(c, _)| c).sum();
+    assert!(total <= limit, "{what} (seed {seed}): {total} cents approved past {limit}");
+    assert!(total > 0, "{what} (seed {seed}): nothing approved");
+    for (c, r) in results {
+        assert!(r["status"] == "approved" || r["status"] == "denied", "{what}: {r}");
+        if r["status"] == "denied" {
+            assert!(*c > limit - total, "{what} (seed {seed}): {c} denied with {} left: {r}", limit - total);
+        }
+    }
+    total
+}
+
+#[test]
+fn through_the_daemon_racing_proposals_never_pass_a_limit_or_the_balance() {
+    let seed = seed("through_the_daemon_racing_proposals_never_pass_a_limit_or_the_balance");
+    let mut rng = XorShift::new(seed);
+    let w = crate::daemon::Wallet::new();
+    w.upload("spend-limit", "spend-limit");
+    let window = 2_000 + (rng.next() % 3_000) as i64;
+    let shared = 3_000 + (rng.next() % 3_000) as i64;
+    let slack = 100 + (rng.next() % 1_500) as i64;
+    w.deposit(&cents(window + shared + slack));
+
+    // Hundreds from one agent, over many connections, against its window.
+    let bot = w.create_agent(
+        "bot",
+        serde_json::json!([{"policy": "spend-limit", "config": {"limit": cents(window), "currency": "USD", "window": "1h"}}]),
+    );
+    let one = race_daemon(&w, &[bot], &mut rng, 200, 300);
+    let spent_one = check_daemon_race("one agent, a rolling window", seed, &one, window);
+
+    // Several agents sharing a wallet-wide limit.
+    let wide = serde_json::json!([{"policy": "spend-limit",
+        "config": {"limit": cents(shared), "currency": "USD", "window": "1h", "wallet_wide": true}}]);
+    let fleet: Vec<_> = (0..4).map(|i| w.create_agent(&format!("fleet-{i}"), wide.clone())).collect();
+    // The window's spend by `bot` counts wallet-wide too.
+    let several = race_daemon(&w, &fleet, &mut rng, 200, 300);
+    let spent_fleet =
+        check_daemon_race("four agents, a wallet-wide limit", seed, &several, shared - spent_one);
+
+    // And a nearly empty wallet, with limits that do not bind.
+    let left = window + shared + slack - spent_one - spent_fleet;
+    let free =
+        serde_json::json!([{"policy": "spend-limit", "config": {"limit": "100000.00", "currency": "USD"}}]);
+    let spenders: Vec<_> = (0..4).map(|i| w.create_agent(&format!("spender-{i}"), free.clone())).collect();
+    let last = race_daemon(&w, &spenders, &mut rng, 200, 300);
+    let spent_last = check_daemon_race("four agents, a nearly empty wallet", seed, &last, left);
+    for (_, r) in last.iter().filter(|(_, r)| r["status"] == "denied") {
+        assert_eq!(r["reasons"], serde_json::json!([INSUFFICIENT_FUNDS]), "{r}");
+    }
+
+    let held = spent_one + spent_fleet + spent_last;
+    w.assert_wallet(&cents(left - spent_last), &cents(held), "0.00");
+    assert_eq!(w.read("/v1/audit/verify")["ok"], true);
+}
