@@ -15,6 +15,8 @@ use crate::storage::{Registry, Role};
 pub const DB_FILE: &str = "spendguard.db";
 /// The key of the PAN and CVV hashes (32 random bytes, mode 0600).
 pub const CARD_KEY_FILE: &str = "card.key";
+/// Compiled policies, in the data directory (see [`crate::sandbox::ArtifactCache`]).
+pub const CACHE_DIR: &str = "cache";
 /// The default data directory, relative to where the daemon runs.
 pub const DEFAULT_DATA_DIR: &str = "spendguard-data";
 

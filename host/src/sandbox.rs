@@ -4,8 +4,11 @@
 //! This is the only place that knows about wasmtime. One bindings module per
 //! WIT version (`v0_1`) converts between the engine and [`crate::policy`].
 
+mod cache;
 mod limits;
 mod v0_1;
+
+pub use cache::ArtifactCache;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -169,6 +172,7 @@ pub struct LoadedPolicy {
     imports: Vec<String>,
     exports: Vec<String>,
     bindings: Bindings,
+    from_cache: bool,
 }
 
 impl fmt::Debug for LoadedPolicy {
@@ -197,6 +201,10 @@ impl LoadedPolicy {
     pub fn imports(&self) -> &[String] {
         &self.imports
     }
+    /// Whether it came compiled from the artifact cache.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
     pub fn exports(&self) -> &[String] {
         &self.exports
     }
@@ -217,6 +225,11 @@ pub struct Sandbox {
     limits: Limits,
     slots: Slots,
     ticker: Arc<AtomicBool>,
+    /// Compiled policies on disk, when the sandbox has a place for them.
+    cache: Option<ArtifactCache>,
+    /// What an artifact must have been compiled with to be loaded here:
+    /// the engine's settings and the limits.
+    compiled_with: (String, String),
 }
 
 impl fmt::Debug for Sandbox {
@@ -273,7 +286,20 @@ impl Sandbox {
             }
         })?;
 
-        Ok(Sandbox { engine, linker, slots: Slots::new(slots), limits, ticker })
+        let compiled_with = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut h);
+            (format!("{:016x}", h.finish()), format!("{limits:?}"))
+        };
+        Ok(Sandbox { engine, linker, slots: Slots::new(slots), limits, ticker, cache: None, compiled_with })
+    }
+
+    /// Keep compiled policies in `cache`, and load them from it: a restart
+    /// then costs no compilation.
+    pub fn with_cache(mut self, cache: ArtifactCache) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     pub fn limits(&self) -> &Limits {
@@ -288,23 +314,14 @@ impl Sandbox {
             return Err(LoadError::TooLarge { size: bytes.len(), max: self.limits.max_module_bytes });
         }
         let sha256 = hex::encode(Sha256::digest(bytes));
-        let component_bytes: Cow<'_, [u8]> = if wasmparser::Parser::is_core_wasm(bytes) {
-            Cow::Owned(componentize(bytes, self.limits.max_memory_bytes)?)
-        } else if wasmparser::Parser::is_component(bytes) {
-            Cow::Borrowed(bytes)
-        } else {
-            return Err(LoadError::NotWasm);
+        let cached_as = self
+            .cache
+            .as_ref()
+            .map(|_| ArtifactCache::name(&sha256, &self.compiled_with.0, &self.compiled_with.1));
+        let (component, from_cache) = match self.from_cache(cached_as.as_deref()) {
+            Some(component) => (component, true),
+            None => (self.compile(bytes)?, false),
         };
-        let component = Component::new(&self.engine, &component_bytes).map_err(|e| {
-            let message = format!("{e:#}");
-            // The pooling allocator checks a component's memories and tables
-            // against the sandbox's bounds when it is compiled.
-            if message.contains("pooling allocator") {
-                LoadError::OverLimits(message)
-            } else {
-                LoadError::Invalid(message)
-            }
-        })?;
 
         let ty = component.component_type();
         let imports: Vec<String> = ty.imports(&self.engine).map(|(name, _)| name.to_owned()).collect();
@@ -318,7 +335,62 @@ impl Sandbox {
         let pre =
             self.linker.instantiate_pre(&component).map_err(|e| LoadError::WrongExports(format!("{e:#}")))?;
         let pre = v0_1::SpendPolicyPre::new(pre).map_err(|e| LoadError::WrongExports(format!("{e:#}")))?;
-        Ok(LoadedPolicy { sha256, size: bytes.len(), imports, exports, bindings: Bindings::V0_1(pre) })
+        // Stored only once every check has passed.
+        if let (Some(cache), Some(name), false) = (&self.cache, &cached_as, from_cache) {
+            match component.serialize() {
+                Ok(artifact) => cache.put(name, &artifact),
+                Err(e) => tracing::warn!(error = %e, "cannot serialize a compiled policy"),
+            }
+        }
+        Ok(LoadedPolicy {
+            sha256,
+            size: bytes.len(),
+            imports,
+            exports,
+            bindings: Bindings::V0_1(pre),
+            from_cache,
+        })
+    }
+
+    /// Compile a module (a core module is made a component first).
+    fn compile(&self, bytes: &[u8]) -> Result<Component, LoadError> {
+        let component_bytes: Cow<'_, [u8]> = if wasmparser::Parser::is_core_wasm(bytes) {
+            Cow::Owned(componentize(bytes, self.limits.max_memory_bytes)?)
+        } else if wasmparser::Parser::is_component(bytes) {
+            Cow::Borrowed(bytes)
+        } else {
+            return Err(LoadError::NotWasm);
+        };
+        Component::new(&self.engine, &component_bytes).map_err(|e| {
+            let message = format!("{e:#}");
+            // The pooling allocator checks a component's memories and tables
+            // against the sandbox's bounds when it is compiled.
+            if message.contains("pooling allocator") {
+                LoadError::OverLimits(message)
+            } else {
+                LoadError::Invalid(message)
+            }
+        })
+    }
+
+    /// The component compiled earlier from the same module, with the same
+    /// engine settings and limits, if the cache holds it and vouches for it.
+    #[allow(unsafe_code)]
+    fn from_cache(&self, name: Option<&str>) -> Option<Component> {
+        let artifact = self.cache.as_ref()?.get(name?)?;
+        // SAFETY: `Component::deserialize` trusts its bytes to be wasmtime's
+        // own output. These are: the cache holds only what `load` serialized
+        // after every check passed, in the owner-only data directory, and
+        // `get` returned them only because their HMAC under the data
+        // directory's secret verified. wasmtime itself refuses an artifact of
+        // another version or configuration.
+        match unsafe { Component::deserialize(&self.engine, &artifact) } {
+            Ok(component) => Some(component),
+            Err(e) => {
+                tracing::warn!(error = %e, "a cached policy does not load: compiling again");
+                None
+            }
+        }
     }
 
     /// Run the policy's `validate-config` on `config` (a JSON document).

@@ -29,7 +29,7 @@ pub use metrics::Metrics;
 use crate::cards::{CardKey, Issuer, SimulatedIssuer};
 use crate::config::ServeConfig;
 use crate::datadir::now_ms;
-use crate::sandbox::{LoadedPolicy, Sandbox};
+use crate::sandbox::{ArtifactCache, LoadedPolicy, Sandbox};
 use crate::storage::Backend;
 
 /// Everything a request handler needs.
@@ -70,9 +70,17 @@ impl std::fmt::Debug for AppState {
 
 impl AppState {
     pub fn new(backend: Arc<dyn Backend>, key: Arc<CardKey>, config: ServeConfig) -> anyhow::Result<Self> {
+        let mut sandbox = Sandbox::new(config.sandbox.clone())?;
+        // Compiled policies are kept in the data directory, so a restart
+        // does not compile them again; without it, they are compiled.
+        let cache_dir = config.data_dir.join(crate::datadir::CACHE_DIR);
+        match ArtifactCache::open(&cache_dir, key.as_bytes()) {
+            Ok(cache) => sandbox = sandbox.with_cache(cache),
+            Err(e) => tracing::warn!(dir = %cache_dir.display(), error = %e, "no compiled-policy cache"),
+        }
         Ok(AppState {
             backend,
-            sandbox: Arc::new(Sandbox::new(config.sandbox.clone())?),
+            sandbox: Arc::new(sandbox),
             key,
             issuer: Arc::new(SimulatedIssuer::new()),
             config,
@@ -134,6 +142,7 @@ impl AppState {
         let loaded = Arc::new(self.sandbox.load(&module).map_err(|e| {
             ApiError::internal(format!("stored policy `{name}@{version}` no longer loads: {e}"))
         })?);
+        self.metrics.policy_load(loaded.from_cache());
         self.policies.write().unwrap_or_else(|p| p.into_inner()).insert(key, Arc::clone(&loaded));
         Ok(loaded)
     }

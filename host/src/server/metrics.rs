@@ -35,6 +35,12 @@ pub struct Metrics {
     faults: Family<Kind, Counter>,
     authorizations: Family<Outcome, Counter>,
     balances: Family<Bucket, Gauge<f64, AtomicU64>>,
+    policy_loads: Family<Source, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Source {
+    source: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -75,7 +81,13 @@ impl Metrics {
             "Wallet balances in major units, by currency and balance",
             balances.clone(),
         );
-        Metrics { registry, proposals, evaluation_seconds, faults, authorizations, balances }
+        let policy_loads = Family::<Source, Counter>::default();
+        registry.register(
+            "policy_loads",
+            "Policy modules made ready to run, by source: compiled, or from the compiled cache",
+            policy_loads.clone(),
+        );
+        Metrics { registry, proposals, evaluation_seconds, faults, authorizations, balances, policy_loads }
     }
 
     pub fn proposal(&self, outcome: &str) {
@@ -87,6 +99,11 @@ impl Metrics {
         if let Some(kind) = fault {
             self.faults.get_or_create(&Kind { kind: kind.to_owned() }).inc();
         }
+    }
+
+    pub fn policy_load(&self, from_cache: bool) {
+        let source = if from_cache { "cache" } else { "compiled" };
+        self.policy_loads.get_or_create(&Source { source: source.to_owned() }).inc();
     }
 
     pub fn authorization(&self, outcome: &str) {

@@ -497,6 +497,7 @@ pub async fn upload_policy(
             s.sandbox.load(&module).map_err(|e| ApiError::invalid("invalid_policy", e.to_string()))?,
         );
         let record = s.backend.add_policy(&q.name, &module, loaded.sha256(), now_ms())?;
+        s.metrics.policy_load(loaded.from_cache());
         s.remember(&record.name, record.version, loaded);
         Ok(record)
     })
