@@ -48,9 +48,15 @@ pub(crate) struct Daemon {
 impl Daemon {
     /// Start `serve` on a free port and wait until it says where it listens.
     pub(crate) fn start(data: &Path, log: &Path) -> Daemon {
+        Daemon::start_with(data, log, &[])
+    }
+
+    /// [`Daemon::start`] with more arguments for `serve` (`--config FILE`).
+    pub(crate) fn start_with(data: &Path, log: &Path, args: &[&str]) -> Daemon {
         let stderr = OpenOptions::new().create(true).append(true).open(log).expect("log file opens");
         let mut child = spendguard()
             .args(["serve", "--data-dir", path(data), "--listen", "127.0.0.1:0"])
+            .args(args)
             .env_remove("SPENDGUARD_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -92,6 +98,19 @@ impl Daemon {
 
     pub(crate) fn pid(&self) -> String {
         self.child.id().to_string()
+    }
+
+    /// SIGKILL, as a crash or the OOM killer ends it: no chance to finish
+    /// anything. Only sends the signal (so another thread can crash the
+    /// daemon while clients talk to it); [`Daemon::reap`] waits for it.
+    pub(crate) fn kill9(&self) {
+        let kill = Command::new("kill").args(["-KILL", &self.pid()]).status().expect("`kill` runs");
+        assert!(kill.success(), "`kill -KILL {}` failed", self.pid());
+    }
+
+    /// Wait for a killed daemon to exit; how it exited.
+    pub(crate) fn reap(&mut self) -> ExitStatus {
+        self.child.wait().expect("the daemon can be waited for")
     }
 
     /// SIGTERM, as a service manager stops it; how it exited.
@@ -276,6 +295,11 @@ impl Wallet {
     /// Serve the same data directory again (on a new port).
     pub(crate) fn restart(&mut self) {
         self.daemon = Daemon::start(&self.data, &self.log);
+    }
+
+    /// [`Wallet::restart`] with more arguments for `serve` (`--config FILE`).
+    pub(crate) fn restart_with(&mut self, args: &[&str]) {
+        self.daemon = Daemon::start_with(&self.data, &self.log, args);
     }
 
     pub(crate) fn url(&self, path: &str) -> String {

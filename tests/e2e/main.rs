@@ -6,6 +6,7 @@
 
 mod artifacts;
 mod cli;
+mod crash;
 mod daemon;
 mod guests;
 mod hostile;
