@@ -45,7 +45,11 @@ struct Policies {
 fn policies() -> &'static Policies {
     static POLICIES: OnceLock<Policies> = OnceLock::new();
     POLICIES.get_or_init(|| {
-        let sandbox = Sandbox::new(Limits::default()).unwrap();
+        // A generous deadline: these tests are about races, and sixteen
+        // threads on a loaded 2-core machine can be descheduled for longer
+        // than the default 100 ms in the middle of an evaluation.
+        let limits = Limits { deadline: std::time::Duration::from_secs(10), ..Limits::default() };
+        let sandbox = Sandbox::new(limits).unwrap();
         let spend_limit = sandbox.load(&guests::bytes("spend-limit")).unwrap();
         let approval_threshold = sandbox.load(&guests::bytes("approval-threshold")).unwrap();
         Policies { sandbox, spend_limit, approval_threshold }
@@ -426,10 +430,16 @@ fn check_daemon_race(what: &str, seed: u64, results: &[(i64, serde_json::Value)]
 fn through_the_daemon_racing_proposals_never_pass_a_limit_or_the_balance() {
     let seed = seed("through_the_daemon_racing_proposals_never_pass_a_limit_or_the_balance");
     let mut rng = XorShift::new(seed);
-    let w = crate::daemon::Wallet::new();
+    let mut w = crate::daemon::Wallet::new();
+    // As in the in-process races: a deadline no descheduling reaches.
+    let config = w.data.with_file_name("serve.toml");
+    std::fs::write(&config, "[sandbox]\ndeadline = 10000\n").unwrap();
+    w.stop();
+    w.restart_with(&["--config", config.to_str().unwrap()]);
     w.upload("spend-limit", "spend-limit");
     let window = 2_000 + (rng.next() % 3_000) as i64;
-    let shared = 3_000 + (rng.next() % 3_000) as i64;
+    // Above the window's limit: `bot`'s spend counts against it too.
+    let shared = window + 1_000 + (rng.next() % 3_000) as i64;
     let slack = 100 + (rng.next() % 1_500) as i64;
     w.deposit(&cents(window + shared + slack));
 
