@@ -318,7 +318,7 @@ impl Sandbox {
             .cache
             .as_ref()
             .map(|_| ArtifactCache::name(&sha256, &self.compiled_with.0, &self.compiled_with.1));
-        let (component, from_cache) = match self.from_cache(cached_as.as_deref()) {
+        let (component, from_cache) = match self.cached(cached_as.as_deref()) {
             Some(component) => (component, true),
             None => (self.compile(bytes)?, false),
         };
@@ -376,7 +376,7 @@ impl Sandbox {
     /// The component compiled earlier from the same module, with the same
     /// engine settings and limits, if the cache holds it and vouches for it.
     #[allow(unsafe_code)]
-    fn from_cache(&self, name: Option<&str>) -> Option<Component> {
+    fn cached(&self, name: Option<&str>) -> Option<Component> {
         let artifact = self.cache.as_ref()?.get(name?)?;
         // SAFETY: `Component::deserialize` trusts its bytes to be wasmtime's
         // own output. These are: the cache holds only what `load` serialized

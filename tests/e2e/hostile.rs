@@ -276,7 +276,7 @@ fn a_flooding_agent_waits_its_turn_or_is_told_to_retry() {
             assert_eq!(reply.json["status"], "denied", "{}", reply.text);
         }
     }
-    assert!(refused >= 1 && refused <= 5, "{refused} of 8 refused: {replies:?}");
+    assert!((1..=5).contains(&refused), "{refused} of 8 refused: {replies:?}");
     // Refused proposals left no trace, and the queue drained: the agent
     // is served again, one proposal after another.
     let spends = w.get("/v1/spends?limit=100", &flood.token).expect(200, "the agent's spends");
