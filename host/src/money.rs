@@ -86,6 +86,19 @@ impl Amount {
         if !is_plain_decimal(amount) {
             return Err(MoneyError::NotANumber(amount.to_owned()));
         }
+        // A Decimal keeps 28 decimals and rounds the rest away: a literal
+        // more precise than its currency is refused before it can be rounded
+        // (`1.00000000000000000000000000001` is not 1.00 USD).
+        let decimals = amount.split_once('.').map_or(0, |(_, fraction)| fraction.trim_end_matches('0').len());
+        if let Some(exponent) = self::exponent(currency)
+            && decimals > usize::from(exponent)
+        {
+            return Err(MoneyError::TooPrecise {
+                amount: amount.to_owned(),
+                currency: currency.to_owned(),
+                exponent,
+            });
+        }
         let value = Decimal::from_str(amount).map_err(|_| MoneyError::NotANumber(amount.to_owned()))?;
         Amount::from_decimal(value, currency)
     }
@@ -202,6 +215,8 @@ mod tests {
             ("12.500", "USD", Ok(1250)),
             ("0.01", "USD", Ok(1)),
             ("0.001", "USD", Err("more decimals")),
+            ("1.00000000000000000000000000001", "USD", Err("more decimals")),
+            ("1.000000000000000000000000000000000000000", "USD", Ok(100)),
             ("1000", "JPY", Ok(1000)),
             ("1000.5", "JPY", Err("more decimals")),
             ("1.000001", "USDC", Ok(1_000_001)),

@@ -6,6 +6,7 @@
 
 mod auth;
 mod error;
+mod extract;
 mod json;
 mod metrics;
 mod routes;
@@ -191,6 +192,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/audit/verify", get(routes::audit_verify))
         .layer(DefaultBodyLimit::max(max_body))
         .merge(uploads)
+        .route_layer(axum::middleware::from_fn(extract::no_query))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .with_state(state)

@@ -1,8 +1,12 @@
 //! The JSON the API speaks: request bodies (strict) and response shapes.
 
+use std::marker::PhantomData;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{DeserializeOwned, Deserializer, MapAccess, Visitor};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -13,8 +17,14 @@ use crate::money::format_units;
 use crate::storage::{AgentRecord, CardRecord, SpendRecord};
 
 /// Parse a JSON body strictly: a body over the limit is 413, anything else
-/// malformed 422 with serde's message (which names the field).
+/// malformed 422 with serde's message (which names the field). The body is
+/// an object: see [`Object`].
 pub fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    parse_json::<Object<T>>(body).map(|Object(value)| value)
+}
+
+/// [`parse`] for a body of any shape (a bare list).
+pub fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large("request body too large")
@@ -23,6 +33,40 @@ pub fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result
         }
     })?;
     serde_json::from_slice(&body).map_err(|e| ApiError::invalid("invalid_json", e.to_string()))
+}
+
+/// A struct read from a JSON object only. Serde reads a struct from an array
+/// too, its fields in order (`["5.00", "USD"]` for a deposit, `[]` for a
+/// deny); the API names its fields, so an array in an object's place is the
+/// wrong type, like any other.
+#[derive(Debug)]
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Fields<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        deserializer.deserialize_map(Fields(PhantomData))
+    }
+}
+
+/// For `#[serde(deserialize_with)]`: a struct field read as an [`Object`].
+pub fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<T, D::Error> {
+    Object::deserialize(deserializer).map(|Object(value)| value)
+}
+
+/// For `#[serde(deserialize_with)]`: a list of [`Object`]s.
+pub fn objects<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<Vec<T>, D::Error> {
+    Vec::<Object<T>>::deserialize(deserializer)
+        .map(|list| list.into_iter().map(|Object(value)| value).collect())
 }
 
 /// RFC 3339 of a time in ms since the epoch.

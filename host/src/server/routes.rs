@@ -8,13 +8,14 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::extract::PathId;
 use super::json::{self, parse};
 use super::{ApiError, AppState, Caller};
 use crate::cards::AuthorizationRequest;
@@ -55,7 +56,10 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Text a person typed: bounded, and no control characters (they hide
-/// things in logs and terminals).
+/// things in logs and terminals), nor what reorders or breaks the text around
+/// it unseen: direction embeddings, overrides and isolates ("Trojan Source"),
+/// line and paragraph separators. Any other character is taken as sent,
+/// unnormalized: accents, other scripts, emoji and their joiners.
 fn text(field: &str, value: &str, max: usize, required: bool) -> Result<(), ApiError> {
     if required && value.trim().is_empty() {
         return Err(ApiError::invalid("invalid_field", format!("`{field}` must not be empty")));
@@ -63,8 +67,53 @@ fn text(field: &str, value: &str, max: usize, required: bool) -> Result<(), ApiE
     if value.chars().count() > max {
         return Err(ApiError::invalid("invalid_field", format!("`{field}` is longer than {max} characters")));
     }
-    if value.chars().any(char::is_control) {
-        return Err(ApiError::invalid("invalid_field", format!("`{field}` contains control characters")));
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+    };
+    if value.chars().any(hidden) {
+        return Err(ApiError::invalid(
+            "invalid_field",
+            format!("`{field}` contains control, direction override or line separator characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// A merchant id: the card's lock, compared as it is. Besides what [`text`]
+/// refuses, no white space and no invisible character (Unicode's default
+/// ignorable code points: zero-width spaces and joiners, soft hyphens, byte
+/// order marks, variation selectors, tags), which make two ids that look the
+/// same differ.
+fn merchant_id(field: &str, value: &str) -> Result<(), ApiError> {
+    /// Default_Ignorable_Code_Point, from Unicode's DerivedCoreProperties.txt.
+    const INVISIBLE: [(char, char); 17] = [
+        ('\u{ad}', '\u{ad}'),
+        ('\u{34f}', '\u{34f}'),
+        ('\u{61c}', '\u{61c}'),
+        ('\u{115f}', '\u{1160}'),
+        ('\u{17b4}', '\u{17b5}'),
+        ('\u{180b}', '\u{180f}'),
+        ('\u{200b}', '\u{200f}'),
+        ('\u{202a}', '\u{202e}'),
+        ('\u{2060}', '\u{206f}'),
+        ('\u{3164}', '\u{3164}'),
+        ('\u{fe00}', '\u{fe0f}'),
+        ('\u{feff}', '\u{feff}'),
+        ('\u{ffa0}', '\u{ffa0}'),
+        ('\u{fff0}', '\u{fff8}'),
+        ('\u{1bca0}', '\u{1bca3}'),
+        ('\u{1d173}', '\u{1d17a}'),
+        ('\u{e0000}', '\u{e0fff}'),
+    ];
+    text(field, value, MAX_NAME_CHARS, true)?;
+    let invisible =
+        |c: char| c.is_whitespace() || INVISIBLE.iter().any(|&(from, to)| (from..=to).contains(&c));
+    if value.chars().any(invisible) {
+        return Err(ApiError::invalid(
+            "invalid_field",
+            format!("`{field}` contains white space or invisible characters"),
+        ));
     }
     Ok(())
 }
@@ -126,6 +175,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResp
 pub struct ProposeBody {
     amount: String,
     currency: String,
+    #[serde(deserialize_with = "json::object")]
     merchant: MerchantBody,
     #[serde(default)]
     purpose: String,
@@ -150,7 +200,7 @@ pub async fn propose(
     let agent_id = caller.agent()?.to_owned();
     let body: ProposeBody = parse(body)?;
     let amount = amount(&body.amount, &body.currency)?;
-    text("merchant.id", &body.merchant.id, MAX_NAME_CHARS, true)?;
+    merchant_id("merchant.id", &body.merchant.id)?;
     text("merchant.name", &body.merchant.name, MAX_NAME_CHARS, false)?;
     text("purpose", &body.purpose, MAX_PURPOSE_CHARS, false)?;
     check_mcc("merchant.mcc", &body.merchant.mcc)
@@ -302,7 +352,7 @@ fn evaluate_all(
     Decided { verdict, evaluations: Value::Array(evaluations) }
 }
 
-pub async fn get_spend(State(state): State<Arc<AppState>>, caller: Caller, Path(id): Path<String>) -> Reply {
+pub async fn get_spend(State(state): State<Arc<AppState>>, caller: Caller, PathId(id): PathId) -> Reply {
     let reader = caller.reader()?.map(str::to_owned);
     let s = Arc::clone(&state);
     let value = blocking(move || {
@@ -366,7 +416,7 @@ pub async fn list_approvals(State(state): State<Arc<AppState>>, caller: Caller) 
     ok(json!({ "approvals": pending.iter().map(|sp| json::spend(sp, None)).collect::<Vec<_>>() }))
 }
 
-pub async fn approve(State(state): State<Arc<AppState>>, caller: Caller, Path(id): Path<String>) -> Reply {
+pub async fn approve(State(state): State<Arc<AppState>>, caller: Caller, PathId(id): PathId) -> Reply {
     caller.operator()?;
     let s = Arc::clone(&state);
     let spend = blocking(move || {
@@ -398,7 +448,7 @@ pub struct DenyBody {
 pub async fn deny(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     body: Result<Bytes, BytesRejection>,
 ) -> Reply {
     caller.operator()?;
@@ -535,15 +585,16 @@ pub struct AgentBody {
     name: String,
     #[serde(default)]
     labels: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "json::objects")]
     policies: Vec<AttachmentBody>,
 }
 
+/// `PUT /v1/agents/{id}/policies` as an object (it may be the bare list too).
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum AttachmentsBody {
-    Wrapped { policies: Vec<AttachmentBody> },
-    List(Vec<AttachmentBody>),
+#[serde(deny_unknown_fields)]
+pub struct AttachmentsBody {
+    #[serde(deserialize_with = "json::objects")]
+    policies: Vec<AttachmentBody>,
 }
 
 /// Resolve `NAME` or `NAME@VERSION`, and have each policy accept its config
@@ -568,6 +619,8 @@ fn resolve_attachments(state: &AppState, list: Vec<AttachmentBody>) -> Result<Ve
                 (name.to_owned(), v)
             }
             None => {
+                // A name no policy can have is refused as such, before it is looked up.
+                policy_name(&item.policy)?;
                 let v = state.backend.latest_policy_version(&item.policy)?.ok_or_else(|| {
                     ApiError::invalid("unknown_policy", format!("no policy named `{}`", item.policy))
                 })?;
@@ -648,11 +701,7 @@ pub async fn list_agents(State(state): State<Arc<AppState>>, caller: Caller) -> 
     ok(json!({ "agents": agents.iter().map(json::agent).collect::<Vec<_>>() }))
 }
 
-pub async fn revoke_agent(
-    State(state): State<Arc<AppState>>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Reply {
+pub async fn revoke_agent(State(state): State<Arc<AppState>>, caller: Caller, PathId(id): PathId) -> Reply {
     caller.operator()?;
     let s = Arc::clone(&state);
     let agent = blocking(move || Ok(s.backend.revoke_agent(&id, now_ms())?)).await?;
@@ -662,12 +711,15 @@ pub async fn revoke_agent(
 pub async fn set_policies(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     body: Result<Bytes, BytesRejection>,
 ) -> Reply {
     caller.operator()?;
-    let list = match parse::<AttachmentsBody>(body)? {
-        AttachmentsBody::Wrapped { policies } | AttachmentsBody::List(policies) => policies,
+    let list = if body.as_ref().is_ok_and(|b| b.trim_ascii_start().starts_with(b"[")) {
+        let list = json::parse_json::<Vec<json::Object<AttachmentBody>>>(body)?;
+        list.into_iter().map(|json::Object(item)| item).collect()
+    } else {
+        parse::<AttachmentsBody>(body)?.policies
     };
     let s = Arc::clone(&state);
     let agent = blocking(move || {
@@ -690,7 +742,7 @@ pub async fn list_cards(State(state): State<Arc<AppState>>, caller: Caller) -> R
     ok(json!({ "cards": cards.iter().map(json::card).collect::<Vec<_>>() }))
 }
 
-pub async fn void_card(State(state): State<Arc<AppState>>, caller: Caller, Path(id): Path<String>) -> Reply {
+pub async fn void_card(State(state): State<Arc<AppState>>, caller: Caller, PathId(id): PathId) -> Reply {
     caller.operator()?;
     let s = Arc::clone(&state);
     let card = blocking(move || Ok(s.backend.void_card(&id, now_ms())?)).await?;
@@ -730,7 +782,7 @@ pub async fn authorize(
     if !digits(&body.pan, 12..=19) || !digits(&body.cvv, 3..=4) || !(1..=12).contains(&body.exp_month) {
         return Err(ApiError::invalid("invalid_card_data", "`pan`, `cvv` or `exp_month` is malformed"));
     }
-    text("merchant_id", &body.merchant_id, MAX_NAME_CHARS, true)?;
+    merchant_id("merchant_id", &body.merchant_id)?;
     let request = AuthorizationRequest {
         amount: amount(&body.amount, &body.currency)?,
         pan: body.pan,
