@@ -160,6 +160,7 @@ impl SqliteStorage {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        tune(&conn)?;
         migrations().to_latest(&mut conn).map_err(|e| StorageError::Database(format!("migrations: {e}")))?;
         Ok(conn)
     }
@@ -169,6 +170,7 @@ impl SqliteStorage {
         let conn = Connection::open(&self.path)?;
         conn.pragma_update(None, "query_only", "ON")?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        tune(&conn)?;
         Ok(conn)
     }
 
@@ -304,6 +306,19 @@ fn still_true(conn: &Connection, reads: &[HistoryRead]) -> Result<bool, StorageE
     Ok(true)
 }
 
+/// Settings of every connection that only change speed: pages read through
+/// a memory map (no copy per read), a larger page cache, and statements
+/// kept prepared.
+fn tune(conn: &Connection) -> Result<(), StorageError> {
+    conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
+    conn.pragma_update(None, "cache_size", -16_384)?; // KiB: 16 MiB
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+/// How much of the database file a connection maps.
+const MMAP_BYTES: i64 = 1 << 30;
+
 /// How a lending transaction ends.
 enum Ending<T> {
     Commit(T),
@@ -411,8 +426,9 @@ fn summarize(
     filter: &SpendFilter,
 ) -> Result<SpendSummary, StorageError> {
     let (sql, args) = summarize_query(scope, filter)?;
-    let (total, count): (i64, i64) =
-        conn.query_row(&sql, rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())), |row| {
+    let (total, count): (i64, i64) = conn
+        .prepare_cached(&sql)?
+        .query_row(rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())), |row| {
             Ok((row.get(0)?, row.get(1)?))
         })?;
     Ok(SpendSummary { total_units: total, count: u32::try_from(count).unwrap_or(u32::MAX) })
@@ -458,10 +474,8 @@ fn account_id(conn: &Connection, currency: &str, kind: AccountKind) -> Result<Op
 
 fn ensure_accounts(conn: &Connection, currency: &str) -> Result<(), StorageError> {
     for kind in AccountKind::ALL {
-        conn.execute(
-            "INSERT OR IGNORE INTO accounts (currency, kind) VALUES (?1, ?2)",
-            params![currency, kind.as_str()],
-        )?;
+        conn.prepare_cached("INSERT OR IGNORE INTO accounts (currency, kind) VALUES (?1, ?2)")?
+            .execute(params![currency, kind.as_str()])?;
     }
     Ok(())
 }
@@ -507,15 +521,13 @@ fn transfer(
             debit_kind.as_str()
         )));
     }
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO transfers (kind, currency, units, debit_account, credit_account, hold_id, created_at_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![kind.as_str(), currency, units, debit, credit, hold_id, now_ms],
-    )?;
+    )?
+    .execute(params![kind.as_str(), currency, units, debit, credit, hold_id, now_ms])?;
     let transfer_id = conn.last_insert_rowid();
-    conn.execute(
-        "INSERT INTO entries (transfer_id, account_id, delta, balance_after) VALUES (?1, ?2, ?3, ?4), (?1, ?5, ?6, ?7)",
-        params![transfer_id, debit, -units, debit_after, credit, units, credit_after],
+    conn.prepare_cached("INSERT INTO entries (transfer_id, account_id, delta, balance_after) VALUES (?1, ?2, ?3, ?4), (?1, ?5, ?6, ?7)")?.execute(params![transfer_id, debit, -units, debit_after, credit, units, credit_after],
     )?;
     Ok(transfer_id)
 }
@@ -531,9 +543,7 @@ fn resolve_hold(
     captured_units: i64,
     now_ms: i64,
 ) -> Result<(), StorageError> {
-    let inserted = conn.execute(
-        "INSERT OR IGNORE INTO hold_resolutions (hold_id, kind, captured_units, resolved_at_ms) VALUES (?1, ?2, ?3, ?4)",
-        params![hold_id, kind, captured_units, now_ms],
+    let inserted = conn.prepare_cached("INSERT OR IGNORE INTO hold_resolutions (hold_id, kind, captured_units, resolved_at_ms) VALUES (?1, ?2, ?3, ?4)")?.execute(params![hold_id, kind, captured_units, now_ms],
     )?;
     if inserted != 1 {
         return Err(StorageError::InvalidState(format!("hold {hold_id} is already resolved")));
@@ -634,7 +644,7 @@ fn find_card(conn: &Connection, column: &str, value: &str) -> Result<Option<Card
     let sql = format!(
         "SELECT {CARD_COLUMNS} FROM cards c LEFT JOIN hold_resolutions r ON r.hold_id = c.hold_id WHERE c.{column} = ?1"
     );
-    match conn.query_row(&sql, params![value], card_row).optional()? {
+    match conn.prepare_cached(&sql)?.query_row(params![value], card_row).optional()? {
         Some((raw, hold_id, cvv_hash)) => Ok(Some(raw.into_row(hold_id, cvv_hash)?)),
         None => Ok(None),
     }
@@ -710,8 +720,10 @@ impl SpendRow {
 }
 
 fn spend_by_id(conn: &Connection, id: &str) -> Result<Option<SpendRecord>, StorageError> {
-    let row =
-        conn.query_row(&format!("{SPEND_SELECT} WHERE s.id = ?1"), params![id], spend_from_row).optional()?;
+    let row = conn
+        .prepare_cached(&format!("{SPEND_SELECT} WHERE s.id = ?1"))?
+        .query_row(params![id], spend_from_row)
+        .optional()?;
     row.map(SpendRow::into_record).transpose()
 }
 
@@ -724,12 +736,10 @@ fn insert_spend(
     now_ms: i64,
 ) -> Result<(), StorageError> {
     let reasons = serde_json::to_string(reasons).map_err(|e| StorageError::Invariant(e.to_string()))?;
-    conn.execute(
-        "INSERT INTO spends (id, agent_id, idempotency_key, fingerprint, units, currency, merchant_id, merchant_name,
+    conn.prepare_cached("INSERT INTO spends (id, agent_id, idempotency_key, fingerprint, units, currency, merchant_id, merchant_name,
                              mcc, country, purpose, received_at_ms, status, reasons, card_ttl_seconds,
                              card_cap_units, created_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-        params![
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)")?.execute(params![
             spend.id,
             spend.agent_id,
             spend.idempotency_key,
@@ -776,11 +786,9 @@ fn place_hold(
     expires_at_ms: i64,
     now: i64,
 ) -> Result<i64, StorageError> {
-    conn.execute(
-        "INSERT INTO holds (spend_id, agent_id, currency, units, merchant_id, mcc, received_at_ms, expires_at_ms,
+    conn.prepare_cached("INSERT INTO holds (spend_id, agent_id, currency, units, merchant_id, mcc, received_at_ms, expires_at_ms,
                             created_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?.execute(params![
             spend_id,
             agent_id,
             cap.currency(),
@@ -898,19 +906,15 @@ fn issue_card(
         };
         let card = cards.issuer.issue(&request).map_err(|e| StorageError::Issuer(e.to_string()))?;
         let pan_hash = cards.key.hash_pan(&card.secrets.pan);
-        let taken: bool = conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM cards WHERE pan_hash = ?1)",
-            params![pan_hash],
-            |r| r.get(0),
-        )?;
+        let taken: bool = conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM cards WHERE pan_hash = ?1)")?
+            .query_row(params![pan_hash], |r| r.get(0))?;
         if taken {
             continue;
         }
-        conn.execute(
-            "INSERT INTO cards (id, hold_id, spend_id, agent_id, issuer, pan_hash, cvv_hash, last4, exp_month, exp_year,
+        conn.prepare_cached("INSERT INTO cards (id, hold_id, spend_id, agent_id, issuer, pan_hash, cvv_hash, last4, exp_month, exp_year,
                                 cap_units, currency, merchant_id, expires_at_ms, created_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-            params![
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)")?.execute(params![
                 card_id,
                 hold_id,
                 spend_id,
@@ -953,10 +957,10 @@ fn append_audit(
     let text = record.to_string();
     let seq_u = u64::try_from(seq).map_err(|_| StorageError::Invariant("audit sequence".into()))?;
     let hash = audit_hash(&prev_hash, seq_u, from_ms(now), kind, &text);
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO audit (seq, at_ms, kind, record, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![seq, now, kind, text, prev_hash, hash],
-    )?;
+    )?
+    .execute(params![seq, now, kind, text, prev_hash, hash])?;
     Ok(())
 }
 
@@ -988,9 +992,7 @@ fn resolve_approval(
     reason: &str,
     now: i64,
 ) -> Result<(), StorageError> {
-    let inserted = conn.execute(
-        "INSERT OR IGNORE INTO approval_resolutions (spend_id, decision, reason, resolved_at_ms) VALUES (?1, ?2, ?3, ?4)",
-        params![spend_id, decision, reason, now],
+    let inserted = conn.prepare_cached("INSERT OR IGNORE INTO approval_resolutions (spend_id, decision, reason, resolved_at_ms) VALUES (?1, ?2, ?3, ?4)")?.execute(params![spend_id, decision, reason, now],
     )?;
     if inserted != 1 {
         return Err(StorageError::InvalidState(format!("spend `{spend_id}` is already resolved")));
@@ -1051,11 +1053,9 @@ fn commit_approval(
         }
         Verdict::Approve(terms) | Verdict::RequireApproval { terms, .. } => terms,
     };
-    let (ttl, cap_units): (Option<u32>, Option<i64>) = tx.query_row(
-        "SELECT card_ttl_seconds, card_cap_units FROM spends WHERE id = ?1",
-        params![spend_id],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let (ttl, cap_units): (Option<u32>, Option<i64>) = tx
+        .prepare_cached("SELECT card_ttl_seconds, card_cap_units FROM spends WHERE id = ?1")?
+        .query_row(params![spend_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
     let recorded = CardTerms {
         ttl_seconds: ttl,
         max_amount: cap_units.map(|u| amount(u, spend.amount.currency())).transpose()?,
@@ -1107,9 +1107,7 @@ impl Storage for SqliteStorage {
             ensure_accounts(tx, amount.currency())?;
             let transfer_id = transfer(tx, TransferKind::Deposit, amount.currency(), amount.units(), None, now)?;
             let id = new_id("dep");
-            tx.execute(
-                "INSERT INTO deposits (id, transfer_id, idempotency_key, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                params![id, transfer_id, idempotency_key, now],
+            tx.prepare_cached("INSERT INTO deposits (id, transfer_id, idempotency_key, created_at_ms) VALUES (?1, ?2, ?3, ?4)")?.execute(params![id, transfer_id, idempotency_key, now],
             )?;
             append_audit(
                 tx,
@@ -1286,10 +1284,9 @@ impl Storage for SqliteStorage {
             if left_ms < 1000 {
                 return Ok(None);
             }
-            let merchant_id: String =
-                tx.query_row("SELECT merchant_id FROM spends WHERE id = ?1", params![spend_id], |r| {
-                    r.get(0)
-                })?;
+            let merchant_id: String = tx
+                .prepare_cached("SELECT merchant_id FROM spends WHERE id = ?1")?
+                .query_row(params![spend_id], |r| r.get(0))?;
             let ttl = u32::try_from(left_ms / 1000).unwrap_or(u32::MAX).min(cards.default_ttl_seconds);
             let cap = amount(units, &currency)?;
             let card = issue_card(tx, spend_id, &agent_id, &merchant_id, cards, hold_id, &cap, ttl, now_ms)?;
@@ -1342,10 +1339,8 @@ impl Storage for SqliteStorage {
                 }
             }
             let card_id = card.as_ref().map(|c| c.record.id.clone());
-            tx.execute(
-                "INSERT INTO authorizations (card_id, units, currency, merchant_id, approved, decline_code, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
+            tx.prepare_cached("INSERT INTO authorizations (card_id, units, currency, merchant_id, approved, decline_code, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?.execute(params![
                     card_id,
                     request.amount.units(),
                     request.amount.currency(),
@@ -1395,8 +1390,9 @@ impl Storage for SqliteStorage {
     fn expire_cards(&self, now_ms: u64) -> Result<usize, StorageError> {
         self.write(|tx| {
             let now = ms(now_ms)?;
-            let swept_to: i64 =
-                tx.query_row("SELECT COALESCE(MAX(swept_to_ms), 0) FROM expiry_sweeps", [], |r| r.get(0))?;
+            let swept_to: i64 = tx
+                .prepare_cached("SELECT COALESCE(MAX(swept_to_ms), 0) FROM expiry_sweeps")?
+                .query_row([], |r| r.get(0))?;
             let overlap = i64::try_from(SWEEP_OVERLAP.as_millis()).unwrap_or(i64::MAX);
             let mut stmt = tx.prepare(EXPIRY_DUE_SQL)?;
             let due: Vec<(i64, String, i64)> = stmt
@@ -1410,7 +1406,8 @@ impl Storage for SqliteStorage {
             // Move the mark on when it is worth a row: after a release, or a
             // minute on. Between marks a sweep rescans at most that much.
             if now > swept_to && (!due.is_empty() || now - swept_to >= 60_000) {
-                tx.execute("INSERT INTO expiry_sweeps (swept_to_ms) VALUES (?1)", params![now])?;
+                tx.prepare_cached("INSERT INTO expiry_sweeps (swept_to_ms) VALUES (?1)")?
+                    .execute(params![now])?;
             }
             Ok(due.len())
         })

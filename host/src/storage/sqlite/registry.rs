@@ -60,15 +60,19 @@ fn insert_token(conn: &Connection, role: &Role, token_hash: &str, now: i64) -> R
         Role::Operator | Role::Network => None,
     };
     let id = new_id("tok");
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO tokens (id, role, agent_id, hash, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![id, role.name(), agent_id, token_hash, now],
-    )?;
+    )?
+    .execute(params![id, role.name(), agent_id, token_hash, now])?;
     Ok(id)
 }
 
 fn agent_exists(conn: &Connection, id: &str) -> Result<bool, StorageError> {
-    Ok(conn.query_row("SELECT 1 FROM agents WHERE id = ?1", params![id], |_| Ok(())).optional()?.is_some())
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM agents WHERE id = ?1")?
+        .query_row(params![id], |_| Ok(()))
+        .optional()?
+        .is_some())
 }
 
 /// An agent row, before its attachments are read.
@@ -144,10 +148,8 @@ fn insert_set(
         }
     }
     let set_no: i64 = conn.query_row(NEXT_SET_SQL, params![agent_id], |r| r.get(0))?;
-    conn.execute(
-        "INSERT INTO attachment_sets (agent_id, set_no, created_at_ms) VALUES (?1, ?2, ?3)",
-        params![agent_id, set_no, now],
-    )?;
+    conn.prepare_cached("INSERT INTO attachment_sets (agent_id, set_no, created_at_ms) VALUES (?1, ?2, ?3)")?
+        .execute(params![agent_id, set_no, now])?;
     let mut insert = conn.prepare_cached(
         "INSERT INTO attachments (agent_id, set_no, position, policy_name, policy_version, config)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -235,9 +237,7 @@ impl Registry for SqliteStorage {
         self.write(|tx| {
             // Inside the write lock: two uploads under one name get two versions.
             let version: u32 = tx.query_row(NEXT_VERSION_SQL, params![name], |r| r.get(0))?;
-            tx.execute(
-                "INSERT INTO policies (name, version, sha256, module, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![name, version, sha256, module, now],
+            tx.prepare_cached("INSERT INTO policies (name, version, sha256, module, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![name, version, sha256, module, now],
             )?;
             let record = PolicyRecord {
                 name: name.to_owned(),
@@ -288,9 +288,9 @@ impl Registry for SqliteStorage {
 
     fn latest_policy_version(&self, name: &str) -> Result<Option<u32>, StorageError> {
         self.read(|conn| {
-            Ok(conn.query_row("SELECT MAX(version) FROM policies WHERE name = ?1", params![name], |r| {
-                r.get(0)
-            })?)
+            Ok(conn
+                .prepare_cached("SELECT MAX(version) FROM policies WHERE name = ?1")?
+                .query_row(params![name], |r| r.get(0))?)
         })
     }
 
@@ -307,10 +307,10 @@ impl Registry for SqliteStorage {
             if agent_exists(tx, &agent.id)? {
                 return Err(StorageError::InvalidState(format!("agent `{}` already exists", agent.id)));
             }
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO agents (id, name, labels, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                params![agent.id, agent.name, labels, now],
-            )?;
+            )?
+            .execute(params![agent.id, agent.name, labels, now])?;
             insert_set(tx, &agent.id, &agent.attachments, now)?;
             insert_token(tx, &Role::Agent(agent.id.clone()), token_hash, now)?;
             // Never the token or its hash: the trail is readable by whoever
@@ -352,10 +352,8 @@ impl Registry for SqliteStorage {
             if agent.revoked {
                 return Err(StorageError::InvalidState(format!("agent `{id}` is already revoked")));
             }
-            tx.execute(
-                "INSERT INTO agent_revocations (agent_id, revoked_at_ms) VALUES (?1, ?2)",
-                params![id, now],
-            )?;
+            tx.prepare_cached("INSERT INTO agent_revocations (agent_id, revoked_at_ms) VALUES (?1, ?2)")?
+                .execute(params![id, now])?;
             tx.execute(REVOKE_TOKENS_SQL, params![id, now])?;
             append_audit(tx, "agent_revoked", &json!({ "agent_id": id }), now)?;
             Ok(AgentRecord { revoked: true, ..agent })
