@@ -8,7 +8,7 @@ POLICIES    := $(notdir $(wildcard policies/*))
 BIN         := target/release/spendguard
 WASM_DIR    := target/$(WASM_TARGET)/release
 
-.PHONY: run test wasm-target build policies policy-cases clean
+.PHONY: run test wasm-target build policies policy-cases fuzz clean
 
 # rustup does not install targets named in a toolchain file on these
 # machines, so add the Wasm target here when it is missing.
@@ -33,6 +33,38 @@ policy-cases: build policies
 
 test: wasm-target policy-cases
 	$(CARGO) test --release
+	$(MAKE) fuzz
+
+# Every fuzz target (fuzz/fuzz_targets/) for FUZZ_SECONDS each, from the
+# corpus in fuzz/corpus/; a crash, panic or hang fails. New inputs go to a
+# scratch directory, so the repository's corpus stays as it is; with
+# FUZZ_KEEP=1 they are added to fuzz/corpus/ (then `cargo fuzz cmin` it).
+# cargo-fuzz passes nightly-only flags to rustc, which the stable toolchain
+# accepts with RUSTC_BOOTSTRAP=1. No sanitizer: the code is safe Rust, and
+# wasmtime under ASan is very slow to build and to run. 16 codegen units
+# instead of cargo-fuzz's 1 let both cores compile the big crates (cranelift).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
+FUZZ_CARGO   := RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+FUZZ_BUILD   := --sanitizer none --codegen-units 16
+
+fuzz:
+	@if ! $(CARGO) fuzz --version >/dev/null 2>&1; then \
+		echo "installing cargo-fuzz"; \
+		$(CARGO) install cargo-fuzz --locked; \
+	fi
+	$(FUZZ_CARGO) build $(FUZZ_BUILD)
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		scratch=; \
+		if [ "$(FUZZ_KEEP)" != 1 ]; then scratch=$$(mktemp -d); fi; \
+		echo "== fuzzing $$t for $(FUZZ_SECONDS)s"; \
+		status=0; \
+		$(FUZZ_CARGO) run $(FUZZ_BUILD) $$t $$scratch fuzz/corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -dict=fuzz/dicts/$$t.dict -timeout=60 \
+			-print_final_stats=1 || status=$$?; \
+		if [ -n "$$scratch" ]; then rm -rf "$$scratch"; fi; \
+		if [ $$status -ne 0 ]; then echo "fuzz target $$t failed: its input is in fuzz/artifacts/$$t/"; exit 1; fi; \
+	done
 
 # A demo wallet on 127.0.0.1:7420: funded, the example policies uploaded, an
 # agent with them attached; prints the tokens and examples, then serves.

@@ -665,6 +665,47 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// Check the WIT a `component-type` section carries before wit-component
+/// reads it: wit-parser 0.254 recurses without end, overflowing the stack
+/// (which aborts the whole process), when it orders packages that depend on
+/// each other in a cycle. No compiler emits one; a hostile module can
+/// (found by fuzzing: `fuzz/corpus/policy_load`).
+fn check_component_type(data: &[u8]) -> Result<(), LoadError> {
+    // 0x03 starts the historical format of older wit-bindgen versions; the
+    // SDK's is a component.
+    if data.first() == Some(&0x03) {
+        return Err(LoadError::Componentize(
+            "component type in an outdated format: rebuild with spendguard-sdk".into(),
+        ));
+    }
+    let (resolve, _) = wit_parser::decoding::decode_world(data)
+        .map_err(|e| LoadError::Componentize(format!("component type: {e:#}")))?;
+    // Take packages whose dependencies are all taken until none is left; a
+    // package never taken is on a cycle.
+    let deps: Vec<Vec<usize>> = resolve
+        .packages
+        .iter()
+        .map(|(id, _)| resolve.package_direct_deps(id).map(|dep| dep.index()).collect())
+        .collect();
+    let mut taken = vec![false; deps.len()];
+    loop {
+        let ready: Vec<usize> =
+            (0..deps.len()).filter(|&i| !taken[i] && deps[i].iter().all(|&d| taken[d])).collect();
+        if ready.is_empty() {
+            break;
+        }
+        for i in ready {
+            taken[i] = true;
+        }
+    }
+    if taken.contains(&false) {
+        return Err(LoadError::Componentize(
+            "component type: its WIT packages depend on each other in a cycle".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Componentize a core module built with wit-bindgen, refusing foreign
 /// imports first so the message names them.
 fn componentize(bytes: &[u8], max_memory_bytes: usize) -> Result<Vec<u8>, LoadError> {
@@ -690,6 +731,7 @@ fn componentize(bytes: &[u8], max_memory_bytes: usize) -> Result<Vec<u8>, LoadEr
                 }
             }
             wasmparser::Payload::CustomSection(section) if section.name().starts_with("component-type") => {
+                check_component_type(section.data())?;
                 has_component_type = true;
             }
             _ => {}
@@ -703,4 +745,28 @@ fn componentize(bytes: &[u8], max_memory_bytes: usize) -> Result<Vec<u8>, LoadEr
         .module(bytes)
         .and_then(|mut encoder| encoder.encode())
         .map_err(|e| LoadError::Componentize(format!("{e:#}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `policy_load` fuzz target: a minimal policy (every
+    /// function `unreachable`) whose component type names the history
+    /// interface `@1.1.0` instead of `@0.1.0`, one byte, which makes its WIT
+    /// packages depend on each other. wit-parser overflowed the stack on it,
+    /// aborting `policy check` and the daemon.
+    #[test]
+    fn a_component_type_with_a_package_cycle_is_refused() {
+        let sandbox = Sandbox::new(Limits { max_concurrent: 1, ..Limits::default() }).unwrap();
+        let module = include_bytes!("sandbox/testdata/component-type-cycle.bin");
+        let err = sandbox.load(module).unwrap_err();
+        assert!(err.to_string().contains("depend on each other in a cycle"), "{err}");
+
+        let at = module.windows(14).position(|w| w == b"history@1.1.0\x05").unwrap();
+        let mut fixed = module.to_vec();
+        fixed[at + 8] = b'0';
+        let policy = sandbox.load(&fixed).unwrap();
+        assert_eq!(policy.exports(), ["validate-config", "evaluate"]);
+    }
 }

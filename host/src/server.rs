@@ -26,6 +26,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub use auth::Caller;
 pub use error::ApiError;
 pub use metrics::Metrics;
+/// Request bodies validated exactly as the handlers do it, with no state:
+/// what the fuzzer (`fuzz/`) drives.
+pub use routes::{
+    AttachmentRef, Deposit, MAX_ATTACHMENTS, MAX_IDEMPOTENCY_KEY_CHARS, MAX_NAME_CHARS, MAX_PURPOSE_CHARS,
+    NewAgent, Proposal, attachment_refs, parse_attachments, parse_authorization, parse_deny, parse_deposit,
+    parse_new_agent, parse_proposal, policy_name,
+};
 
 use crate::cards::{CardKey, Issuer, SimulatedIssuer};
 use crate::config::ServeConfig;

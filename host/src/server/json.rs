@@ -16,23 +16,26 @@ use crate::cards::IssuedCard;
 use crate::money::format_units;
 use crate::storage::{AgentRecord, CardRecord, SpendRecord};
 
-/// Parse a JSON body strictly: a body over the limit is 413, anything else
-/// malformed 422 with serde's message (which names the field). The body is
-/// an object: see [`Object`].
-pub fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    parse_json::<Object<T>>(body).map(|Object(value)| value)
-}
-
-/// [`parse`] for a body of any shape (a bare list).
-pub fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let body = body.map_err(|e| {
+/// A request's body as read: over the limit is 413, unreadable 422.
+pub fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
         if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large("request body too large")
         } else {
             ApiError::invalid("invalid_body", e.body_text())
         }
-    })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::invalid("invalid_json", e.to_string()))
+    })
+}
+
+/// Parse a JSON body strictly: anything malformed is 422 with serde's
+/// message (which names the field). The body is an object: see [`Object`].
+pub fn parse_bytes<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    parse_json::<Object<T>>(body).map(|Object(value)| value)
+}
+
+/// [`parse_bytes`] for a body of any shape (a bare list).
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid("invalid_json", e.to_string()))
 }
 
 /// A struct read from a JSON object only. Serde reads a struct from an array

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::extract::PathId;
-use super::json::{self, parse};
+use super::json::{self, parse_bytes};
 use super::{ApiError, AppState, Caller};
 use crate::cards::AuthorizationRequest;
 use crate::cases::{check_country, check_mcc};
@@ -191,14 +191,20 @@ pub struct MerchantBody {
     country: String,
 }
 
-pub async fn propose(
-    State(state): State<Arc<AppState>>,
-    caller: Caller,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Reply {
-    let agent_id = caller.agent()?.to_owned();
-    let body: ProposeBody = parse(body)?;
+/// A proposal as `POST /v1/spends` accepts it, before anything is read or
+/// written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proposal {
+    pub amount: Amount,
+    pub merchant: policy::Merchant,
+    pub purpose: String,
+    pub idempotency_key: Option<String>,
+}
+
+/// Validate a proposal's body and `Idempotency-Key` header, as
+/// `POST /v1/spends` does.
+pub fn parse_proposal(body: &[u8], headers: &HeaderMap) -> Result<Proposal, ApiError> {
+    let body: ProposeBody = parse_bytes(body)?;
     let amount = amount(&body.amount, &body.currency)?;
     merchant_id("merchant.id", &body.merchant.id)?;
     text("merchant.name", &body.merchant.name, MAX_NAME_CHARS, false)?;
@@ -207,12 +213,8 @@ pub async fn propose(
         .map_err(|e| ApiError::invalid("invalid_field", e.to_string()))?;
     check_country("merchant.country", &body.merchant.country)
         .map_err(|e| ApiError::invalid("invalid_field", e.to_string()))?;
-    let key = idempotency_key(&headers)?;
-    let received_at_ms = now_ms();
-    let spend = NewSpend {
-        id: new_id("sp"),
-        agent_id: agent_id.clone(),
-        idempotency_key: key,
+    let idempotency_key = idempotency_key(headers)?;
+    Ok(Proposal {
         amount,
         merchant: policy::Merchant {
             id: body.merchant.id,
@@ -221,6 +223,26 @@ pub async fn propose(
             country: body.merchant.country,
         },
         purpose: body.purpose,
+        idempotency_key,
+    })
+}
+
+pub async fn propose(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
+    let agent_id = caller.agent()?.to_owned();
+    let proposal = parse_proposal(&json::body(body)?, &headers)?;
+    let received_at_ms = now_ms();
+    let spend = NewSpend {
+        id: new_id("sp"),
+        agent_id: agent_id.clone(),
+        idempotency_key: proposal.idempotency_key,
+        amount: proposal.amount,
+        merchant: proposal.merchant,
+        purpose: proposal.purpose,
         received_at_ms,
     };
     let turn = state.agent_turn(&agent_id).await?;
@@ -445,6 +467,14 @@ pub struct DenyBody {
     reason: Option<String>,
 }
 
+/// The reason of an operator's deny: an empty body, or `{"reason": "…"}`.
+pub fn parse_deny(body: &[u8]) -> Result<String, ApiError> {
+    let body: DenyBody = if body.is_empty() { DenyBody::default() } else { parse_bytes(body)? };
+    let reason = body.reason.unwrap_or_else(|| "denied by the operator".into());
+    text("reason", &reason, MAX_PURPOSE_CHARS, false)?;
+    Ok(reason)
+}
+
 pub async fn deny(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -452,12 +482,7 @@ pub async fn deny(
     body: Result<Bytes, BytesRejection>,
 ) -> Reply {
     caller.operator()?;
-    let body: DenyBody = match &body {
-        Ok(b) if b.is_empty() => DenyBody::default(),
-        _ => parse(body)?,
-    };
-    let reason = body.reason.unwrap_or_else(|| "denied by the operator".into());
-    text("reason", &reason, MAX_PURPOSE_CHARS, false)?;
+    let reason = parse_deny(&json::body(body)?)?;
     let s = Arc::clone(&state);
     let spend = blocking(move || Ok(s.backend.deny(&id, &reason, s.approval_ttl_ms(), now_ms())?)).await?;
     state.metrics.proposal("denied_by_operator");
@@ -473,6 +498,21 @@ pub struct DepositBody {
     currency: String,
 }
 
+/// A deposit as `POST /v1/wallet/deposits` accepts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deposit {
+    pub amount: Amount,
+    pub idempotency_key: Option<String>,
+}
+
+/// Validate a deposit's body and `Idempotency-Key` header.
+pub fn parse_deposit(body: &[u8], headers: &HeaderMap) -> Result<Deposit, ApiError> {
+    let body: DepositBody = parse_bytes(body)?;
+    let amount = amount(&body.amount, &body.currency)?;
+    let idempotency_key = idempotency_key(headers)?;
+    Ok(Deposit { amount, idempotency_key })
+}
+
 pub async fn deposit(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -480,9 +520,7 @@ pub async fn deposit(
     body: Result<Bytes, BytesRejection>,
 ) -> Reply {
     caller.operator()?;
-    let body: DepositBody = parse(body)?;
-    let amount = amount(&body.amount, &body.currency)?;
-    let key = idempotency_key(&headers)?;
+    let Deposit { amount, idempotency_key: key } = parse_deposit(&json::body(body)?, &headers)?;
     let s = Arc::clone(&state);
     let d = blocking(move || Ok(s.backend.deposit(&amount, key.as_deref(), now_ms())?)).await?;
     created(
@@ -506,7 +544,7 @@ pub struct UploadQuery {
 }
 
 /// Policy names: what an operator types in attachments (`spend-limit@2`).
-fn policy_name(name: &str) -> Result<(), ApiError> {
+pub fn policy_name(name: &str) -> Result<(), ApiError> {
     let fine = !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
@@ -597,9 +635,22 @@ pub struct AttachmentsBody {
     policies: Vec<AttachmentBody>,
 }
 
-/// Resolve `NAME` or `NAME@VERSION`, and have each policy accept its config
-/// (its `validate-config`), before anything is stored.
-fn resolve_attachments(state: &AppState, list: Vec<AttachmentBody>) -> Result<Vec<Attachment>, ApiError> {
+/// An attachment as a request names it: checked, not yet looked up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentRef {
+    pub policy: String,
+    /// `None`: the latest version.
+    pub version: Option<u32>,
+    /// The config document, serialized.
+    pub config: String,
+}
+
+/// Check a list of attachments without storage: at most [`MAX_ATTACHMENTS`],
+/// each `NAME` or `NAME@VERSION`, each config within `max_config_bytes`.
+pub fn attachment_refs(
+    list: Vec<AttachmentBody>,
+    max_config_bytes: usize,
+) -> Result<Vec<AttachmentRef>, ApiError> {
     if list.len() > MAX_ATTACHMENTS {
         return Err(ApiError::invalid(
             "too_many_policies",
@@ -616,25 +667,35 @@ fn resolve_attachments(state: &AppState, list: Vec<AttachmentBody>) -> Result<Ve
                         format!("`{}`: the version must be a number", item.policy),
                     )
                 })?;
-                (name.to_owned(), v)
+                (name.to_owned(), Some(v))
             }
-            None => {
-                // A name no policy can have is refused as such, before it is looked up.
-                policy_name(&item.policy)?;
-                let v = state.backend.latest_policy_version(&item.policy)?.ok_or_else(|| {
-                    ApiError::invalid("unknown_policy", format!("no policy named `{}`", item.policy))
-                })?;
-                (item.policy.clone(), v)
-            }
+            None => (item.policy, None),
         };
         policy_name(&name)?;
         let config = item.config.unwrap_or_else(|| json!({})).to_string();
-        if config.len() > state.config.sandbox.max_config_bytes {
+        if config.len() > max_config_bytes {
             return Err(ApiError::too_large(format!(
-                "the config of `{name}` is over {} bytes",
-                state.config.sandbox.max_config_bytes
+                "the config of `{name}` is over {max_config_bytes} bytes"
             )));
         }
+        out.push(AttachmentRef { policy: name, version, config });
+    }
+    Ok(out)
+}
+
+/// Resolve each attachment's version (the latest when none is named), and
+/// have each policy accept its config (its `validate-config`), before
+/// anything is stored.
+fn resolve_attachments(state: &AppState, list: Vec<AttachmentRef>) -> Result<Vec<Attachment>, ApiError> {
+    let mut out = Vec::with_capacity(list.len());
+    for AttachmentRef { policy: name, version, config } in list {
+        let version = match version {
+            Some(v) => v,
+            None => state
+                .backend
+                .latest_policy_version(&name)?
+                .ok_or_else(|| ApiError::invalid("unknown_policy", format!("no policy named `{name}`")))?,
+        };
         let loaded = state.policy(&name, version).map_err(|e| {
             if e.status == StatusCode::NOT_FOUND { ApiError::invalid("unknown_policy", e.message) } else { e }
         })?;
@@ -665,15 +726,43 @@ fn labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// An agent as `POST /v1/agents` accepts it, its attachments not yet
+/// looked up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAgent {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub policies: Vec<AttachmentRef>,
+}
+
+/// Validate the body of `POST /v1/agents`.
+pub fn parse_new_agent(body: &[u8], max_config_bytes: usize) -> Result<NewAgent, ApiError> {
+    let body: AgentBody = parse_bytes(body)?;
+    text("name", &body.name, MAX_NAME_CHARS, true)?;
+    labels(&body.labels)?;
+    let policies = attachment_refs(body.policies, max_config_bytes)?;
+    Ok(NewAgent { name: body.name, labels: body.labels, policies })
+}
+
+/// Validate the body of `PUT /v1/agents/{id}/policies`: `{"policies": […]}`
+/// or the bare list.
+pub fn parse_attachments(body: &[u8], max_config_bytes: usize) -> Result<Vec<AttachmentRef>, ApiError> {
+    let list = if body.trim_ascii_start().starts_with(b"[") {
+        let list = json::parse_json::<Vec<json::Object<AttachmentBody>>>(body)?;
+        list.into_iter().map(|json::Object(item)| item).collect()
+    } else {
+        parse_bytes::<AttachmentsBody>(body)?.policies
+    };
+    attachment_refs(list, max_config_bytes)
+}
+
 pub async fn create_agent(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Reply {
     caller.operator()?;
-    let body: AgentBody = parse(body)?;
-    text("name", &body.name, MAX_NAME_CHARS, true)?;
-    labels(&body.labels)?;
+    let body = parse_new_agent(&json::body(body)?, state.config.sandbox.max_config_bytes)?;
     let s = Arc::clone(&state);
     let (agent, token) = blocking(move || {
         let attachments = resolve_attachments(&s, body.policies)?;
@@ -715,12 +804,7 @@ pub async fn set_policies(
     body: Result<Bytes, BytesRejection>,
 ) -> Reply {
     caller.operator()?;
-    let list = if body.as_ref().is_ok_and(|b| b.trim_ascii_start().starts_with(b"[")) {
-        let list = json::parse_json::<Vec<json::Object<AttachmentBody>>>(body)?;
-        list.into_iter().map(|json::Object(item)| item).collect()
-    } else {
-        parse::<AttachmentsBody>(body)?.policies
-    };
+    let list = parse_attachments(&json::body(body)?, state.config.sandbox.max_config_bytes)?;
     let s = Arc::clone(&state);
     let agent = blocking(move || {
         if s.backend.agent(&id)?.is_none() {
@@ -769,13 +853,9 @@ impl std::fmt::Debug for AuthorizeBody {
     }
 }
 
-pub async fn authorize(
-    State(state): State<Arc<AppState>>,
-    caller: Caller,
-    body: Result<Bytes, BytesRejection>,
-) -> Reply {
-    caller.network()?;
-    let body: AuthorizeBody = parse(body)?;
+/// Validate the body of `POST /v1/network/authorizations`.
+pub fn parse_authorization(body: &[u8]) -> Result<AuthorizationRequest, ApiError> {
+    let body: AuthorizeBody = parse_bytes(body)?;
     let digits = |s: &str, n: std::ops::RangeInclusive<usize>| {
         n.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
     };
@@ -783,14 +863,23 @@ pub async fn authorize(
         return Err(ApiError::invalid("invalid_card_data", "`pan`, `cvv` or `exp_month` is malformed"));
     }
     merchant_id("merchant_id", &body.merchant_id)?;
-    let request = AuthorizationRequest {
+    Ok(AuthorizationRequest {
         amount: amount(&body.amount, &body.currency)?,
         pan: body.pan,
         cvv: body.cvv,
         exp_month: body.exp_month,
         exp_year: body.exp_year,
         merchant_id: body.merchant_id,
-    };
+    })
+}
+
+pub async fn authorize(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
+    caller.network()?;
+    let request = parse_authorization(&json::body(body)?)?;
     let s = Arc::clone(&state);
     let outcome = blocking(move || Ok(s.backend.authorize(&request, &s.key, now_ms())?)).await?;
     state.metrics.authorization(outcome.decline_code.map_or("approved", |c| c.as_str()));
