@@ -1149,7 +1149,9 @@ impl Storage for SqliteStorage {
         decide: &mut dyn FnMut(Arc<dyn History>) -> Decided,
     ) -> Result<Proposed, StorageError> {
         // The idempotency key first: a retry never runs the policies again.
-        if let Some(replay) = self.read(|conn| replay(conn, spend))? {
+        if spend.idempotency_key.is_some()
+            && let Some(replay) = self.read(|conn| replay(conn, spend))?
+        {
             return Ok(replay);
         }
         // Evaluate outside the write lock, so a slow (or hostile) policy
