@@ -73,3 +73,10 @@ run: build policies
 
 clean:
 	$(CARGO) clean
+
+# Decision latency: the sandbox against the same rules in Cedar and in plain
+# Rust (bench/, not a default member: `cargo test` never compiles Cedar).
+# Results and method: BENCHMARKS.md.
+.PHONY: bench
+bench: wasm-target policies
+	$(CARGO) bench -p spendguard-bench
