@@ -80,3 +80,4 @@ clean:
 .PHONY: bench
 bench: wasm-target policies
 	$(CARGO) bench -p spendguard-bench
+	$(CARGO) bench -p spendguard --bench daemon
