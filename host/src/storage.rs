@@ -67,6 +67,20 @@ pub enum Verdict {
     },
 }
 
+impl Verdict {
+    /// The combined decision of every attached policy: any deny wins, then
+    /// any escalation; otherwise approved with the narrowest terms.
+    pub fn combine(denies: Vec<String>, escalations: Vec<String>, terms: CardTerms) -> Verdict {
+        if !denies.is_empty() {
+            Verdict::Deny(denies)
+        } else if !escalations.is_empty() {
+            Verdict::RequireApproval { reasons: escalations, terms }
+        } else {
+            Verdict::Approve(terms)
+        }
+    }
+}
+
 /// A verdict with what the audit trail records of how it was reached (each
 /// policy's decision, fuel, time and logs).
 #[derive(Debug, Clone, PartialEq)]

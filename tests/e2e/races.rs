@@ -87,14 +87,7 @@ fn decide(attached: &Attached, request: &SpendRequest, history: Arc<dyn History>
             Decision::RequireApproval(reason) => escalations.push(reason),
         }
     }
-    let verdict = if !denies.is_empty() {
-        Verdict::Deny(denies)
-    } else if !escalations.is_empty() {
-        Verdict::RequireApproval { reasons: escalations, terms }
-    } else {
-        Verdict::Approve(terms)
-    };
-    verdict.into()
+    Verdict::combine(denies, escalations, terms).into()
 }
 
 fn merchant() -> Merchant {

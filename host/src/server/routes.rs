@@ -364,14 +364,7 @@ fn evaluate_all(
             "logs": run.logs,
         }));
     }
-    let verdict = if !denies.is_empty() {
-        Verdict::Deny(denies)
-    } else if !escalations.is_empty() {
-        Verdict::RequireApproval { reasons: escalations, terms }
-    } else {
-        Verdict::Approve(terms)
-    };
-    Decided { verdict, evaluations: Value::Array(evaluations) }
+    Decided { verdict: Verdict::combine(denies, escalations, terms), evaluations: Value::Array(evaluations) }
 }
 
 pub async fn get_spend(State(state): State<Arc<AppState>>, caller: Caller, PathId(id): PathId) -> Reply {
