@@ -32,7 +32,7 @@ policy-cases: build policies
 	done
 
 test: wasm-target policy-cases
-	$(CARGO) test --release
+	scripts/with-postgres.sh $(CARGO) test --release
 	$(MAKE) fuzz
 
 # Every fuzz target (fuzz/fuzz_targets/) for FUZZ_SECONDS each, from the
