@@ -57,6 +57,7 @@ pub const CARD_KEY_LEN: usize = 32;
 /// card.
 const PAN_DOMAIN: &[u8] = b"pan:";
 const CVV_DOMAIN: &[u8] = b"cvv:";
+const FINGERPRINT_DOMAIN: &[u8] = b"key-fingerprint:";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -222,6 +223,13 @@ impl CardKey {
     /// does not verify there.
     pub fn hash_cvv(&self, card_id: &str, cvv: &str) -> String {
         self.keyed_hash(CVV_DOMAIN, &[card_id.as_bytes(), cvv.as_bytes()])
+    }
+
+    /// A value that names this key without revealing anything of it (a
+    /// keyed hash of a fixed label): daemons that share a wallet check
+    /// against it that they hold the same key.
+    pub fn fingerprint(&self) -> String {
+        self.keyed_hash(FINGERPRINT_DOMAIN, &[])
     }
 
     /// Whether `cvv` is the CVV of `card_id` whose stored hash is

@@ -28,6 +28,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 /// ```toml
 /// listen = "127.0.0.1:7420"
 /// data_dir = "spendguard-data"
+/// # database_url = "postgres://spendguard@db.internal/wallet"  # a wallet in PostgreSQL
+/// # database_pool_size = 16
 /// card_ttl_seconds = 900
 /// approval_ttl_seconds = 600
 /// agent_concurrency = 1
@@ -41,6 +43,12 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// The PostgreSQL database of a wallet made with `init --database-url`
+    /// (none: SQLite in the data directory). Never printed: it may hold a
+    /// password.
+    pub database_url: Option<DatabaseUrl>,
+    /// Connections to PostgreSQL this daemon keeps at most.
+    pub database_pool_size: u32,
     /// A card's life when no policy shortens it.
     pub card_ttl_seconds: u32,
     pub approval_ttl_seconds: u64,
@@ -61,6 +69,8 @@ impl Default for ServeConfig {
             // INVARIANT: a literal socket address.
             listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7420))),
             data_dir: PathBuf::from(crate::datadir::DEFAULT_DATA_DIR),
+            database_url: None,
+            database_pool_size: crate::storage::postgres::DEFAULT_POOL_SIZE,
             card_ttl_seconds: DEFAULT_CARD_TTL_SECONDS,
             approval_ttl_seconds: DEFAULT_APPROVAL_TTL_SECONDS,
             sweep_interval_ms: DEFAULT_SWEEP_INTERVAL_MS,
@@ -72,7 +82,26 @@ impl Default for ServeConfig {
     }
 }
 
+/// A database URL, which may carry a password: its `Debug` does not show it.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct DatabaseUrl(pub String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(…)")
+    }
+}
+
 impl ServeConfig {
+    /// Which database holds the wallet.
+    pub fn database(&self) -> crate::datadir::Database {
+        crate::datadir::Database::from_url(
+            self.database_url.as_ref().map(|u| u.0.clone()),
+            self.database_pool_size,
+        )
+    }
+
     /// Read a TOML file over the defaults.
     pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
         let text =
@@ -90,6 +119,14 @@ impl ServeConfig {
                 crate::cards::MAX_CARD_TTL_SECONDS,
                 self.card_ttl_seconds
             );
+        }
+        if self.database_pool_size == 0 {
+            anyhow::bail!("`database_pool_size` must be at least 1");
+        }
+        if let Some(url) = &self.database_url
+            && !(url.0.starts_with("postgres://") || url.0.starts_with("postgresql://"))
+        {
+            anyhow::bail!("`database_url` must be a postgres:// URL");
         }
         if self.agent_concurrency == 0 {
             anyhow::bail!("`agent_concurrency` must be at least 1");

@@ -1,5 +1,11 @@
-//! The data directory: the database, the card key, and nothing else. Tokens
-//! live in the database as hashes; the clear tokens are printed once.
+//! The data directory: the database (or, for a wallet in PostgreSQL, a note
+//! that it is there), the card key, and the cache of compiled policies.
+//! Tokens live in the database as hashes; the clear tokens are printed once.
+//!
+//! Several daemons share a wallet in PostgreSQL by each having a copy of
+//! the data directory (above all its card key: any daemon must verify any
+//! card). The wallet's first audit record holds the key's fingerprint, and
+//! a daemon whose key does not match refuses to start.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,8 +14,9 @@ use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 
 use crate::cards::CardKey;
+use crate::storage::postgres::PgStorage;
 use crate::storage::sqlite::SqliteStorage;
-use crate::storage::{Registry, Role};
+use crate::storage::{Backend, Role, Storage};
 
 /// The SQLite database inside the data directory.
 pub const DB_FILE: &str = "spendguard.db";
@@ -17,6 +24,44 @@ pub const DB_FILE: &str = "spendguard.db";
 pub const CARD_KEY_FILE: &str = "card.key";
 /// Compiled policies, in the data directory (see [`crate::sandbox::ArtifactCache`]).
 pub const CACHE_DIR: &str = "cache";
+/// Present when the wallet lives in PostgreSQL (it holds no URL: that is a
+/// secret the operator passes to each command).
+pub const POSTGRES_MARKER: &str = "postgres";
+/// The audit record that opens a wallet, with its card key's fingerprint.
+pub const WALLET_CREATED: &str = "wallet_created";
+
+/// Which database holds the wallet.
+#[derive(Clone, Default)]
+pub enum Database {
+    /// `spendguard.db` in the data directory.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database shared by any number of daemons.
+    Postgres { url: String, pool_size: u32 },
+}
+
+impl std::fmt::Debug for Database {
+    /// Never the URL: it may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite => f.write_str("Sqlite"),
+            Database::Postgres { pool_size, .. } => {
+                f.debug_struct("Postgres").field("pool_size", pool_size).finish_non_exhaustive()
+            }
+        }
+    }
+}
+
+impl Database {
+    /// PostgreSQL at `url`, or SQLite when there is none.
+    pub fn from_url(url: Option<String>, pool_size: u32) -> Database {
+        match url {
+            Some(url) => Database::Postgres { url, pool_size },
+            None => Database::Sqlite,
+        }
+    }
+}
+
 /// The default data directory, relative to where the daemon runs.
 pub const DEFAULT_DATA_DIR: &str = "spendguard-data";
 
@@ -46,11 +91,28 @@ pub struct InitTokens {
     pub network_token: String,
 }
 
-/// Create a data directory: refuses one that exists.
-pub fn init(dir: &Path, now_ms: u64) -> anyhow::Result<InitTokens> {
+/// Create a data directory: refuses one that exists. With
+/// [`Database::Postgres`] the wallet is made in that database, which must
+/// not hold one already.
+pub fn init(dir: &Path, database: &Database, now_ms: u64) -> anyhow::Result<InitTokens> {
     if dir.exists() {
         bail!("data directory `{}` already exists; refusing to overwrite it", dir.display());
     }
+    // The database first: if it is unreachable or taken, no directory is left behind.
+    let postgres = match database {
+        Database::Sqlite => None,
+        Database::Postgres { url, pool_size } => {
+            let storage =
+                PgStorage::connect(url, *pool_size).context("cannot open the PostgreSQL database")?;
+            if !storage.audit_records(0, 1)?.is_empty() {
+                bail!(
+                    "the PostgreSQL database already holds a wallet; to run another daemon on it, give that \
+                     daemon a copy of the first daemon's data directory instead of running `init`"
+                );
+            }
+            Some(storage)
+        }
+    };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
     #[cfg(unix)]
     {
@@ -58,8 +120,23 @@ pub fn init(dir: &Path, now_ms: u64) -> anyhow::Result<InitTokens> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("cannot restrict `{}` to its owner", dir.display()))?;
     }
-    CardKey::load_or_create(&dir.join(CARD_KEY_FILE)).context("cannot create the card key")?;
-    let storage = SqliteStorage::open(&dir.join(DB_FILE)).context("cannot create the database")?;
+    let key = CardKey::load_or_create(&dir.join(CARD_KEY_FILE)).context("cannot create the card key")?;
+    let storage: Box<dyn Backend> = match postgres {
+        None => Box::new(SqliteStorage::open(&dir.join(DB_FILE)).context("cannot create the database")?),
+        Some(storage) => {
+            std::fs::write(
+                dir.join(POSTGRES_MARKER),
+                "the wallet's database is PostgreSQL (--database-url)\n",
+            )
+            .with_context(|| format!("cannot write `{}`", dir.display()))?;
+            Box::new(storage)
+        }
+    };
+    storage.audit(
+        WALLET_CREATED,
+        &serde_json::json!({ "card_key_fingerprint": key.fingerprint() }),
+        now_ms,
+    )?;
     let operator_token = new_token(&Role::Operator);
     let network_token = new_token(&Role::Network);
     storage.add_token(&Role::Operator, &token_hash(&operator_token), now_ms)?;
@@ -68,23 +145,67 @@ pub fn init(dir: &Path, now_ms: u64) -> anyhow::Result<InitTokens> {
 }
 
 /// An opened data directory.
-#[derive(Debug)]
 pub struct Opened {
     pub path: PathBuf,
-    pub storage: Arc<SqliteStorage>,
+    pub storage: Arc<dyn Backend>,
     pub key: Arc<CardKey>,
 }
 
-/// Open an initialised data directory (it must have its database and key).
-pub fn open(dir: &Path) -> anyhow::Result<Opened> {
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// Open an initialised data directory (it must have its key, and its
+/// database or the note that the wallet is in PostgreSQL).
+pub fn open(dir: &Path, database: &Database) -> anyhow::Result<Opened> {
+    let key_file = dir.join(CARD_KEY_FILE);
+    let in_postgres = dir.join(POSTGRES_MARKER).exists();
     let db = dir.join(DB_FILE);
-    let key = dir.join(CARD_KEY_FILE);
-    if !db.exists() || !key.exists() {
+    if !key_file.exists() || !(in_postgres || db.exists()) {
         bail!("`{}` is not a spendguard data directory (run `spendguard init` first)", dir.display());
     }
-    let key = CardKey::load_or_create(&key).context("cannot read the card key")?;
-    let storage = SqliteStorage::open(&db).with_context(|| format!("cannot open `{}`", db.display()))?;
-    Ok(Opened { path: dir.to_path_buf(), storage: Arc::new(storage), key: Arc::new(key) })
+    let key = CardKey::load_or_create(&key_file).context("cannot read the card key")?;
+    let storage: Arc<dyn Backend> = match (database, in_postgres) {
+        (Database::Sqlite, false) => {
+            Arc::new(SqliteStorage::open(&db).with_context(|| format!("cannot open `{}`", db.display()))?)
+        }
+        (Database::Postgres { url, pool_size }, true) => {
+            Arc::new(PgStorage::connect(url, *pool_size).context("cannot open the PostgreSQL database")?)
+        }
+        (Database::Sqlite, true) => bail!(
+            "the wallet of `{}` is in PostgreSQL: pass --database-url (or SPENDGUARD_DATABASE_URL, or \
+             `database_url` in the config file)",
+            dir.display()
+        ),
+        (Database::Postgres { .. }, false) => bail!(
+            "the wallet of `{}` is in SQLite (`{DB_FILE}`); --database-url is for a data directory made with \
+             `spendguard init --database-url`",
+            dir.display()
+        ),
+    };
+    check_key(storage.as_ref(), &key)?;
+    Ok(Opened { path: dir.to_path_buf(), storage, key: Arc::new(key) })
+}
+
+/// Refuse a card key that is not the wallet's: its cards would not verify,
+/// and the cards it made would not verify anywhere else. Wallets made
+/// before the fingerprint was recorded have none to check.
+fn check_key(storage: &dyn Backend, key: &CardKey) -> anyhow::Result<()> {
+    let Some(first) = storage.audit_records(0, 1)?.into_iter().next() else { return Ok(()) };
+    if first.kind != WALLET_CREATED {
+        return Ok(());
+    }
+    let record: serde_json::Value =
+        serde_json::from_str(&first.record).context("the wallet's first audit record")?;
+    if record["card_key_fingerprint"].as_str() != Some(key.fingerprint().as_str()) {
+        bail!(
+            "this data directory's card key is not the wallet's: every daemon of a wallet needs a copy of the \
+             `{CARD_KEY_FILE}` it was made with"
+        );
+    }
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch, now.

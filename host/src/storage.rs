@@ -1,10 +1,15 @@
-//! Where the wallet lives. One trait, so the embedded SQLite store and (later)
-//! PostgreSQL share the same behaviour and the same test suite.
+//! Where the wallet lives. One trait, so the embedded SQLite store and
+//! PostgreSQL share the same behaviour and the same test suite; both are
+//! the same SQL ([`sql`]) on two engines.
 //!
 //! The trait is synchronous: the daemon calls it from blocking threads. Every
 //! method is one transaction: it happens entirely or not at all.
 
+pub mod postgres;
+pub mod sql;
 pub mod sqlite;
+
+pub use sql::{INSUFFICIENT_FUNDS, OPTIMISTIC_ATTEMPTS, SWEEP_OVERLAP};
 
 use std::sync::Arc;
 

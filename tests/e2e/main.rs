@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failure should stop the test
 
 mod artifacts;
+mod backends;
 mod cli;
 mod crash;
 mod daemon;

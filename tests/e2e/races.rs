@@ -17,14 +17,14 @@ use spendguard::history::History;
 use spendguard::money::Amount;
 use spendguard::policy::{Agent, CardTerms, Decision, Merchant, SpendRequest};
 use spendguard::sandbox::{Limits, LoadedPolicy, Sandbox};
-use spendguard::storage::sqlite::INSUFFICIENT_FUNDS;
+use spendguard::storage::INSUFFICIENT_FUNDS;
 use spendguard::storage::{
     CardIssuance, Decided, NewSpend, SpendRecord, SpendStatus, Storage, StorageError, Verdict, new_id,
 };
 
+use crate::backends::{Backend, Kind, on_each_backend};
 use crate::guests;
 use crate::sandbox::{XorShift, seed};
-use crate::storage::{Backend, sqlite};
 
 /// 2026-11-24T12:00:00Z.
 const T0: u64 = 1_795_521_600_000;
@@ -201,13 +201,12 @@ fn cents(units: i64) -> String {
     format!("{}.{:02}", units / 100, units % 100)
 }
 
-#[test]
-fn one_agent_racing_a_rolling_window_limit() {
+fn one_agent_racing_a_rolling_window_limit(kind: Kind) {
     let base = seed("one_agent_racing_a_rolling_window_limit");
     for run in 0..RUNS {
         let seed = base.wrapping_add(run);
         let mut rng = XorShift::new(seed);
-        let b = sqlite();
+        let b = kind.fresh();
         b.storage.deposit(&usd(1_000_000), None, T0 - 7_200_000).unwrap();
         let limit = 2_000 + (rng.next() % 4_000) as i64;
         let attached =
@@ -226,13 +225,12 @@ fn one_agent_racing_a_rolling_window_limit() {
     }
 }
 
-#[test]
-fn agents_racing_a_wallet_wide_limit() {
+fn agents_racing_a_wallet_wide_limit(kind: Kind) {
     let base = seed("agents_racing_a_wallet_wide_limit");
     for run in 0..RUNS {
         let seed = base.wrapping_add(run);
         let mut rng = XorShift::new(seed);
-        let b = sqlite();
+        let b = kind.fresh();
         b.storage.deposit(&usd(1_000_000), None, T0).unwrap();
         let limit = 3_000 + (rng.next() % 5_000) as i64;
         let shared = serde_json::json!({"limit": cents(limit), "currency": "USD", "wallet_wide": true});
@@ -250,13 +248,12 @@ fn agents_racing_a_wallet_wide_limit() {
     }
 }
 
-#[test]
-fn agents_racing_a_nearly_empty_wallet() {
+fn agents_racing_a_nearly_empty_wallet(kind: Kind) {
     let base = seed("agents_racing_a_nearly_empty_wallet");
     for run in 0..RUNS {
         let seed = base.wrapping_add(run);
         let mut rng = XorShift::new(seed);
-        let b = sqlite();
+        let b = kind.fresh();
         let funds = 500 + (rng.next() % 3_000) as i64;
         b.storage.deposit(&usd(funds), None, T0).unwrap();
         let generous = serde_json::json!({"limit": "1000.00", "currency": "USD"});
@@ -281,13 +278,12 @@ enum Resolution {
     Expired,
 }
 
-#[test]
-fn approve_deny_and_expiry_race_on_one_pending_spend() {
+fn approve_deny_and_expiry_race_on_one_pending_spend(kind: Kind) {
     const APPROVAL_TTL_MS: u64 = 600_000;
     const ROUNDS: u64 = 40;
     let base = seed("approve_deny_and_expiry_race_on_one_pending_spend");
     let mut rng = XorShift::new(base);
-    let b = sqlite();
+    let b = kind.fresh();
     b.storage.deposit(&usd(1_000_000), None, T0).unwrap();
     let attached: Attached = vec![(
         "approval-threshold",
@@ -468,3 +464,10 @@ fn through_the_daemon_racing_proposals_never_pass_a_limit_or_the_balance() {
     w.assert_wallet(&cents(left - spent_last), &cents(held), "0.00");
     assert_eq!(w.read("/v1/audit/verify")["ok"], true);
 }
+
+on_each_backend!(
+    one_agent_racing_a_rolling_window_limit,
+    agents_racing_a_wallet_wide_limit,
+    agents_racing_a_nearly_empty_wallet,
+    approve_deny_and_expiry_race_on_one_pending_spend,
+);

@@ -1,29 +1,14 @@
-//! Tokens, agents, policy modules and attachments against real SQLite.
-//! Written against the `Backend` trait, so every backend runs the same tests.
+//! Tokens, agents, policy modules and attachments against real SQLite and
+//! a real PostgreSQL server: every test runs on both backends.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use spendguard::storage::sqlite::SqliteStorage;
 use spendguard::storage::{AgentRecord, Attachment, Backend, Role, StorageError};
 
+use crate::backends::{Kind, on_each_backend};
+
 const T0: u64 = 1_795_521_600_000; // 2026-11-24T12:00:00Z
-
-/// A fresh, empty backend and the database file it writes.
-struct Fresh {
-    backend: Arc<dyn Backend>,
-    db: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-fn sqlite() -> Fresh {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("spendguard.db");
-    let backend = Arc::new(SqliteStorage::open(&db).unwrap());
-    Fresh { backend, db, _dir: dir }
-}
 
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -57,29 +42,23 @@ fn new_agent(id: &str, attachments: Vec<Attachment>) -> AgentRecord {
 
 /// Every attachment ever written for `agent_id`, by set then position: what
 /// stays on record after a replacement.
-fn attachment_history(db: &Path, agent_id: &str) -> Vec<(i64, String, u32, String)> {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    let mut stmt = conn
-        .prepare(
-            "SELECT set_no, policy_name, policy_version, config FROM attachments
-             WHERE agent_id = ?1 ORDER BY set_no, position",
-        )
-        .unwrap();
-
-    stmt.query_map([agent_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap()
+fn attachment_history(f: &crate::backends::Backend, agent_id: &str) -> Vec<(i64, String, u32, String)> {
+    f.rows(&format!(
+        "SELECT set_no, policy_name, policy_version, config FROM attachments
+         WHERE agent_id = '{agent_id}' ORDER BY set_no, position"
+    ))
+    .into_iter()
+    .map(|r| (r[0].parse().unwrap(), r[1].clone(), r[2].parse().unwrap(), r[3].clone()))
+    .collect()
 }
 
 fn audit_kinds(b: &dyn Backend) -> Vec<String> {
     b.audit_records(0, usize::MAX).unwrap().into_iter().map(|r| r.kind).collect()
 }
 
-#[test]
-fn tokens_carry_their_role_and_revoking_an_agent_revokes_its_tokens() {
-    let f = sqlite();
-    let b = f.backend.as_ref();
+fn tokens_carry_their_role_and_revoking_an_agent_revokes_its_tokens(kind: Kind) {
+    let f = kind.fresh();
+    let b = f.storage.as_ref();
     let (_, operator) = token();
     let (_, network) = token();
     let operator_id = b.add_token(&Role::Operator, &operator, T0).unwrap();
@@ -124,10 +103,9 @@ fn tokens_carry_their_role_and_revoking_an_agent_revokes_its_tokens() {
     assert!(b.token(&late).unwrap().unwrap().revoked);
 }
 
-#[test]
-fn policy_versions_count_per_name_and_modules_round_trip() {
-    let f = sqlite();
-    let b = f.backend.as_ref();
+fn policy_versions_count_per_name_and_modules_round_trip(kind: Kind) {
+    let f = kind.fresh();
+    let b = f.storage.as_ref();
     let v1: &[u8] = b"\0asm\x01\0\0\0 limits one";
     let v2: &[u8] = b"\0asm\x01\0\0\0 limits two \xff\xfe";
     let other: &[u8] = b"\0asm\x01\0\0\0 allowlist";
@@ -166,10 +144,9 @@ fn policy_versions_count_per_name_and_modules_round_trip() {
     assert_eq!(b.latest_policy_version("nothing").unwrap(), None);
 }
 
-#[test]
-fn agents_list_with_their_attachments_and_replacing_them_keeps_the_old_set() {
-    let f = sqlite();
-    let b = f.backend.as_ref();
+fn agents_list_with_their_attachments_and_replacing_them_keeps_the_old_set(kind: Kind) {
+    let f = kind.fresh();
+    let b = f.storage.as_ref();
     upload(b, "limits", b"limits v1", T0);
     upload(b, "limits", b"limits v2", T0);
     upload(b, "allowlist", b"allowlist v1", T0);
@@ -201,7 +178,7 @@ fn agents_list_with_their_attachments_and_replacing_them_keeps_the_old_set() {
     b.set_attachments("ag_b", &[], T0 + 30).unwrap();
     assert!(b.agent("ag_b").unwrap().unwrap().attachments.is_empty());
 
-    let history = attachment_history(&f.db, "ag_b");
+    let history = attachment_history(&f, "ag_b");
     let expect = |set: i64, a: &Attachment| (set, a.policy.clone(), a.version, a.config.clone());
     let mut expected: Vec<_> = first_set.iter().map(|a| expect(1, a)).collect();
     expected.extend(second_set.iter().map(|a| expect(2, a)));
@@ -213,10 +190,9 @@ fn agents_list_with_their_attachments_and_replacing_them_keeps_the_old_set() {
     );
 }
 
-#[test]
-fn an_unknown_policy_version_is_refused_and_nothing_is_written() {
-    let f = sqlite();
-    let b = f.backend.as_ref();
+fn an_unknown_policy_version_is_refused_and_nothing_is_written(kind: Kind) {
+    let f = kind.fresh();
+    let b = f.storage.as_ref();
     upload(b, "limits", b"limits v1", T0);
     let audited = b.audit_records(0, usize::MAX).unwrap().len();
 
@@ -228,7 +204,7 @@ fn an_unknown_policy_version_is_refused_and_nothing_is_written() {
     assert_eq!(b.agent("ag_x").unwrap(), None);
     assert!(b.agents().unwrap().is_empty());
     assert_eq!(b.token(&hash).unwrap(), None, "the agent's token was not kept");
-    assert!(attachment_history(&f.db, "ag_x").is_empty());
+    assert!(attachment_history(&f, "ag_x").is_empty());
     assert_eq!(b.audit_records(0, usize::MAX).unwrap().len(), audited);
 
     // Replacing attachments with an unknown version leaves the old in force.
@@ -238,13 +214,12 @@ fn an_unknown_policy_version_is_refused_and_nothing_is_written() {
         Err(StorageError::NotFound("policy `limits@7`".into()))
     );
     assert_eq!(b.agent("ag_x").unwrap(), Some(created));
-    assert_eq!(attachment_history(&f.db, "ag_x").len(), 1);
+    assert_eq!(attachment_history(&f, "ag_x").len(), 1);
 }
 
-#[test]
-fn an_agent_id_is_created_once_and_revoked_once() {
-    let f = sqlite();
-    let b = f.backend.as_ref();
+fn an_agent_id_is_created_once_and_revoked_once(kind: Kind) {
+    let f = kind.fresh();
+    let b = f.storage.as_ref();
     let (_, hash) = token();
     b.create_agent(&new_agent("ag_x", vec![]), &hash, T0).unwrap();
     let (_, again) = token();
@@ -265,10 +240,9 @@ fn an_agent_id_is_created_once_and_revoked_once() {
     assert_eq!(audit_kinds(b), ["agent_created", "agent_revoked"]);
 }
 
-#[test]
-fn the_audit_chain_records_every_change_and_never_a_token() {
-    let f = sqlite();
-    let b = f.backend.as_ref();
+fn the_audit_chain_records_every_change_and_never_a_token(kind: Kind) {
+    let f = kind.fresh();
+    let b = f.storage.as_ref();
     let mut secrets = Vec::new();
     let mut remember = |(token, hash): (String, String)| {
         secrets.push(token);
@@ -343,3 +317,12 @@ fn the_audit_chain_records_every_change_and_never_a_token() {
         }
     }
 }
+
+on_each_backend!(
+    tokens_carry_their_role_and_revoking_an_agent_revokes_its_tokens,
+    policy_versions_count_per_name_and_modules_round_trip,
+    agents_list_with_their_attachments_and_replacing_them_keeps_the_old_set,
+    an_unknown_policy_version_is_refused_and_nothing_is_written,
+    an_agent_id_is_created_once_and_revoked_once,
+    the_audit_chain_records_every_change_and_never_a_token,
+);

@@ -1,7 +1,7 @@
-//! The wallet ledger and its cards against real SQLite: seeded randomized
-//! operations checked against a model after every step, racing charges, and
-//! money edge cases. Written against the `Storage` trait, so every backend
-//! runs the same tests.
+//! The wallet ledger and its cards against real SQLite and a real
+//! PostgreSQL server: seeded randomized operations checked against a model
+//! after every step, racing charges, and money edge cases. Written against
+//! the `Storage` trait: every test runs on both backends.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,31 +10,12 @@ use spendguard::cards::{AuthorizationRequest, CardKey, CardState, DeclineCode, S
 use spendguard::history::HistoryScope;
 use spendguard::money::Amount;
 use spendguard::policy::{CardTerms, Merchant, SpendFilter};
-use spendguard::storage::sqlite::SqliteStorage;
 use spendguard::storage::{
     CardIssuance, Decided, NewSpend, Proposed, SpendStatus, Storage, StorageError, Verdict, new_id,
 };
 
+use crate::backends::{Backend, Kind, on_each_backend};
 use crate::sandbox::XorShift;
-
-/// A backend under test, fresh and empty, with the files it writes to.
-pub struct Backend {
-    pub storage: Arc<dyn Storage>,
-    /// Files whose bytes must never contain a PAN.
-    pub files: Vec<std::path::PathBuf>,
-    _dir: tempfile::TempDir,
-}
-
-pub fn sqlite() -> Backend {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("spendguard.db");
-    let storage = Arc::new(SqliteStorage::open(&path).unwrap());
-    let files = ["spendguard.db", "spendguard.db-wal", "spendguard.db-shm"]
-        .iter()
-        .map(|f| dir.path().join(f))
-        .collect();
-    Backend { storage, files, _dir: dir }
-}
 
 fn usd(a: &str) -> Amount {
     Amount::parse(a, "USD").unwrap()
@@ -83,9 +64,8 @@ fn charge(card: &spendguard::cards::IssuedCard, amount: Amount, merchant_id: &st
     }
 }
 
-#[test]
-fn a_card_is_issued_charged_once_and_the_rest_released() {
-    let b = sqlite();
+fn a_card_is_issued_charged_once_and_the_rest_released(kind: Kind) {
+    let b = kind.fresh();
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("100.00"), None, T0).unwrap();
@@ -107,9 +87,8 @@ fn a_card_is_issued_charged_once_and_the_rest_released() {
     b.storage.check_invariants().unwrap();
 }
 
-#[test]
-fn policies_narrow_the_card_and_funds_must_cover_it() {
-    let b = sqlite();
+fn policies_narrow_the_card_and_funds_must_cover_it(kind: Kind) {
+    let b = kind.fresh();
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("20.00"), None, T0).unwrap();
@@ -143,9 +122,8 @@ fn policies_narrow_the_card_and_funds_must_cover_it() {
     b.storage.check_invariants().unwrap();
 }
 
-#[test]
-fn idempotency_keys_replay_or_conflict() {
-    let b = sqlite();
+fn idempotency_keys_replay_or_conflict(kind: Kind) {
+    let b = kind.fresh();
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("50.00"), Some("fund-1"), T0).unwrap();
@@ -185,9 +163,8 @@ fn idempotency_keys_replay_or_conflict() {
     b.storage.check_invariants().unwrap();
 }
 
-#[test]
-fn expired_and_voided_cards_release_their_holds_once() {
-    let b = sqlite();
+fn expired_and_voided_cards_release_their_holds_once(kind: Kind) {
+    let b = kind.fresh();
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("30.00"), None, T0).unwrap();
@@ -216,27 +193,24 @@ fn expired_and_voided_cards_release_their_holds_once() {
     b.storage.check_invariants().unwrap();
 }
 
-#[test]
-fn cards_that_expired_while_the_daemon_was_down_are_released_on_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("spendguard.db");
+fn cards_that_expired_while_the_daemon_was_down_are_released_on_open(kind: Kind) {
+    let b = kind.fresh();
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     {
-        let storage = SqliteStorage::open(&path).unwrap();
+        let storage = b.open_again();
         storage.deposit(&usd("10.00"), None, T0).unwrap();
-        propose_allowed(&storage, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0);
+        propose_allowed(&*storage, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0);
     }
-    let storage = SqliteStorage::open(&path).unwrap();
+    let storage = b.open_again();
     assert_eq!(storage.balances().unwrap()[0].held, 1000, "still held across a restart");
     assert_eq!(storage.expire_cards(T0 + 3_600_000).unwrap(), 1);
     assert_eq!(storage.balances().unwrap()[0].available, 1000);
     storage.check_invariants().unwrap();
 }
 
-#[test]
-fn history_counts_captures_and_open_holds_in_the_requests_currency() {
-    let b = sqlite();
+fn history_counts_captures_and_open_holds_in_the_requests_currency(kind: Kind) {
+    let b = kind.fresh();
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("100.00"), None, T0).unwrap();
@@ -276,9 +250,8 @@ fn history_counts_captures_and_open_holds_in_the_requests_currency() {
     b.storage.check_invariants().unwrap();
 }
 
-#[test]
-fn racing_charges_on_one_card_approve_exactly_once() {
-    let b = sqlite();
+fn racing_charges_on_one_card_approve_exactly_once(kind: Kind) {
+    let b = kind.fresh();
     let (key, issuer) = (Arc::new(CardKey::generate()), SimulatedIssuer::new());
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("100.00"), None, T0).unwrap();
@@ -306,13 +279,10 @@ fn racing_charges_on_one_card_approve_exactly_once() {
     }
 }
 
-#[test]
-fn racing_charges_from_two_connections_approve_exactly_once() {
-    // Two stores on one file: what two processes sharing it would do.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("spendguard.db");
-    let (one, two) =
-        (Arc::new(SqliteStorage::open(&path).unwrap()), Arc::new(SqliteStorage::open(&path).unwrap()));
+fn racing_charges_from_two_connections_approve_exactly_once(kind: Kind) {
+    // Two stores on one database: what two processes sharing it would do.
+    let b = kind.fresh();
+    let (one, two) = (b.open_again(), b.open_again());
     let (key, issuer) = (Arc::new(CardKey::generate()), SimulatedIssuer::new());
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     one.deposit(&usd("10.00"), None, T0).unwrap();
@@ -321,7 +291,7 @@ fn racing_charges_from_two_connections_approve_exactly_once() {
     );
     let threads: Vec<_> = (0..8)
         .map(|i| {
-            let storage: Arc<dyn Storage> = if i % 2 == 0 { one.clone() } else { two.clone() };
+            let storage = if i % 2 == 0 { one.clone() } else { two.clone() };
             let (key, card) = (Arc::clone(&key), Arc::clone(&card));
             std::thread::spawn(move || {
                 storage.authorize(&charge(&card, usd("10.00"), "m.com"), &key, T0 + 1).unwrap()
@@ -334,9 +304,8 @@ fn racing_charges_from_two_connections_approve_exactly_once() {
     two.check_invariants().unwrap();
 }
 
-#[test]
-fn money_edge_cases() {
-    let b = sqlite();
+fn money_edge_cases(kind: Kind) {
+    let b = kind.fresh();
     // 0.1 + 0.2 is exactly 0.3.
     b.storage.deposit(&usd("0.10"), None, T0).unwrap();
     b.storage.deposit(&usd("0.20"), None, T0).unwrap();
@@ -369,17 +338,23 @@ fn money_edge_cases() {
     b.storage.check_invariants().unwrap();
 }
 
-#[test]
-fn the_ledger_refuses_updates_and_deletes() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("spendguard.db");
-    let storage = SqliteStorage::open(&path).unwrap();
-    storage.deposit(&usd("5.00"), None, T0).unwrap();
-    drop(storage);
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    assert!(conn.execute("UPDATE entries SET delta = delta * 2", []).is_err());
-    assert!(conn.execute("DELETE FROM transfers", []).is_err());
-    assert!(conn.execute("DELETE FROM deposits", []).is_err());
+fn the_ledger_refuses_updates_and_deletes(kind: Kind) {
+    let b = kind.fresh();
+    b.storage.deposit(&usd("5.00"), None, T0).unwrap();
+    for sql in [
+        "UPDATE entries SET delta = delta * 2",
+        "DELETE FROM transfers",
+        "DELETE FROM deposits",
+        "DELETE FROM audit",
+    ] {
+        let err = b.raw(sql).expect_err(sql);
+        assert!(err.contains("append-only"), "{sql}: {err}");
+    }
+    if kind == Kind::Postgres {
+        let err = b.raw("TRUNCATE audit").expect_err("TRUNCATE");
+        assert!(err.contains("append-only"), "{err}");
+    }
+    assert_eq!(b.storage.balances().unwrap()[0].available, 500);
 }
 
 /// What the model expects of one card.
@@ -400,11 +375,10 @@ struct ModelBalance {
 /// Thousands of random operations, each checked against a model and the
 /// ledger's invariants right after. The seed is printed: set
 /// `SPENDGUARD_SEED` to replay a failure exactly.
-#[test]
-fn randomized_operations_keep_every_invariant() {
+fn randomized_operations_keep_every_invariant(kind: Kind) {
     let seed = crate::sandbox::seed("randomized_operations_keep_every_invariant");
     let mut rng = XorShift::new(seed);
-    let b = sqlite();
+    let b = kind.fresh();
     let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     let currencies = ["USD", "JPY", "USDC"];
@@ -634,33 +608,24 @@ fn randomized_operations_keep_every_invariant() {
         }
     }
     assert!(issued.len() > 100, "the run should issue many cards, issued {}", issued.len());
-    assert_no_secrets_at_rest(&b.files, &issued.iter().map(|c| &c.card).collect::<Vec<_>>());
+    assert_no_secrets_at_rest(&b, &issued.iter().map(|c| &c.card).collect::<Vec<_>>());
 }
 
 /// No PAN in any file the store wrote, and no PAN or CVV in any column.
-fn assert_no_secrets_at_rest(files: &[std::path::PathBuf], cards: &[&spendguard::cards::IssuedCard]) {
-    let mut bytes = Vec::new();
-    for f in files.iter().filter(|f| f.exists()) {
-        bytes.extend(std::fs::read(f).unwrap());
-    }
-    assert!(!bytes.is_empty());
+fn assert_no_secrets_at_rest(b: &Backend, cards: &[&spendguard::cards::IssuedCard]) {
+    let bytes = b.at_rest();
+    assert!(bytes.len() > 10_000, "the store holds the run's records ({} bytes)", bytes.len());
     for card in cards {
         let pan = card.secrets.pan.as_bytes();
         assert!(!bytes.windows(pan.len()).any(|w| w == pan), "a PAN is stored in the clear");
     }
-    let conn = rusqlite::Connection::open(&files[0]).unwrap();
     let secrets: std::collections::HashSet<String> =
         cards.iter().flat_map(|c| [c.secrets.pan.clone(), c.secrets.cvv.clone()]).collect();
-    for table in ["cards", "spends", "authorizations", "holds", "transfers", "deposits"] {
-        let mut stmt = conn.prepare(&format!("SELECT * FROM {table}")).unwrap();
-        let n = stmt.column_count();
-        let mut rows = stmt.query([]).unwrap();
-        while let Some(row) = rows.next().unwrap() {
-            for i in 0..n {
-                if let Ok(Some(text)) = row.get::<_, Option<String>>(i) {
-                    assert!(!secrets.contains(&text), "a PAN or CVV is stored in `{table}`");
-                }
-            }
+    for table in ["cards", "spends", "authorizations", "holds", "transfers", "deposits", "audit"] {
+        let texts = b.text_values(table);
+        assert!(!texts.is_empty() || table == "deposits", "`{table}` has text");
+        for text in texts {
+            assert!(!secrets.contains(&text), "a PAN or CVV is stored in `{table}`");
         }
     }
 }
@@ -686,9 +651,8 @@ impl spendguard::cards::Issuer for RepeatingIssuer {
     }
 }
 
-#[test]
-fn a_card_number_already_in_use_is_drawn_again() {
-    let b = sqlite();
+fn a_card_number_already_in_use_is_drawn_again(kind: Kind) {
+    let b = kind.fresh();
     let (key, issuer) = (CardKey::generate(), RepeatingIssuer(std::sync::Mutex::new(0)));
     let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
     b.storage.deposit(&usd("10.00"), None, T0).unwrap();
@@ -702,8 +666,7 @@ fn a_card_number_already_in_use_is_drawn_again() {
 
 /// The invariant checker itself must catch what it claims to: each kind of
 /// tampering, done behind the ledger's back, is reported.
-#[test]
-fn the_invariant_checks_catch_tampering() {
+fn the_invariant_checks_catch_tampering(kind: Kind) {
     let tampering: &[(&str, &str)] = &[
         ("UPDATE entries SET delta = delta + 1 WHERE id = (SELECT MAX(id) FROM entries)", "cancel out"),
         (
@@ -717,25 +680,36 @@ fn the_invariant_checks_catch_tampering() {
         ("DELETE FROM cards", "no card and no approval"),
     ];
     for (sql, fragment) in tampering {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spendguard.db");
-        let storage = SqliteStorage::open(&path).unwrap();
+        let b = kind.fresh();
+        let storage = &b.storage;
         let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
         let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
         storage.deposit(&usd("50.00"), None, T0).unwrap();
-        let used = propose_allowed(&storage, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0)
+        let used = propose_allowed(&**storage, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0)
             .card
             .unwrap();
         storage.authorize(&charge(&used, usd("4.00"), "m.com"), &key, T0).unwrap();
-        propose_allowed(&storage, &cards, spend("bot", usd("5.00"), "m.com", None, T0), T0);
+        propose_allowed(&**storage, &cards, spend("bot", usd("5.00"), "m.com", None, T0), T0);
         storage.check_invariants().unwrap();
-        let conn = rusqlite::Connection::open(&path).unwrap();
         let table = sql.split_whitespace().nth(if sql.starts_with("DELETE") { 2 } else { 1 }).unwrap();
-        conn.execute_batch(&format!(
-            "PRAGMA foreign_keys = OFF; DROP TRIGGER {table}_append_only_u; DROP TRIGGER {table}_append_only_d; {sql};"
-        ))
-        .unwrap();
+        b.tamper(table, sql);
         let err = storage.check_invariants().expect_err(&format!("`{sql}` went unnoticed"));
         assert!(err.contains(fragment), "`{sql}`: {err}");
     }
 }
+
+on_each_backend!(
+    a_card_is_issued_charged_once_and_the_rest_released,
+    policies_narrow_the_card_and_funds_must_cover_it,
+    idempotency_keys_replay_or_conflict,
+    expired_and_voided_cards_release_their_holds_once,
+    history_counts_captures_and_open_holds_in_the_requests_currency,
+    racing_charges_on_one_card_approve_exactly_once,
+    money_edge_cases,
+    a_card_number_already_in_use_is_drawn_again,
+    randomized_operations_keep_every_invariant,
+    cards_that_expired_while_the_daemon_was_down_are_released_on_open,
+    racing_charges_from_two_connections_approve_exactly_once,
+    the_ledger_refuses_updates_and_deletes,
+    the_invariant_checks_catch_tampering,
+);

@@ -9,9 +9,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 use spendguard::config::ServeConfig;
-use spendguard::datadir::{self, DEFAULT_DATA_DIR, new_token, now_ms, token_hash};
+use spendguard::datadir::{self, DEFAULT_DATA_DIR, Database, new_token, now_ms, token_hash};
 use spendguard::server::{self, AppState};
-use spendguard::storage::{Registry, Role};
+use spendguard::storage::Role;
 
 use super::LimitArgs;
 
@@ -20,13 +20,42 @@ pub struct InitArgs {
     /// Where to create the data directory; it must not exist.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR, env = "SPENDGUARD_DATA_DIR")]
     data_dir: PathBuf,
+    #[command(flatten)]
+    database: DatabaseArgs,
     /// Print the tokens as JSON.
     #[arg(long)]
     json: bool,
 }
 
+/// Where the wallet lives when not in the data directory's SQLite file.
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// Keep the wallet in this PostgreSQL database (`postgres://user@host:port/db`),
+    /// which several daemons may share; each needs a copy of the data directory.
+    #[arg(long, value_name = "URL", env = "SPENDGUARD_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Connections to PostgreSQL to keep at most.
+    #[arg(long, value_name = "N", env = "SPENDGUARD_DATABASE_POOL_SIZE")]
+    database_pool_size: Option<u32>,
+}
+
+impl DatabaseArgs {
+    fn database(self) -> anyhow::Result<Database> {
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            bail!("--database-url must be a postgres:// URL");
+        }
+        let pool_size = self.database_pool_size.unwrap_or(spendguard::storage::postgres::DEFAULT_POOL_SIZE);
+        if pool_size == 0 {
+            bail!("--database-pool-size must be at least 1");
+        }
+        Ok(Database::from_url(self.database_url, pool_size))
+    }
+}
+
 pub fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
-    let tokens = datadir::init(&args.data_dir, now_ms())?;
+    let tokens = datadir::init(&args.data_dir, &args.database.database()?, now_ms())?;
     if args.json {
         println!(
             "{}",
@@ -55,6 +84,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE", env = "SPENDGUARD_CONFIG")]
     config: Option<PathBuf>,
     #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
     limits: LimitArgs,
 }
 
@@ -70,9 +101,15 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    if let Some(url) = args.database.database_url {
+        config.database_url = Some(spendguard::config::DatabaseUrl(url));
+    }
+    if let Some(size) = args.database.database_pool_size {
+        config.database_pool_size = size;
+    }
     config.sandbox = args.limits.apply(config.sandbox);
     config.check()?;
-    let opened = datadir::open(&config.data_dir)?;
+    let opened = datadir::open(&config.data_dir, &config.database())?;
     let state = Arc::new(AppState::new(opened.storage, opened.key, config.clone())?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -117,6 +154,8 @@ enum TokenRole {
 pub struct TokenArgs {
     #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR, env = "SPENDGUARD_DATA_DIR")]
     data_dir: PathBuf,
+    #[command(flatten)]
+    database: DatabaseArgs,
     #[arg(long, value_enum)]
     role: TokenRole,
     /// The agent, for `--role agent`.
@@ -128,7 +167,7 @@ pub struct TokenArgs {
 
 pub fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
     let TokenCommand::New(args) = cmd;
-    let opened = datadir::open(&args.data_dir)?;
+    let opened = datadir::open(&args.data_dir, &args.database.database()?)?;
     let role = match (args.role, args.agent) {
         (TokenRole::Operator, None) => Role::Operator,
         (TokenRole::Network, None) => Role::Network,

@@ -1,55 +1,56 @@
-//! The registry in SQLite: tokens, agents, policy modules and which policies
+//! The registry in SQL: tokens, agents, policy modules and which policies
 //! run for whom. Append-only like the ledger: a revocation is a new row, and
 //! replacing an agent's attachments writes a new set (the highest in force),
 //! so the audit trail and the tables always agree on what was in force when.
 
 use std::collections::BTreeMap;
 
-use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::{SqliteStorage, append_audit, from_ms, ms};
+use super::{Conn, Engine, Row, SqlStore, append_audit, args, from_ms, ms};
 use crate::storage::{
     AgentRecord, Attachment, PolicyRecord, Registry, Role, StorageError, TokenInfo, new_id,
 };
 
 /// A token by its hash (the `UNIQUE` index on `hash`), revoked when the
 /// token or its agent is.
-const TOKEN_SQL: &str = "SELECT t.id, t.role, t.agent_id,
+pub(crate) const TOKEN_SQL: &str = "SELECT t.id, t.role, t.agent_id,
         EXISTS (SELECT 1 FROM token_revocations r WHERE r.token_id = t.id)
         OR EXISTS (SELECT 1 FROM agent_revocations a WHERE a.agent_id = t.agent_id),
         t.hash
      FROM tokens t WHERE t.hash = ?1";
 
 /// An agent by id (its primary key).
-const AGENT_SQL: &str = "SELECT a.id, a.name, a.labels, a.created_at_ms,
+pub(crate) const AGENT_SQL: &str = "SELECT a.id, a.name, a.labels, a.created_at_ms,
         EXISTS (SELECT 1 FROM agent_revocations r WHERE r.agent_id = a.id)
      FROM agents a WHERE a.id = ?1";
 
 /// Every agent, oldest first.
-const AGENTS_SQL: &str = "SELECT a.id, a.name, a.labels, a.created_at_ms,
+pub(crate) const AGENTS_SQL: &str = "SELECT a.id, a.name, a.labels, a.created_at_ms,
         EXISTS (SELECT 1 FROM agent_revocations r WHERE r.agent_id = a.id)
      FROM agents a ORDER BY a.created_at_ms, a.id";
 
 /// The attachments in force: the agent's highest set, in order. Both steps
 /// are primary-key lookups.
-const ATTACHMENTS_SQL: &str = "SELECT policy_name, policy_version, config FROM attachments
+pub(crate) const ATTACHMENTS_SQL: &str = "SELECT policy_name, policy_version, config FROM attachments
      WHERE agent_id = ?1 AND set_no = (SELECT MAX(set_no) FROM attachment_sets WHERE agent_id = ?1)
      ORDER BY position";
 
-const NEXT_SET_SQL: &str = "SELECT COALESCE(MAX(set_no), 0) + 1 FROM attachment_sets WHERE agent_id = ?1";
+pub(crate) const NEXT_SET_SQL: &str =
+    "SELECT COALESCE(MAX(set_no), 0) + 1 FROM attachment_sets WHERE agent_id = ?1";
 
-const NEXT_VERSION_SQL: &str = "SELECT COALESCE(MAX(version), 0) + 1 FROM policies WHERE name = ?1";
+pub(crate) const NEXT_VERSION_SQL: &str =
+    "SELECT COALESCE(MAX(version), 0) + 1 FROM policies WHERE name = ?1";
 
 /// Revoke every token of an agent not revoked already.
 // `tokens.agent_id` has no index, so this scans `tokens`; it runs once per
 // revoked agent, over a table of one row per token ever issued.
-const REVOKE_TOKENS_SQL: &str = "INSERT INTO token_revocations (token_id, revoked_at_ms)
-     SELECT t.id, ?2 FROM tokens t
+pub(crate) const REVOKE_TOKENS_SQL: &str = "INSERT INTO token_revocations (token_id, revoked_at_ms)
+     SELECT t.id, CAST(?2 AS BIGINT) FROM tokens t
      WHERE t.agent_id = ?1 AND NOT EXISTS (SELECT 1 FROM token_revocations r WHERE r.token_id = t.id)";
 
-fn insert_token(conn: &Connection, role: &Role, token_hash: &str, now: i64) -> Result<String, StorageError> {
+fn insert_token(conn: &dyn Conn, role: &Role, token_hash: &str, now: i64) -> Result<String, StorageError> {
     let agent_id = match role {
         Role::Agent(agent_id) => {
             if !agent_exists(conn, agent_id)? {
@@ -60,102 +61,74 @@ fn insert_token(conn: &Connection, role: &Role, token_hash: &str, now: i64) -> R
         Role::Operator | Role::Network => None,
     };
     let id = new_id("tok");
-    conn.prepare_cached(
+    conn.execute(
         "INSERT INTO tokens (id, role, agent_id, hash, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![id, role.name(), agent_id, token_hash, now])?;
+        args![&id, role.name(), agent_id, token_hash, now],
+    )?;
     Ok(id)
 }
 
-fn agent_exists(conn: &Connection, id: &str) -> Result<bool, StorageError> {
-    Ok(conn
-        .prepare_cached("SELECT 1 FROM agents WHERE id = ?1")?
-        .query_row(params![id], |_| Ok(()))
-        .optional()?
-        .is_some())
+fn agent_exists(conn: &dyn Conn, id: &str) -> Result<bool, StorageError> {
+    Ok(conn.row("SELECT 1 FROM agents WHERE id = ?1", args![id])?.is_some())
 }
 
-/// An agent row, before its attachments are read.
-struct AgentRow {
-    id: String,
-    name: String,
-    labels: String,
-    created_at_ms: i64,
-    revoked: bool,
-}
-
-fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
-    Ok(AgentRow {
-        id: r.get(0)?,
+/// An agent from a row of [`AGENT_SQL`] or [`AGENTS_SQL`], with the
+/// attachments in force.
+fn agent_record(conn: &dyn Conn, r: &Row) -> Result<AgentRecord, StorageError> {
+    let id: String = r.get(0)?;
+    let labels: String = r.get(2)?;
+    let labels: BTreeMap<String, String> = serde_json::from_str(&labels)
+        .map_err(|e| StorageError::Invariant(format!("stored labels of agent `{id}`: {e}")))?;
+    let attachments = attachments_in_force(conn, &id)?;
+    Ok(AgentRecord {
         name: r.get(1)?,
-        labels: r.get(2)?,
-        created_at_ms: r.get(3)?,
+        labels,
+        attachments,
         revoked: r.get(4)?,
+        created_at_ms: from_ms(r.get(3)?),
+        id,
     })
 }
 
-impl AgentRow {
-    fn into_record(self, conn: &Connection) -> Result<AgentRecord, StorageError> {
-        let labels: BTreeMap<String, String> = serde_json::from_str(&self.labels)
-            .map_err(|e| StorageError::Invariant(format!("stored labels of agent `{}`: {e}", self.id)))?;
-        let attachments = attachments_in_force(conn, &self.id)?;
-        Ok(AgentRecord {
-            id: self.id,
-            name: self.name,
-            labels,
-            attachments,
-            revoked: self.revoked,
-            created_at_ms: from_ms(self.created_at_ms),
-        })
-    }
+fn agent_by_id(conn: &dyn Conn, id: &str) -> Result<Option<AgentRecord>, StorageError> {
+    conn.row(AGENT_SQL, args![id])?.map(|r| agent_record(conn, &r)).transpose()
 }
 
-fn agent_by_id(conn: &Connection, id: &str) -> Result<Option<AgentRecord>, StorageError> {
-    match conn.query_row(AGENT_SQL, params![id], agent_row).optional()? {
-        Some(row) => Ok(Some(row.into_record(conn)?)),
-        None => Ok(None),
-    }
-}
-
-fn attachments_in_force(conn: &Connection, agent_id: &str) -> Result<Vec<Attachment>, StorageError> {
-    let mut stmt = conn.prepare_cached(ATTACHMENTS_SQL)?;
-    let rows = stmt.query_map(params![agent_id], |r| {
-        Ok(Attachment { policy: r.get(0)?, version: r.get(1)?, config: r.get(2)? })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+fn attachments_in_force(conn: &dyn Conn, agent_id: &str) -> Result<Vec<Attachment>, StorageError> {
+    conn.rows(ATTACHMENTS_SQL, args![agent_id])?
+        .iter()
+        .map(|r| Ok(Attachment { policy: r.get(0)?, version: r.get(1)?, config: r.get(2)? }))
+        .collect()
 }
 
 /// Write `attachments` as the agent's next set, which puts it in force.
 /// Every policy version must exist: checked here for a clear error (the
 /// foreign key would refuse it too, without saying which).
 fn insert_set(
-    conn: &Connection,
+    conn: &dyn Conn,
     agent_id: &str,
     attachments: &[Attachment],
     now: i64,
 ) -> Result<(), StorageError> {
     for a in attachments {
         let exists = conn
-            .query_row(
-                "SELECT 1 FROM policies WHERE name = ?1 AND version = ?2",
-                params![a.policy, a.version],
-                |_| Ok(()),
-            )
-            .optional()?
+            .row("SELECT 1 FROM policies WHERE name = ?1 AND version = ?2", args![&a.policy, a.version])?
             .is_some();
         if !exists {
             return Err(StorageError::NotFound(format!("policy `{}@{}`", a.policy, a.version)));
         }
     }
-    let set_no: i64 = conn.query_row(NEXT_SET_SQL, params![agent_id], |r| r.get(0))?;
-    conn.prepare_cached("INSERT INTO attachment_sets (agent_id, set_no, created_at_ms) VALUES (?1, ?2, ?3)")?
-        .execute(params![agent_id, set_no, now])?;
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO attachments (agent_id, set_no, position, policy_name, policy_version, config)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    let set_no: i64 = conn.one(NEXT_SET_SQL, args![agent_id])?.get(0)?;
+    conn.execute(
+        "INSERT INTO attachment_sets (agent_id, set_no, created_at_ms) VALUES (?1, ?2, ?3)",
+        args![agent_id, set_no, now],
     )?;
     for (position, a) in (0_i64..).zip(attachments) {
-        insert.execute(params![agent_id, set_no, position, a.policy, a.version, a.config])?;
+        conn.execute(
+            "INSERT INTO attachments (agent_id, set_no, position, policy_name, policy_version, config)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            args![agent_id, set_no, position, &a.policy, a.version, &a.config],
+        )?;
     }
     Ok(())
 }
@@ -184,7 +157,7 @@ fn parse_role(id: &str, role: &str, agent_id: Option<String>) -> Result<Role, St
     }
 }
 
-impl Registry for SqliteStorage {
+impl<E: Engine> Registry for SqlStore<E> {
     fn add_token(&self, role: &Role, token_hash: &str, now_ms: u64) -> Result<String, StorageError> {
         let now = ms(now_ms)?;
         self.write(|tx| {
@@ -196,7 +169,7 @@ impl Registry for SqliteStorage {
             append_audit(
                 tx,
                 "token_created",
-                &serde_json::json!({ "token_id": id, "role": role.name(), "agent_id": agent }),
+                &json!({ "token_id": id, "role": role.name(), "agent_id": agent }),
                 now,
             )?;
             Ok(id)
@@ -205,24 +178,10 @@ impl Registry for SqliteStorage {
 
     fn token(&self, token_hash: &str) -> Result<Option<TokenInfo>, StorageError> {
         self.read(|conn| {
-            let row = conn
-                .query_row(TOKEN_SQL, params![token_hash], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                        r.get::<_, bool>(3)?,
-                        r.get::<_, String>(4)?,
-                    ))
-                })
-                .optional()?;
-            match row {
-                Some((id, role, agent_id, revoked, hash)) => {
-                    let role = parse_role(&id, &role, agent_id)?;
-                    Ok(Some(TokenInfo { id, hash, role, revoked }))
-                }
-                None => Ok(None),
-            }
+            let Some(r) = conn.row(TOKEN_SQL, args![token_hash])? else { return Ok(None) };
+            let (id, role): (String, String) = (r.get(0)?, r.get(1)?);
+            let role = parse_role(&id, &role, r.get(2)?)?;
+            Ok(Some(TokenInfo { id, hash: r.get(4)?, role, revoked: r.get(3)? }))
         })
     }
 
@@ -236,8 +195,10 @@ impl Registry for SqliteStorage {
         let now = ms(now_ms)?;
         self.write(|tx| {
             // Inside the write lock: two uploads under one name get two versions.
-            let version: u32 = tx.query_row(NEXT_VERSION_SQL, params![name], |r| r.get(0))?;
-            tx.prepare_cached("INSERT INTO policies (name, version, sha256, module, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![name, version, sha256, module, now],
+            let version: u32 = tx.one(NEXT_VERSION_SQL, args![name])?.get(0)?;
+            tx.execute(
+                "INSERT INTO policies (name, version, sha256, module, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                args![name, version, sha256, module, now],
             )?;
             let record = PolicyRecord {
                 name: name.to_owned(),
@@ -258,10 +219,13 @@ impl Registry for SqliteStorage {
 
     fn policies(&self) -> Result<Vec<PolicyRecord>, StorageError> {
         self.read(|conn| {
-            let mut stmt = conn.prepare(
-                "SELECT name, version, sha256, length(module), created_at_ms FROM policies ORDER BY name, version",
-            )?;
-            let rows = stmt.query_map([], |r| {
+            conn.rows(
+                "SELECT name, version, sha256, CAST(length(module) AS BIGINT), created_at_ms FROM policies
+                 ORDER BY name, version",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
                 Ok(PolicyRecord {
                     name: r.get(0)?,
                     version: r.get(1)?,
@@ -269,29 +233,21 @@ impl Registry for SqliteStorage {
                     size: r.get(3)?,
                     created_at_ms: from_ms(r.get(4)?),
                 })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .collect()
         })
     }
 
     fn policy_module(&self, name: &str, version: u32) -> Result<Option<Vec<u8>>, StorageError> {
         self.read(|conn| {
-            Ok(conn
-                .query_row(
-                    "SELECT module FROM policies WHERE name = ?1 AND version = ?2",
-                    params![name, version],
-                    |r| r.get(0),
-                )
-                .optional()?)
+            conn.row("SELECT module FROM policies WHERE name = ?1 AND version = ?2", args![name, version])?
+                .map(|r| r.get(0))
+                .transpose()
         })
     }
 
     fn latest_policy_version(&self, name: &str) -> Result<Option<u32>, StorageError> {
-        self.read(|conn| {
-            Ok(conn
-                .prepare_cached("SELECT MAX(version) FROM policies WHERE name = ?1")?
-                .query_row(params![name], |r| r.get(0))?)
-        })
+        self.read(|conn| conn.one("SELECT MAX(version) FROM policies WHERE name = ?1", args![name])?.get(0))
     }
 
     fn create_agent(
@@ -307,10 +263,10 @@ impl Registry for SqliteStorage {
             if agent_exists(tx, &agent.id)? {
                 return Err(StorageError::InvalidState(format!("agent `{}` already exists", agent.id)));
             }
-            tx.prepare_cached(
+            tx.execute(
                 "INSERT INTO agents (id, name, labels, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![agent.id, agent.name, labels, now])?;
+                args![&agent.id, &agent.name, &labels, now],
+            )?;
             insert_set(tx, &agent.id, &agent.attachments, now)?;
             insert_token(tx, &Role::Agent(agent.id.clone()), token_hash, now)?;
             // Never the token or its hash: the trail is readable by whoever
@@ -333,11 +289,7 @@ impl Registry for SqliteStorage {
     }
 
     fn agents(&self) -> Result<Vec<AgentRecord>, StorageError> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare(AGENTS_SQL)?;
-            let rows = stmt.query_map([], agent_row)?.collect::<Result<Vec<_>, _>>()?;
-            rows.into_iter().map(|row| row.into_record(conn)).collect()
-        })
+        self.read(|conn| conn.rows(AGENTS_SQL, &[])?.iter().map(|r| agent_record(conn, r)).collect())
     }
 
     fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StorageError> {
@@ -352,9 +304,11 @@ impl Registry for SqliteStorage {
             if agent.revoked {
                 return Err(StorageError::InvalidState(format!("agent `{id}` is already revoked")));
             }
-            tx.prepare_cached("INSERT INTO agent_revocations (agent_id, revoked_at_ms) VALUES (?1, ?2)")?
-                .execute(params![id, now])?;
-            tx.execute(REVOKE_TOKENS_SQL, params![id, now])?;
+            tx.execute(
+                "INSERT INTO agent_revocations (agent_id, revoked_at_ms) VALUES (?1, ?2)",
+                args![id, now],
+            )?;
+            tx.execute(REVOKE_TOKENS_SQL, args![id, now])?;
             append_audit(tx, "agent_revoked", &json!({ "agent_id": id }), now)?;
             Ok(AgentRecord { revoked: true, ..agent })
         })
@@ -382,28 +336,5 @@ impl Registry for SqliteStorage {
             )?;
             Ok(AgentRecord { attachments: attachments.to_vec(), ..agent })
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    use crate::storage::sqlite::tests::plan;
-
-    /// Every request looks its token up, and every proposal its agent and
-    /// attachments: these stay index lookups however many there are.
-    #[test]
-    fn registry_lookups_use_their_indexes() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = SqliteStorage::open(&dir.path().join("db")).unwrap();
-        let conn = storage.conn.lock().unwrap();
-        let conn = conn.as_ref().unwrap();
-        // Each takes one text key: a token hash, an agent id or a policy name.
-        for sql in [TOKEN_SQL, AGENT_SQL, ATTACHMENTS_SQL, NEXT_SET_SQL, NEXT_VERSION_SQL] {
-            let p = plan(conn, sql, &[&"x"]);
-            assert!(!p.contains("SCAN"), "{sql}:\n{p}");
-            assert!(p.contains("SEARCH"), "{sql}:\n{p}");
-        }
     }
 }
