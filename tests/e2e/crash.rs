@@ -28,12 +28,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use spendguard::cards::CardState;
-use spendguard::datadir::{DB_FILE, now_ms};
-use spendguard::storage::sqlite::SqliteStorage;
-use spendguard::storage::{AuditRecord, CardRecord, SpendRecord, Storage};
+use spendguard::datadir::now_ms;
+use spendguard::storage::{AuditRecord, CardRecord, SpendRecord};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::backends::{Kind, on_each_backend};
 use crate::daemon::{AgentToken, Body, Reply, Wallet, bearer, path, proposal};
 use crate::sandbox::{XorShift, seed};
 
@@ -52,13 +52,12 @@ const REPLAYS: usize = 2;
 const MERCHANTS: [(&str, &str); 3] =
     [("api.openai.com", "5734"), ("cloud.example.com", "4816"), ("books.example.com", "5942")];
 
-#[test]
-fn crashes_lose_nothing() {
+fn crashes_lose_nothing(kind: Kind) {
     let base = seed("crashes_lose_nothing");
     for run in 0..RUNS {
         let seed = if run == 0 { base } else { mix(base.wrapping_add(run)) };
         let started = Instant::now();
-        let stats = crash_run(run, seed);
+        let stats = crash_run(kind, run, seed);
         println!("run {run} (seed {seed}): {stats} in {:.1?}", started.elapsed());
     }
 }
@@ -507,9 +506,9 @@ fn fail(w: &Wallet, seed: u64, when: &str, problems: &[String]) -> ! {
     );
 }
 
-fn crash_run(run: u64, seed: u64) -> String {
+fn crash_run(kind: Kind, run: u64, seed: u64) -> String {
     let mut rng = XorShift::new(seed);
-    let mut w = Wallet::new();
+    let mut w = Wallet::on(kind);
     w.upload("spend-limit", "spend-limit");
     w.upload("purchase-cap", "purchase-cap");
     let specs = agents();
@@ -629,9 +628,8 @@ fn crash_run(run: u64, seed: u64) -> String {
 
 // ---- the checks ------------------------------------------------------------------------
 
-fn open(w: &Wallet) -> SqliteStorage {
-    SqliteStorage::open(&w.data.join(DB_FILE))
-        .unwrap_or_else(|e| panic!("the database opens after a crash: {e}"))
+fn open(w: &Wallet) -> std::sync::Arc<dyn spendguard::storage::Backend> {
+    w.store()
 }
 
 /// Everything that must hold of the database of a stopped (or killed)
@@ -887,3 +885,5 @@ fn check_expired(w: &Wallet, restarted_at: u64) -> Vec<String> {
         })
         .collect()
 }
+
+on_each_backend!(crashes_lose_nothing);

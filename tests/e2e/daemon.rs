@@ -46,12 +46,8 @@ pub(crate) struct Daemon {
 }
 
 impl Daemon {
-    /// Start `serve` on a free port and wait until it says where it listens.
-    pub(crate) fn start(data: &Path, log: &Path) -> Daemon {
-        Daemon::start_with(data, log, &[])
-    }
-
-    /// [`Daemon::start`] with more arguments for `serve` (`--config FILE`).
+    /// Start `serve` on a free port, with more arguments (`--config FILE`),
+    /// and wait until it says where it listens.
     pub(crate) fn start_with(data: &Path, log: &Path, args: &[&str]) -> Daemon {
         let stderr = OpenOptions::new().create(true).append(true).open(log).expect("log file opens");
         let mut child = spendguard()
@@ -243,15 +239,30 @@ pub(crate) struct Wallet {
     pub(crate) operator: String,
     pub(crate) network: String,
     pub(crate) http: ureq::Agent,
+    /// The wallet's PostgreSQL database, when it is in one (`--database-url`).
+    pub(crate) database_url: Option<String>,
+    /// Kept alive (and dropped last) by the wallet that made it.
+    pub(crate) _db: Option<std::sync::Arc<crate::backends::TestDatabase>>,
     pub(crate) _dir: tempfile::TempDir,
 }
 
 impl Wallet {
+    /// A wallet in SQLite, its daemon serving.
     pub(crate) fn new() -> Wallet {
+        Wallet::on(crate::backends::Kind::Sqlite)
+    }
+
+    /// A wallet on `kind` (PostgreSQL: a fresh database), its daemon serving.
+    pub(crate) fn on(kind: crate::backends::Kind) -> Wallet {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
+        let db = (kind == crate::backends::Kind::Postgres)
+            .then(|| std::sync::Arc::new(crate::backends::TestDatabase::create()));
+        let database_url = db.as_ref().map(|db| db.url.clone());
+        let db_args: Vec<&str> = database_url.iter().flat_map(|u| ["--database-url", u.as_str()]).collect();
         let out = spendguard()
             .args(["init", "--data-dir", path(&data), "--json"])
+            .args(&db_args)
             .output()
             .expect("`spendguard init` runs");
         assert!(
@@ -272,14 +283,65 @@ impl Wallet {
         let (operator, network) = (token("operator_token"), token("network_token"));
         assert_ne!(operator, network);
         let log = dir.path().join("daemon.log");
-        let daemon = Daemon::start(&data, &log);
+        let daemon = Daemon::start_with(&data, &log, &db_args);
         let http: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .proxy(None)
             .timeout_global(Some(Duration::from_secs(60)))
             .build()
             .into();
-        Wallet { daemon, data, log, operator, network, http, _dir: dir }
+        Wallet { daemon, data, log, operator, network, http, database_url, _db: db, _dir: dir }
+    }
+
+    /// `--database-url URL` when the wallet is in PostgreSQL, then `extra`.
+    fn serve_args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args: Vec<&str> =
+            self.database_url.iter().flat_map(|u| ["--database-url", u.as_str()]).collect();
+        args.extend_from_slice(extra);
+        args
+    }
+
+    /// A second daemon on the same PostgreSQL wallet, with a copy of this
+    /// one's data directory (its card key), as an operator would set it up
+    /// on another host. The same tokens work on it.
+    pub(crate) fn sibling(&self, extra: &[&str]) -> Wallet {
+        let url = self.database_url.clone().expect("only a wallet in PostgreSQL has siblings");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        for file in [spendguard::datadir::CARD_KEY_FILE, spendguard::datadir::POSTGRES_MARKER] {
+            std::fs::copy(self.data.join(file), data.join(file)).unwrap();
+        }
+        let log = dir.path().join("daemon.log");
+        let mut args = vec!["--database-url", url.as_str()];
+        args.extend_from_slice(extra);
+        let daemon = Daemon::start_with(&data, &log, &args);
+        Wallet {
+            daemon,
+            data,
+            log,
+            operator: self.operator.clone(),
+            network: self.network.clone(),
+            http: self.http.clone(),
+            database_url: Some(url),
+            _db: self._db.clone(),
+            _dir: dir,
+        }
+    }
+
+    /// The wallet's store, opened directly (as another process would).
+    pub(crate) fn store(&self) -> std::sync::Arc<dyn spendguard::storage::Backend> {
+        match &self.database_url {
+            Some(url) => {
+                std::sync::Arc::new(spendguard::storage::postgres::PgStorage::connect(url, 4).unwrap())
+            }
+            None => std::sync::Arc::new(
+                spendguard::storage::sqlite::SqliteStorage::open(
+                    &self.data.join(spendguard::datadir::DB_FILE),
+                )
+                .unwrap(),
+            ),
+        }
     }
 
     /// Stop the daemon with SIGTERM; it must exit cleanly.
@@ -294,12 +356,12 @@ impl Wallet {
 
     /// Serve the same data directory again (on a new port).
     pub(crate) fn restart(&mut self) {
-        self.daemon = Daemon::start(&self.data, &self.log);
+        self.daemon = Daemon::start_with(&self.data, &self.log, &self.serve_args(&[]));
     }
 
     /// [`Wallet::restart`] with more arguments for `serve` (`--config FILE`).
     pub(crate) fn restart_with(&mut self, args: &[&str]) {
-        self.daemon = Daemon::start_with(&self.data, &self.log, args);
+        self.daemon = Daemon::start_with(&self.data, &self.log, &self.serve_args(args));
     }
 
     pub(crate) fn url(&self, path: &str) -> String {

@@ -7,6 +7,7 @@
 mod artifacts;
 mod backends;
 mod cli;
+mod cluster;
 mod crash;
 mod daemon;
 mod guests;

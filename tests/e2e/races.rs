@@ -197,7 +197,7 @@ fn spend_limit(config: serde_json::Value) -> Attached {
     vec![("spend-limit", &policies().spend_limit, config.to_string())]
 }
 
-fn cents(units: i64) -> String {
+pub(crate) fn cents(units: i64) -> String {
     format!("{}.{:02}", units / 100, units % 100)
 }
 
@@ -364,9 +364,10 @@ fn approve_deny_and_expiry_race_on_one_pending_spend(kind: Kind) {
 // ---- the same races through the daemon ------------------------------------------
 
 /// `n` proposals of seeded amounts from `CONNECTIONS` connections at once,
-/// proposal `i` by `agents[i % len]`; each amount in cents with its reply.
-fn race_daemon(
-    w: &crate::daemon::Wallet,
+/// proposal `i` by `agents[i % len]` through `daemons[i % len]`; each
+/// amount in cents with its reply.
+pub(crate) fn race_daemon(
+    daemons: &[&crate::daemon::Wallet],
     agents: &[crate::daemon::AgentToken],
     rng: &mut XorShift,
     n: usize,
@@ -384,7 +385,7 @@ fn race_daemon(
                     (c..n)
                         .step_by(CONNECTIONS)
                         .map(|i| {
-                            let reply = w.propose(
+                            let reply = daemons[i % daemons.len()].propose(
                                 &agents[i % agents.len()],
                                 &cents(amounts[i]),
                                 "api.openai.com",
@@ -402,7 +403,12 @@ fn race_daemon(
 
 /// Approved cents; every denied amount no longer fitted in `limit`.
 #[track_caller]
-fn check_daemon_race(what: &str, seed: u64, results: &[(i64, serde_json::Value)], limit: i64) -> i64 {
+pub(crate) fn check_daemon_race(
+    what: &str,
+    seed: u64,
+    results: &[(i64, serde_json::Value)],
+    limit: i64,
+) -> i64 {
     let total: i64 = results.iter().filter(|(_, r)| r["status"] == "approved").map(|(c, _)| c).sum();
     assert!(total <= limit, "{what} (seed {seed}): {total} cents approved past {limit}");
     assert!(total > 0, "{what} (seed {seed}): nothing approved");
@@ -437,7 +443,7 @@ fn through_the_daemon_racing_proposals_never_pass_a_limit_or_the_balance() {
         "bot",
         serde_json::json!([{"policy": "spend-limit", "config": {"limit": cents(window), "currency": "USD", "window": "1h"}}]),
     );
-    let one = race_daemon(&w, &[bot], &mut rng, 200, 300);
+    let one = race_daemon(&[&w], &[bot], &mut rng, 200, 300);
     let spent_one = check_daemon_race("one agent, a rolling window", seed, &one, window);
 
     // Several agents sharing a wallet-wide limit.
@@ -445,7 +451,7 @@ fn through_the_daemon_racing_proposals_never_pass_a_limit_or_the_balance() {
         "config": {"limit": cents(shared), "currency": "USD", "window": "1h", "wallet_wide": true}}]);
     let fleet: Vec<_> = (0..4).map(|i| w.create_agent(&format!("fleet-{i}"), wide.clone())).collect();
     // The window's spend by `bot` counts wallet-wide too.
-    let several = race_daemon(&w, &fleet, &mut rng, 200, 300);
+    let several = race_daemon(&[&w], &fleet, &mut rng, 200, 300);
     let spent_fleet =
         check_daemon_race("four agents, a wallet-wide limit", seed, &several, shared - spent_one);
 
@@ -454,7 +460,7 @@ fn through_the_daemon_racing_proposals_never_pass_a_limit_or_the_balance() {
     let free =
         serde_json::json!([{"policy": "spend-limit", "config": {"limit": "100000.00", "currency": "USD"}}]);
     let spenders: Vec<_> = (0..4).map(|i| w.create_agent(&format!("spender-{i}"), free.clone())).collect();
-    let last = race_daemon(&w, &spenders, &mut rng, 200, 300);
+    let last = race_daemon(&[&w], &spenders, &mut rng, 200, 300);
     let spent_last = check_daemon_race("four agents, a nearly empty wallet", seed, &last, left);
     for (_, r) in last.iter().filter(|(_, r)| r["status"] == "denied") {
         assert_eq!(r["reasons"], serde_json::json!([INSUFFICIENT_FUNDS]), "{r}");

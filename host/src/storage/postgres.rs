@@ -129,7 +129,8 @@ impl From<r2d2::Error> for StorageError {
 /// Apply the migrations not yet applied, under the migration lock.
 fn migrate(client: &mut Client) -> Result<(), StorageError> {
     client.batch_execute(
-        "CREATE TABLE IF NOT EXISTS spendguard_migrations (
+        "SET client_min_messages = warning;
+         CREATE TABLE IF NOT EXISTS spendguard_migrations (
              version    BIGINT PRIMARY KEY,
              applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
          )",
@@ -200,7 +201,8 @@ impl r2d2::ManageConnection for PgManager {
     }
 
     fn is_valid(&self, conn: &mut PgConn) -> Result<(), StorageError> {
-        Ok(conn.client.get_mut().simple_query("")?).map(drop)
+        conn.client.get_mut().simple_query("")?;
+        Ok(())
     }
 
     /// Closed, or given back with its transaction still open (a panic
