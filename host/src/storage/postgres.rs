@@ -378,12 +378,7 @@ impl Engine for PgEngine {
         let result = body(&mut lender);
         // A connection lost while lent went back to the pool still open,
         // so the pool closed it, which rolled it back.
-        let Some(conn) = lender.into_inner() else {
-            return match result {
-                Err(e) => Err(e),
-                Ok(_) => Err(StorageError::Invariant("the transaction's connection was lost".into())),
-            };
-        };
+        let (conn, result) = lender.reclaim(result)?;
         match result {
             Ok(Ending::Commit(value)) => {
                 // An error here leaves the outcome unknown to us (the

@@ -152,6 +152,21 @@ impl<C: Conn + Send + 'static> Lender<C> {
         self.conn.take()
     }
 
+    /// The connection back with what the transaction's body returned; if
+    /// the connection was lost while lent (the transaction abandoned, so
+    /// rolled back), the body's error, or an error saying so.
+    pub fn reclaim<T>(
+        self,
+        result: Result<T, StorageError>,
+    ) -> Result<(C, Result<T, StorageError>), StorageError> {
+        match self.into_inner() {
+            Some(conn) => Ok((conn, result)),
+            None => Err(result
+                .err()
+                .unwrap_or_else(|| StorageError::Invariant("the transaction's connection was lost".into()))),
+        }
+    }
+
     pub fn conn(&self) -> Result<&C, StorageError> {
         self.conn
             .as_ref()

@@ -225,12 +225,7 @@ impl Engine for SqliteEngine {
         let result = body(&mut lender);
         // A lost connection (a panic while lent) is dropped, which rolls
         // its transaction back; the next writer reconnects.
-        let Some(conn) = lender.into_inner() else {
-            return match result {
-                Err(e) => Err(e),
-                Ok(_) => Err(StorageError::Invariant("the transaction's connection was lost".into())),
-            };
-        };
+        let (conn, result) = lender.reclaim(result)?;
         let (result, wrote) = match result {
             Ok(Ending::Commit(value)) => match conn.execute_batch("COMMIT") {
                 Ok(()) => (Ok(value), conn.total_changes() != before),
