@@ -190,3 +190,72 @@ fn killing_one_daemon_under_load_loses_nothing() {
     a.assert_wallet(&cents(100_000 - approved_cents), &cents(approved_cents), "0.00");
     assert_eq!(a.read("/v1/audit/verify")["ok"], true);
 }
+
+/// Run `spendguard ARGS` to its end; its status and stderr.
+fn run(args: &[&str]) -> (bool, String) {
+    let out = crate::daemon::spendguard().args(args).env_remove("SPENDGUARD_DATABASE_URL").output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// What would split a wallet, or serve a different one, is refused with a
+/// clear error and changes nothing.
+#[test]
+fn a_wallet_in_postgres_refuses_what_would_split_it() {
+    let db = crate::backends::TestDatabase::create();
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second, sqlite) =
+        (dir.path().join("first"), dir.path().join("second"), dir.path().join("sqlite"));
+    let p = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let (ok, err) = run(&["init", "--data-dir", &p(&first), "--database-url", &db.url, "--json"]);
+    assert!(ok, "{err}");
+    assert!(first.join(spendguard::datadir::POSTGRES_MARKER).exists());
+    assert!(!first.join(spendguard::datadir::DB_FILE).exists(), "no SQLite wallet beside it");
+
+    // A second `init` on the same database: refused, and no directory made.
+    let (ok, err) = run(&["init", "--data-dir", &p(&second), "--database-url", &db.url]);
+    assert!(!ok && err.contains("already holds a wallet"), "{err}");
+    assert!(!second.exists());
+
+    // Served without its URL: refused, not an empty SQLite wallet.
+    let (ok, err) = run(&["serve", "--data-dir", &p(&first), "--listen", "127.0.0.1:0"]);
+    assert!(!ok && err.contains("is in PostgreSQL"), "{err}");
+    assert!(!first.join(spendguard::datadir::DB_FILE).exists());
+
+    // A copy whose card key is not the wallet's: refused.
+    std::fs::create_dir(&second).unwrap();
+    std::fs::copy(first.join("postgres"), second.join("postgres")).unwrap();
+    std::fs::write(second.join(spendguard::datadir::CARD_KEY_FILE), rand::random::<[u8; 32]>()).unwrap();
+    let (ok, err) =
+        run(&["serve", "--data-dir", &p(&second), "--database-url", &db.url, "--listen", "127.0.0.1:0"]);
+    assert!(!ok && err.contains("card key is not the wallet's"), "{err}");
+
+    // A SQLite data directory given a database URL: refused.
+    let (ok, err) = run(&["init", "--data-dir", &p(&sqlite), "--json"]);
+    assert!(ok, "{err}");
+    let (ok, err) =
+        run(&["serve", "--data-dir", &p(&sqlite), "--database-url", &db.url, "--listen", "127.0.0.1:0"]);
+    assert!(!ok && err.contains("is in SQLite"), "{err}");
+    let (ok, err) = run(&[
+        "serve",
+        "--data-dir",
+        &p(&sqlite),
+        "--database-url",
+        "mysql://x@y/z",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!ok && err.contains("postgres://"), "{err}");
+
+    // The operator's escape hatch works on PostgreSQL too; the URL never shows.
+    let (ok, err) =
+        run(&["token", "new", "--data-dir", &p(&first), "--database-url", &db.url, "--role", "operator"]);
+    assert!(ok, "{err}");
+    let audit = spendguard::storage::postgres::PgStorage::connect(&db.url, 1).unwrap();
+    let kinds: Vec<String> = spendguard::storage::Storage::audit_records(&audit, 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.kind)
+        .collect();
+    assert_eq!(kinds[0], spendguard::datadir::WALLET_CREATED);
+    assert_eq!(kinds.iter().filter(|k| *k == "token_created").count(), 3, "{kinds:?}");
+}
