@@ -5,10 +5,12 @@
 //! WIT version (`v0_1`) converts between the engine and [`crate::policy`].
 
 mod cache;
+mod layout;
 mod limits;
 mod v0_1;
 
 pub use cache::ArtifactCache;
+pub use layout::{MemoryLayout, RECOMMENDED_STACK_BYTES, memory_layout};
 
 use std::borrow::Cow;
 use std::fmt;
