@@ -5,10 +5,12 @@
 //! WIT version (`v0_1`) converts between the engine and [`crate::policy`].
 
 mod cache;
+mod layout;
 mod limits;
 mod v0_1;
 
 pub use cache::ArtifactCache;
+pub use layout::{MemoryLayout, RECOMMENDED_STACK_BYTES, memory_layout};
 
 use std::borrow::Cow;
 use std::fmt;
@@ -21,8 +23,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap,
-    WasmBacktraceDetails,
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    Trap, WasmBacktraceDetails,
 };
 
 pub use limits::*;
@@ -265,7 +267,13 @@ impl Sandbox {
             .linear_memory_keep_resident(KEEP_RESIDENT_BYTES.min(limits.max_memory_bytes))
             .table_keep_resident(64 * 1024)
             // What is decommitted goes in batches: fewer madvise calls.
-            .decommit_batch_size(16);
+            .decommit_batch_size(16)
+            // Where the kernel has the PAGEMAP_SCAN ioctl (Linux 6.7 and
+            // later), the reset above touches only the pages the instance
+            // wrote, not the whole accessible region: a policy built with
+            // the SDK has a 1 MiB arena in its initial memory and writes a
+            // few pages of it. Elsewhere `Auto` leaves it off (memset).
+            .pagemap_scan(Enabled::Auto);
 
         let mut config = Config::new();
         config

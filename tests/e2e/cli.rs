@@ -48,6 +48,12 @@ fn check_describes_a_policy_or_says_why_it_is_refused() {
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["sha256"], sha.as_str());
     assert_eq!(json["size"], std::fs::metadata(&wasm).unwrap().len());
+    // Built with the repository's `.cargo/config.toml`, as the SDK's README
+    // tells authors: a 64 KiB stack, nothing to warn about.
+    assert_eq!(json["stack_bytes"], 65536, "{json}");
+    assert_eq!(json["warnings"], serde_json::json!([]), "{json}");
+    assert!(text.contains("stack 64 KiB"), "{text}");
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
 
     let out = spendguard(&["policy", "check", path(&guests::wasm("guest-wasi-import"))]);
     assert_eq!(out.status.code(), Some(1));

@@ -117,12 +117,16 @@ fn limits_are_configurable() {
     assert_eq!(run.outcome.unwrap_err().kind(), "oversize_output", "`call number 1` is over 8 bytes");
 
     // The module's own minimum memory, read from it: with exactly that as the
-    // cap it loads, and its first allocation hits the cap.
+    // cap it loads and evaluates (the SDK's arena is part of that memory, and
+    // a well-behaved evaluation stays in it), and the first allocation past
+    // the arena hits the cap.
     let bytes = guests::bytes("guest-hostile");
     let minimum = minimum_memory_bytes(&bytes);
     let sandbox = Sandbox::new(Limits { max_memory_bytes: minimum, ..Limits::default() }).unwrap();
     let policy = sandbox.load(&bytes).expect("the module fits its own minimum");
     let run = sandbox.evaluate(&policy, &request(), &attack("none"), history());
+    assert_eq!(run.outcome, Ok(Decision::Allow(Default::default())), "the arena needs no growth");
+    let run = sandbox.evaluate(&policy, &request(), &attack("big_heap"), history());
     assert_eq!(run.outcome, Err(Fault::MemoryLimit));
     // One page less, and it is refused at load.
     let sandbox = Sandbox::new(Limits { max_memory_bytes: minimum - 65536, ..Limits::default() }).unwrap();
@@ -140,6 +144,21 @@ fn minimum_memory_bytes(module: &[u8]) -> usize {
         }
     }
     panic!("the module has no memory");
+}
+
+/// The SDK's bump allocator past its 1 MiB arena: more memory is grown,
+/// blocks never overlap, and a block grown by pushes keeps its contents
+/// (the guest checks every byte and denies naming what was overwritten).
+#[test]
+fn a_policy_may_use_more_memory_than_the_sdk_arena() {
+    // Checking every byte of 2 MiB costs more fuel than a policy gets.
+    let sandbox = Sandbox::new(Limits { fuel: 500_000_000, ..Limits::default() }).unwrap();
+    let policy = hostile(&sandbox);
+    for _ in 0..2 {
+        let run = sandbox.evaluate(&policy, &request(), &attack("big_heap"), history());
+        assert_eq!(run.outcome, Ok(Decision::Allow(Default::default())), "{:?}", run.logs);
+    }
+    assert_still_works(&sandbox, &policy);
 }
 
 #[test]

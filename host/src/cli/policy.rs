@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use spendguard::cases::{self, CasesFile, HistoryEntry, Outcome, RequestDoc};
-use spendguard::sandbox::{LoadedPolicy, Sandbox};
+use spendguard::sandbox::{LoadedPolicy, Sandbox, memory_layout};
 
 use super::client::{Client, ConnArgs, OutputArgs};
 use super::render::{self, Table};
@@ -132,6 +132,9 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_FAILURE));
         }
     };
+    // Read again for its memory layout: `load` has checked the bytes.
+    let layout = std::fs::read(&args.file).ok().and_then(|bytes| memory_layout(&bytes));
+    let warnings: Vec<String> = layout.and_then(|l| l.stack_warning()).into_iter().collect();
     if args.json {
         println!(
             "{}",
@@ -142,6 +145,9 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
                 "world": policy.world(),
                 "imports": policy.imports(),
                 "exports": policy.exports(),
+                "initial_memory_bytes": layout.map(|l| l.initial_bytes),
+                "stack_bytes": layout.and_then(|l| l.stack_bytes),
+                "warnings": warnings,
             })
         );
     } else {
@@ -151,6 +157,13 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         println!("world:   {}", policy.world());
         println!("imports: {}", policy.imports().join(", "));
         println!("exports: {}", policy.exports().join(", "));
+        if let Some(layout) = layout {
+            let stack = layout.stack_bytes.map_or_else(|| "unknown".into(), |s| format!("{} KiB", s / 1024));
+            println!("memory:  {} KiB at start, stack {stack}", layout.initial_bytes / 1024);
+        }
+        for warning in &warnings {
+            eprintln!("warning: {warning}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -274,6 +287,10 @@ fn upload(conn: &ConnArgs, args: UploadArgs, out: &mut dyn Write) -> anyhow::Res
     let bytes =
         std::fs::read(&args.file).with_context(|| format!("cannot read `{}`", args.file.display()))?;
     let reply = client.post_bytes("/v1/policies", &[("name", args.name)], WASM_CONTENT_TYPE, &bytes)?;
+    // Uploaded all the same: a large stack costs memory, not correctness.
+    if let Some(warning) = memory_layout(&bytes).and_then(|l| l.stack_warning()) {
+        eprintln!("warning: {warning}");
+    }
     if args.output.json {
         return reply.print(out);
     }

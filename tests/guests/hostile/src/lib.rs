@@ -33,6 +33,10 @@ enum Attack {
     ForeignCap,
     /// Count calls in a static: a fresh instance always says 1.
     Count,
+    /// Use twice the SDK's 1 MiB arena in blocks of many sizes, grow a
+    /// string and two interleaved vectors by pushes, then check every byte:
+    /// allow only if nothing was overwritten.
+    BigHeap,
 }
 
 #[derive(Deserialize)]
@@ -51,6 +55,41 @@ fn recurse(depth: u64) -> u64 {
         return 0;
     }
     recurse(depth + 1).rotate_left((depth % 63) as u32) ^ depth
+}
+
+/// See [`Attack::BigHeap`].
+fn big_heap() -> Decision {
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
+    let mut total = 0;
+    while total < 2 << 20 {
+        let i = blocks.len();
+        let size = 1 + i * 7919 % 60_000;
+        blocks.push(black_box(vec![(i % 251) as u8; size]));
+        total += size;
+    }
+    // The last block, grown in place (past the end of memory, too).
+    let mut text = String::new();
+    for k in 0..300_000u32 {
+        text.push(char::from(b'a' + (k % 26) as u8));
+    }
+    // Two at once: only one can be the last block, the other moves.
+    let (mut odd, mut even) = (Vec::new(), Vec::new());
+    for k in 0..50_000u32 {
+        odd.push(2 * k + 1);
+        even.push(2 * k);
+    }
+    for (i, block) in blocks.iter().enumerate() {
+        if block.iter().any(|&b| b != (i % 251) as u8) {
+            return Decision::deny(format!("block {i} of {} bytes was overwritten", block.len()));
+        }
+    }
+    if text.bytes().enumerate().any(|(k, c)| c != b'a' + (k % 26) as u8) {
+        return Decision::deny("the string was overwritten");
+    }
+    if (0..50_000u32).any(|k| odd[k as usize] != 2 * k + 1 || even[k as usize] != 2 * k) {
+        return Decision::deny("a vector was overwritten");
+    }
+    Decision::allow()
 }
 
 struct Hostile;
@@ -96,6 +135,7 @@ impl Policy for Hostile {
             Attack::ForeignCap => {
                 Decision::Allow(CardTerms::default().max_amount(Money::new(Decimal::ONE, "EUR")))
             }
+            Attack::BigHeap => big_heap(),
             Attack::Count => {
                 let n = CALLS.fetch_add(1, Ordering::SeqCst) + 1;
                 Decision::deny(format!("call number {n}"))
