@@ -13,53 +13,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a bench: stop on any failure
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-struct Daemon {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use serde_json::json;
+use support::{Daemon, env, post};
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
-}
-
-fn post(http: &ureq::Agent, url: &str, token: &str, body: &Value) -> (u16, Value) {
-    let mut r = http
-        .post(url)
-        .header("Authorization", format!("Bearer {token}"))
-        .header("Content-Type", "application/json")
-        .send(body.to_string())
-        .unwrap();
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    support::http(Duration::from_secs(30))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -85,32 +48,9 @@ fn main() {
     let seconds = Duration::from_secs(env("SG_BENCH_SECONDS", 10));
     let connections = env("SG_BENCH_CONNECTIONS", 32) as usize;
     let agents_n = env("SG_BENCH_AGENTS", 32) as usize;
-    let wasm = root().join("target/wasm32-unknown-unknown/release/spend_limit.wasm");
-    let module = std::fs::read(&wasm)
-        .unwrap_or_else(|e| panic!("{}: {e} (run `make policies` first)", wasm.display()));
-
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let bin = env!("CARGO_BIN_EXE_spendguard");
-    let out =
-        Command::new(bin).args(["init", "--data-dir", data.to_str().unwrap(), "--json"]).output().unwrap();
-    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
-    let tokens: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let (operator, network) = (
-        tokens["operator_token"].as_str().unwrap().to_owned(),
-        tokens["network_token"].as_str().unwrap().to_owned(),
-    );
-    let mut child = Command::new(bin)
-        .args(["serve", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .env("SPENDGUARD_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("spendguard listening on ").expect("the daemon's address").to_owned();
-    let daemon = Daemon { child, url };
+    let module = support::spend_limit_module();
+    let daemon = Daemon::start();
+    let (operator, network) = (daemon.operator.clone(), daemon.network.clone());
 
     let http = agent();
     let (s, _) = post(
@@ -120,13 +60,14 @@ fn main() {
         &json!({"amount": "1000000000.00", "currency": "USD"}),
     );
     assert_eq!(s, 201);
-    let mut r = http
-        .post(&format!("{}/v1/policies?name=spend-limit", daemon.url))
-        .header("Authorization", format!("Bearer {operator}"))
-        .header("Content-Type", "application/wasm")
-        .send(&module[..])
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201, "{}", r.body_mut().read_to_string().unwrap());
+    let (s, v) = support::send(
+        &http,
+        &format!("{}/v1/policies?name=spend-limit", daemon.url),
+        &operator,
+        "application/wasm",
+        &module,
+    );
+    assert_eq!(s, 201, "{v}");
     let agents: Vec<String> = (0..agents_n)
         .map(|i| {
             let (s, a) = post(

@@ -39,9 +39,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a bench: stop on any failure
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,7 @@ use spendguard::policy::{Agent, CardTerms, Decision, Merchant, SpendFilter, Spen
 use spendguard::sandbox::{Limits, LoadedPolicy, Sandbox};
 use spendguard::storage::sqlite::SqliteStorage;
 use spendguard::storage::{CardIssuance, Decided, NewSpend, Storage, Verdict, new_id};
+use support::{Daemon, env, post, send, spend_limit_module};
 
 const AGENTS: u64 = 20;
 /// One proposal every 90 s, the agents in turn: 960 a day.
@@ -70,25 +71,11 @@ const MERCHANTS: &[(&str, &str, &str)] = &[
 ];
 const LIMIT_CONFIG: &str = r#"{"limit":"1000000000.00","currency":"USD"}"#;
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 fn env_list(name: &str, default: &[u64]) -> Vec<u64> {
     match std::env::var(name) {
         Ok(v) => v.split(',').map(|s| s.trim().parse().unwrap()).collect(),
         Err(_) => default.to_vec(),
     }
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn spend_limit_module() -> Vec<u8> {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    let wasm = target.join("wasm32-unknown-unknown/release/spend_limit.wasm");
-    std::fs::read(&wasm).unwrap_or_else(|e| panic!("{}: {e} (run `make policies` first)", wasm.display()))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -382,39 +369,6 @@ fn query_plan(path: &Path) {
     println!("Rows at the end: {}\n", counts.join(", "));
 }
 
-struct Daemon {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into()
-}
-
-fn send(http: &ureq::Agent, url: &str, token: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
-    let mut r = http
-        .post(url)
-        .header("Authorization", format!("Bearer {token}"))
-        .header("Content-Type", content_type)
-        .send(body)
-        .unwrap();
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
 /// (VmRSS, VmHWM) of a process, in KiB.
 fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -443,33 +397,15 @@ fn distinct(module: &[u8], i: u64) -> Vec<u8> {
 
 fn rss() {
     let module = spend_limit_module();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let bin = env!("CARGO_BIN_EXE_spendguard");
-    let out =
-        Command::new(bin).args(["init", "--data-dir", data.to_str().unwrap(), "--json"]).output().unwrap();
-    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
-    let tokens: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let operator = tokens["operator_token"].as_str().unwrap().to_owned();
-    let mut child = Command::new(bin)
-        .args(["serve", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .env("SPENDGUARD_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("spendguard listening on ").expect("the daemon's address").to_owned();
-    let daemon = Daemon { child, url };
+    let daemon = Daemon::start();
+    let operator = daemon.operator.clone();
     let pid = daemon.child.id();
-    let http = http();
-    let (s, _) = send(
+    let http = support::http(Duration::from_secs(120));
+    let (s, _) = post(
         &http,
         &format!("{}/v1/wallet/deposits", daemon.url),
         &operator,
-        "application/json",
-        json!({"amount": "1000000.00", "currency": "USD"}).to_string().as_bytes(),
+        &json!({"amount": "1000000.00", "currency": "USD"}),
     );
     assert_eq!(s, 201);
 
@@ -496,27 +432,21 @@ fn rss() {
                 &distinct(&module, loaded),
             );
             assert_eq!(s, 201, "{v}");
-            let (s, agent) = send(
+            let (s, agent) = post(
                 &http,
                 &format!("{}/v1/agents", daemon.url),
                 &operator,
-                "application/json",
-                json!({"name": format!("agent-{loaded}"), "labels": {},
-                       "policies": [{"policy": name, "config": {"limit": "1000.00", "currency": "USD"}}]})
-                .to_string()
-                .as_bytes(),
+                &json!({"name": format!("agent-{loaded}"), "labels": {},
+                       "policies": [{"policy": name, "config": {"limit": "1000.00", "currency": "USD"}}]}),
             );
             assert_eq!(s, 201, "{agent}");
-            let (s, spend) = send(
+            let (s, spend) = post(
                 &http,
                 &format!("{}/v1/spends", daemon.url),
                 agent["token"].as_str().unwrap(),
-                "application/json",
-                json!({"amount": "1.00", "currency": "USD",
+                &json!({"amount": "1.00", "currency": "USD",
                        "merchant": {"id": "api.openai.com", "name": "OpenAI", "mcc": "5734", "country": "US"},
-                       "purpose": "rss"})
-                .to_string()
-                .as_bytes(),
+                       "purpose": "rss"}),
             );
             assert_eq!((s, spend["status"].as_str()), (201, Some("approved")), "{spend}");
             loaded += 1;
