@@ -18,6 +18,10 @@
 //! (print the Cedar policy sets).
 
 mod cedar;
+// The guests built from source exactly as the end-to-end tests build them.
+#[path = "../../../tests/e2e/guests.rs"]
+#[allow(dead_code, clippy::expect_used, clippy::panic)]
+mod guests;
 mod native;
 mod rules;
 mod wasm;

@@ -3,8 +3,6 @@
 //! limits, each attached policy evaluated in a fresh instance, in turn.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
@@ -30,11 +28,10 @@ pub struct WasmPolicies {
 
 impl WasmPolicies {
     pub fn load() -> anyhow::Result<Self> {
-        let dir = build()?;
         let sandbox = Sandbox::new(Limits::default())?;
         let mut modules = HashMap::new();
         for package in PACKAGES {
-            let path = dir.join(format!("{}.wasm", package.replace('-', "_")));
+            let path = crate::guests::wasm(package);
             let bytes = std::fs::read(&path)
                 .with_context(|| format!("reading {} (run `make policies`)", path.display()))?;
             let policy = sandbox.load(&bytes).with_context(|| format!("loading {}", path.display()))?;
@@ -116,38 +113,4 @@ impl WasmRules<'_> {
         }
         Ok(fuel)
     }
-}
-
-/// Builds the modules from source as `make policies` does (a no-op when
-/// they are up to date) and returns the folder they are in.
-fn build() -> anyhow::Result<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("bench/ has a parent")?.to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(&root)
-        .args(["build", "--release", "--target", "wasm32-unknown-unknown", "--quiet"])
-        .env("CARGO_TARGET_DIR", &target);
-    // What the outer cargo or make set must not leak into the guests' build
-    // (the workspace's .cargo/config.toml sets the guests' flags).
-    for var in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_TARGET",
-        "CARGO_MAKEFLAGS",
-        "MAKEFLAGS",
-        "MFLAGS",
-    ] {
-        cmd.env_remove(var);
-    }
-    for package in PACKAGES {
-        cmd.args(["-p", package]);
-    }
-    let status = cmd.status().context("running cargo to build the policies")?;
-    if !status.success() {
-        bail!(
-            "building the policies for wasm32-unknown-unknown failed ({status}); \
-             `make bench` installs the target and builds them"
-        );
-    }
-    Ok(target.join("wasm32-unknown-unknown").join("release"))
 }
