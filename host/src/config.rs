@@ -95,7 +95,7 @@ impl std::fmt::Debug for DatabaseUrl {
 
 impl ServeConfig {
     /// Which database holds the wallet.
-    pub fn database(&self) -> crate::datadir::Database {
+    pub fn database(&self) -> anyhow::Result<crate::datadir::Database> {
         crate::datadir::Database::from_url(
             self.database_url.as_ref().map(|u| u.0.clone()),
             self.database_pool_size,
@@ -120,14 +120,7 @@ impl ServeConfig {
                 self.card_ttl_seconds
             );
         }
-        if self.database_pool_size == 0 {
-            anyhow::bail!("`database_pool_size` must be at least 1");
-        }
-        if let Some(url) = &self.database_url
-            && !(url.0.starts_with("postgres://") || url.0.starts_with("postgresql://"))
-        {
-            anyhow::bail!("`database_url` must be a postgres:// URL");
-        }
+        self.database()?;
         if self.agent_concurrency == 0 {
             anyhow::bail!("`agent_concurrency` must be at least 1");
         }

@@ -53,11 +53,18 @@ impl std::fmt::Debug for Database {
 }
 
 impl Database {
-    /// PostgreSQL at `url`, or SQLite when there is none.
-    pub fn from_url(url: Option<String>, pool_size: u32) -> Database {
+    /// PostgreSQL at `url`, or SQLite when there is none. Refuses a URL
+    /// that is not PostgreSQL's and a pool of no connections.
+    pub fn from_url(url: Option<String>, pool_size: u32) -> anyhow::Result<Database> {
+        if pool_size == 0 {
+            bail!("the database pool size must be at least 1");
+        }
         match url {
-            Some(url) => Database::Postgres { url, pool_size },
-            None => Database::Sqlite,
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(Database::Postgres { url, pool_size })
+            }
+            Some(_) => bail!("the database URL must be a postgres:// URL"),
+            None => Ok(Database::Sqlite),
         }
     }
 }

@@ -76,21 +76,14 @@ impl Backend {
     /// Every text value (not numbers, not bytes) stored in `table`.
     pub fn text_values(&self, table: &str) -> Vec<String> {
         match &self.place {
-            Place::Sqlite { path, .. } => {
-                let conn = rusqlite::Connection::open(path).unwrap();
-                let mut stmt = conn.prepare(&format!("SELECT * FROM {table}")).unwrap();
-                let n = stmt.column_count();
-                let mut rows = stmt.query([]).unwrap();
-                let mut out = Vec::new();
-                while let Some(row) = rows.next().unwrap() {
-                    for i in 0..n {
-                        if let rusqlite::types::ValueRef::Text(t) = row.get_ref(i).unwrap() {
-                            out.push(String::from_utf8_lossy(t).into_owned());
-                        }
-                    }
-                }
-                out
-            }
+            Place::Sqlite { path, .. } => sqlite_rows(path, &format!("SELECT * FROM {table}"))
+                .into_iter()
+                .flatten()
+                .filter_map(|v| match v {
+                    rusqlite::types::Value::Text(t) => Some(t),
+                    _ => None,
+                })
+                .collect(),
             Place::Postgres(_) => {
                 let columns = self.rows(&format!(
                     "SELECT column_name FROM information_schema.columns
@@ -125,27 +118,20 @@ impl Backend {
     /// Every row of a query, each column as text (null as "NULL").
     pub fn rows(&self, sql: &str) -> Vec<Vec<String>> {
         match &self.place {
-            Place::Sqlite { path, .. } => {
-                let conn = rusqlite::Connection::open(path).unwrap();
-                let mut stmt = conn.prepare(sql).unwrap();
-                let n = stmt.column_count();
-                let mut rows = stmt.query([]).unwrap();
-                let mut out = Vec::new();
-                while let Some(row) = rows.next().unwrap() {
-                    out.push(
-                        (0..n)
-                            .map(|i| match row.get_ref(i).unwrap() {
-                                rusqlite::types::ValueRef::Null => "NULL".to_owned(),
-                                rusqlite::types::ValueRef::Integer(v) => v.to_string(),
-                                rusqlite::types::ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
-                                rusqlite::types::ValueRef::Blob(b) => hex::encode(b),
-                                rusqlite::types::ValueRef::Real(r) => r.to_string(),
-                            })
-                            .collect(),
-                    );
-                }
-                out
-            }
+            Place::Sqlite { path, .. } => sqlite_rows(path, sql)
+                .into_iter()
+                .map(|row| {
+                    row.into_iter()
+                        .map(|v| match v {
+                            rusqlite::types::Value::Null => "NULL".to_owned(),
+                            rusqlite::types::Value::Integer(v) => v.to_string(),
+                            rusqlite::types::Value::Text(t) => t,
+                            rusqlite::types::Value::Blob(b) => hex::encode(b),
+                            rusqlite::types::Value::Real(r) => r.to_string(),
+                        })
+                        .collect()
+                })
+                .collect(),
             Place::Postgres(db) => {
                 // The simple protocol answers every column as text.
                 let messages = db.client().simple_query(sql).unwrap();
@@ -190,6 +176,14 @@ impl Backend {
             }
         }
     }
+}
+
+/// Every row of a query on the SQLite file at `path`.
+fn sqlite_rows(path: &std::path::Path, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn.prepare(sql).unwrap();
+    let n = stmt.column_count();
+    stmt.query_map([], |row| (0..n).map(|i| row.get(i)).collect()).unwrap().map(Result::unwrap).collect()
 }
 
 /// A database of its own on the test server, dropped when done.

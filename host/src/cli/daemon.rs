@@ -41,16 +41,8 @@ pub struct DatabaseArgs {
 
 impl DatabaseArgs {
     fn database(self) -> anyhow::Result<Database> {
-        if let Some(url) = &self.database_url
-            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
-        {
-            bail!("--database-url must be a postgres:// URL");
-        }
         let pool_size = self.database_pool_size.unwrap_or(spendguard::storage::postgres::DEFAULT_POOL_SIZE);
-        if pool_size == 0 {
-            bail!("--database-pool-size must be at least 1");
-        }
-        Ok(Database::from_url(self.database_url, pool_size))
+        Database::from_url(self.database_url, pool_size)
     }
 }
 
@@ -109,7 +101,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     config.sandbox = args.limits.apply(config.sandbox);
     config.check()?;
-    let opened = datadir::open(&config.data_dir, &config.database())?;
+    let opened = datadir::open(&config.data_dir, &config.database()?)?;
     let state = Arc::new(AppState::new(opened.storage, opened.key, config.clone())?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
