@@ -107,20 +107,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    let served = runtime.block_on({
-        let state = Arc::clone(&state);
-        async move {
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
-                .with_context(|| format!("cannot listen on `{}`", config.listen))?;
-            server::serve(state, listener).await
-        }
-    });
-    // The store is let go here, outside the runtime: a PostgreSQL client
-    // blocks to close its connection, which tokio forbids on its workers.
-    drop(runtime);
-    drop(state);
-    served?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on `{}`", config.listen))?;
+        server::serve(state, listener).await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -87,7 +87,7 @@ impl PgStorage {
             .build(manager)
             .map_err(|e| StorageError::Database(format!("cannot connect to PostgreSQL: {e}")))?;
         let target = describe(&config);
-        Ok(SqlStore::new(PgEngine { pool, target }))
+        Ok(SqlStore::new(PgEngine { pool: Some(pool), target }))
     }
 }
 
@@ -163,7 +163,8 @@ fn migrate(client: &mut Client) -> Result<(), StorageError> {
 
 /// A pool of connections to one database.
 pub struct PgEngine {
-    pool: r2d2::Pool<PgManager>,
+    /// `None` only while being dropped.
+    pool: Option<r2d2::Pool<PgManager>>,
     /// The database, for messages (no password).
     target: String,
 }
@@ -344,7 +345,23 @@ impl ToSql for Arg<'_> {
 
 impl PgEngine {
     fn connection(&self) -> Result<Pooled, StorageError> {
-        Ok(self.pool.get()?)
+        let pool = self.pool.as_ref().ok_or_else(|| StorageError::Database("the store is closed".into()))?;
+        Ok(pool.get()?)
+    }
+}
+
+impl Drop for PgEngine {
+    /// A `postgres::Client` blocks on a runtime of its own to close its
+    /// connection, which tokio forbids on a thread that drives async tasks;
+    /// the last reference to the store may go on one (a daemon shutting
+    /// down). There, the pool and its connections close on a thread of
+    /// their own.
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            let _ = std::thread::spawn(move || drop(pool)).join();
+        }
     }
 }
 
