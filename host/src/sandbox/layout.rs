@@ -69,7 +69,7 @@ pub fn memory_layout(module: &[u8]) -> Option<MemoryLayout> {
             }
             wasmparser::Payload::MemorySection(section) => {
                 let memory = section.into_iter().next()?.ok()?;
-                initial_bytes = Some(memory.initial.saturating_mul(64 * 1024));
+                initial_bytes = Some(memory.initial.saturating_mul(super::WASM_PAGE_BYTES));
             }
             wasmparser::Payload::GlobalSection(section) => {
                 for (i, global) in section.into_iter().enumerate() {
