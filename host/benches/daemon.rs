@@ -48,6 +48,7 @@ fn main() {
     let seconds = Duration::from_secs(env("SG_BENCH_SECONDS", 10));
     let connections = env("SG_BENCH_CONNECTIONS", 32) as usize;
     let agents_n = env("SG_BENCH_AGENTS", 32) as usize;
+    let window = std::env::var("SG_BENCH_WINDOW").unwrap_or_else(|_| "24h".into());
     let module = support::spend_limit_module();
     let daemon = Daemon::start();
     let (operator, network) = (daemon.operator.clone(), daemon.network.clone());
@@ -75,7 +76,7 @@ fn main() {
                 &format!("{}/v1/agents", daemon.url),
                 &operator,
                 &json!({"name": format!("load-{i}"), "labels": {},
-                        "policies": [{"policy": "spend-limit", "config": {"limit": "1000000000.00", "currency": "USD"}}]}),
+                        "policies": [{"policy": "spend-limit", "config": {"limit": "1000000000.00", "currency": "USD", "window": window}}]}),
             );
             assert_eq!(s, 201, "{a}");
             a["token"].as_str().unwrap().to_owned()

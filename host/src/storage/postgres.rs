@@ -41,6 +41,7 @@ const MIGRATION_LOCK: i64 = 0x5347_4d47;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_ledger.sql"),
     include_str!("../../migrations/postgres/0002_daemon.sql"),
+    include_str!("../../migrations/postgres/0003_history_covering.sql"),
 ];
 
 /// How long a connection may wait for the write lock (or any lock) before

@@ -24,6 +24,7 @@ fn migrations() -> Migrations<'static> {
     Migrations::new(vec![
         M::up(include_str!("../../migrations/sqlite/0001_ledger.sql")),
         M::up(include_str!("../../migrations/sqlite/0002_daemon.sql")),
+        M::up(include_str!("../../migrations/sqlite/0003_history_covering.sql")),
     ])
 }
 
@@ -352,7 +353,7 @@ mod tests {
             let (sql, args) = summarize_query(&scope, &filter, &0);
             let args: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a as &dyn rusqlite::ToSql).collect();
             let plan = plan(conn, &sql, &args);
-            assert!(plan.contains(&format!("USING INDEX {index}")), "{filter:?}:\n{plan}");
+            assert!(plan.contains(&format!("USING COVERING INDEX {index}")), "{filter:?}:\n{plan}");
             assert!(!plan.contains("SCAN h"), "{filter:?}:\n{plan}");
         }
         let card = format!(
