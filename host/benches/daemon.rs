@@ -29,17 +29,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
-fn report(what: &str, mut latencies: Vec<Duration>, elapsed: Duration) {
+fn report(what: &str, mut latencies: Vec<Duration>, elapsed: Duration, cpu: Duration) {
     latencies.sort();
     let n = latencies.len();
     println!(
-        "{what:<16} {n:>7} in {:>5.2} s = {:>7.0}/s   p50 {:>8.2?}  p90 {:>8.2?}  p99 {:>8.2?}  max {:>8.2?}",
+        "{what:<16} {n:>7} in {:>5.2} s = {:>7.0}/s   p50 {:>8.2?}  p90 {:>8.2?}  p99 {:>8.2?}  max {:>8.2?}   daemon CPU {:>5.0} µs each",
         elapsed.as_secs_f64(),
         n as f64 / elapsed.as_secs_f64(),
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.90),
         percentile(&latencies, 0.99),
         latencies[n - 1],
+        cpu.as_secs_f64() * 1e6 / n as f64,
     );
 }
 
@@ -90,6 +91,7 @@ fn main() {
 
     // Proposals: each approved, each a hold and a card, each fsync'd.
     let cards = Mutex::new(Vec::new());
+    let cpu = daemon.cpu();
     let started = Instant::now();
     let latencies: Vec<Duration> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..connections)
@@ -117,11 +119,12 @@ fn main() {
             .collect();
         handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
-    report("proposals", latencies, started.elapsed());
+    report("proposals", latencies, started.elapsed(), daemon.cpu() - cpu);
 
     // Authorizations: every card charged once, as fast as the network can.
     let cards = cards.into_inner().unwrap();
     let next = std::sync::atomic::AtomicUsize::new(0);
+    let cpu = daemon.cpu();
     let started = Instant::now();
     let latencies: Vec<Duration> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..connections)
@@ -148,6 +151,6 @@ fn main() {
             .collect();
         handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
-    report("authorizations", latencies, started.elapsed());
+    report("authorizations", latencies, started.elapsed(), daemon.cpu() - cpu);
     drop(daemon);
 }
