@@ -19,6 +19,10 @@ pub const DEFAULT_SWEEP_INTERVAL_MS: u64 = 1_000;
 pub const DEFAULT_AGENT_CONCURRENCY: u32 = 1;
 /// Proposals of one agent waiting for their turn before more are refused.
 pub const DEFAULT_AGENT_QUEUE: u32 = 64;
+/// Compiled policy versions kept in the daemon's memory (each takes about
+/// 0.7 MiB resident, BENCHMARKS.md); the least recently used beyond this are
+/// dropped and, when needed again, loaded from the compiled cache on disk.
+pub const DEFAULT_POLICY_CACHE: u32 = 256;
 /// Largest JSON body accepted (policy uploads have their own cap, the
 /// sandbox's module size).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
@@ -34,6 +38,7 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 /// approval_ttl_seconds = 600
 /// agent_concurrency = 1
 /// agent_queue = 64
+/// policy_cache = 256
 /// [sandbox]
 /// fuel = 20000000
 /// deadline = 100
@@ -60,6 +65,8 @@ pub struct ServeConfig {
     /// Proposals of one agent that may wait for their turn; more are
     /// refused (429) until the queue drains.
     pub agent_queue: u32,
+    /// Compiled policy versions kept in memory at most.
+    pub policy_cache: u32,
     pub sandbox: Limits,
 }
 
@@ -77,6 +84,7 @@ impl Default for ServeConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             agent_concurrency: DEFAULT_AGENT_CONCURRENCY,
             agent_queue: DEFAULT_AGENT_QUEUE,
+            policy_cache: DEFAULT_POLICY_CACHE,
             sandbox: Limits::default(),
         }
     }
@@ -124,9 +132,44 @@ impl ServeConfig {
         if self.agent_concurrency == 0 {
             anyhow::bail!("`agent_concurrency` must be at least 1");
         }
+        if self.policy_cache == 0 {
+            anyhow::bail!("`policy_cache` must be at least 1");
+        }
         if self.approval_ttl_seconds == 0 {
             anyhow::bail!("`approval_ttl_seconds` must be positive");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &str) -> anyhow::Result<ServeConfig> {
+        let config: ServeConfig = toml::from_str(text)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn the_defaults_pass_their_own_check() {
+        let config = parsed("").unwrap();
+        assert_eq!(config.policy_cache, DEFAULT_POLICY_CACHE);
+        assert_eq!(parsed("policy_cache = 3").unwrap().policy_cache, 3);
+    }
+
+    #[test]
+    fn impossible_settings_are_refused_by_name() {
+        for (text, field) in [
+            ("policy_cache = 0", "policy_cache"),
+            ("agent_concurrency = 0", "agent_concurrency"),
+            ("approval_ttl_seconds = 0", "approval_ttl_seconds"),
+            ("card_ttl_seconds = 0", "card_ttl_seconds"),
+            ("polcy_cache = 5", "polcy_cache"),
+        ] {
+            let e = format!("{:#}", parsed(text).unwrap_err());
+            assert!(e.contains(field), "{text}: {e}");
+        }
     }
 }

@@ -13,7 +13,7 @@ mod routes;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -48,10 +48,18 @@ pub struct AppState {
     pub issuer: Arc<dyn Issuer>,
     pub config: ServeConfig,
     pub metrics: Metrics,
-    /// Policies compiled once, by (name, version).
-    policies: RwLock<HashMap<(String, u32), Arc<LoadedPolicy>>>,
+    /// Compiled policies by (name, version), at most `policy_cache`.
+    policies: RwLock<HashMap<(String, u32), Cached>>,
+    /// The clock of `Cached::used`.
+    uses: AtomicU64,
     /// Each agent's turn at evaluation (see [`AppState::agent_turn`]).
     turns: Mutex<HashMap<String, Arc<Turns>>>,
+}
+
+/// A compiled policy in memory, with when it was last used.
+struct Cached {
+    policy: Arc<LoadedPolicy>,
+    used: AtomicU64,
 }
 
 /// A proposal counted among its agent's waiting ones until dropped.
@@ -94,6 +102,7 @@ impl AppState {
             config,
             metrics: Metrics::new(),
             policies: RwLock::new(HashMap::new()),
+            uses: AtomicU64::new(0),
             turns: Mutex::new(HashMap::new()),
         })
     }
@@ -136,12 +145,13 @@ impl AppState {
             .map_err(|_| ApiError::internal("the agent's turn was closed"))
     }
 
-    /// A policy version, compiled: from the cache, or loaded from storage and
-    /// compiled once.
+    /// A policy version, compiled: from memory, or loaded from storage (its
+    /// compiled form from the cache on disk, or compiled).
     pub fn policy(&self, name: &str, version: u32) -> Result<Arc<LoadedPolicy>, ApiError> {
         let key = (name.to_owned(), version);
-        if let Some(p) = self.policies.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(Arc::clone(p));
+        if let Some(c) = self.policies.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            c.used.store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+            return Ok(Arc::clone(&c.policy));
         }
         let module = self
             .backend
@@ -151,12 +161,29 @@ impl AppState {
             ApiError::internal(format!("stored policy `{name}@{version}` no longer loads: {e}"))
         })?);
         self.metrics.policy_load(loaded.from_cache());
-        self.policies.write().unwrap_or_else(|p| p.into_inner()).insert(key, Arc::clone(&loaded));
+        self.remember(name, version, Arc::clone(&loaded));
         Ok(loaded)
     }
 
+    /// Keep a compiled policy in memory; beyond `policy_cache`, drop the
+    /// least recently used (an evaluation still running keeps its own).
     fn remember(&self, name: &str, version: u32, policy: Arc<LoadedPolicy>) {
-        self.policies.write().unwrap_or_else(|p| p.into_inner()).insert((name.to_owned(), version), policy);
+        let used = AtomicU64::new(self.uses.fetch_add(1, Ordering::Relaxed));
+        let mut all = self.policies.write().unwrap_or_else(|p| p.into_inner());
+        all.insert((name.to_owned(), version), Cached { policy, used });
+        while all.len() > self.config.policy_cache.max(1) as usize {
+            let Some(oldest) =
+                all.iter().min_by_key(|(_, c)| c.used.load(Ordering::Relaxed)).map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            all.remove(&oldest);
+        }
+    }
+
+    /// How many compiled policies are in memory.
+    pub fn policies_in_memory(&self) -> usize {
+        self.policies.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     fn card_issuance(&self) -> crate::storage::CardIssuance<'_> {
