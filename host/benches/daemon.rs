@@ -4,8 +4,13 @@
 //!
 //! `cargo bench -p spendguard --bench daemon` (after `make policies`).
 //! Settings: `SG_BENCH_SECONDS` (default 10) per phase, `SG_BENCH_CONNECTIONS`
-//! (default 32), `SG_BENCH_AGENTS` (default 32; each connection proposes as
-//! one agent, so the per-agent turn never serializes the load).
+//! (default 32), `SG_BENCH_AGENTS` (default 32): connection `c` proposes
+//! as agents `c`, `c + connections`, … in turn, so no two connections share
+//! an agent and the per-agent turn never serializes the load; with as many
+//! agents as connections each agent proposes nonstop (every spend lands in
+//! its window, so its history query grows through the run), with many more
+//! the load is a fleet. `SG_BENCH_WINDOW` (default `24h`): `spend-limit`'s
+//! window.
 //!
 //! Phases: proposals (each approved by `spend-limit`, so each places a hold
 //! and issues a card), then authorizations (each charging one of the cards
@@ -99,13 +104,17 @@ fn main() {
                 let (agents, daemon, cards) = (&agents, &daemon, &cards);
                 s.spawn(move || {
                     let http = agent();
-                    let token = &agents[c % agents.len()];
+                    // This connection's agents in turn: c, c + connections, …
+                    let mine_agents: Vec<&String> = agents.iter().skip(c % agents.len()).step_by(connections).collect();
+                    let mut turn = 0;
                     let url = format!("{}/v1/spends", daemon.url);
                     let body = json!({"amount": "1.00", "currency": "USD",
                         "merchant": {"id": "api.openai.com", "name": "OpenAI", "mcc": "5734", "country": "US"},
                         "purpose": "load"});
                     let (mut mine, mut issued) = (Vec::new(), Vec::new());
                     while started.elapsed() < seconds {
+                        let token = mine_agents[turn % mine_agents.len()];
+                        turn += 1;
                         let t = Instant::now();
                         let (status, spend) = post(&http, &url, token, &body);
                         mine.push(t.elapsed());

@@ -57,7 +57,9 @@ impl SqliteStorage {
                 .and_then(|d| d.sync_all())
                 .map_err(|e| StorageError::Database(format!("cannot sync `{}`: {e}", dir.display())))?;
         }
+        let checkpointer = Checkpointer::start(path)?;
         Ok(SqlStore::new(SqliteEngine {
+            _checkpointer: checkpointer,
             path: path.to_path_buf(),
             conn: Mutex::new(Some(conn)),
             readers: Mutex::new(Vec::new()),
@@ -78,6 +80,8 @@ pub struct SqliteEngine {
     readers: Mutex<Vec<Connection>>,
     /// Group commit: see [`SqliteEngine::sync`].
     durability: Durability,
+    /// Copies the WAL back into the database off the write path.
+    _checkpointer: Checkpointer,
 }
 
 impl std::fmt::Debug for SqliteEngine {
@@ -104,6 +108,52 @@ struct Durability {
     fsyncs: std::sync::atomic::AtomicU64,
 }
 
+/// WAL pages after which the writer checkpoints by itself (SQLite's default
+/// is 1000): reached only if the checkpointer cannot keep up.
+const WRITER_CHECKPOINT_PAGES: i64 = 16_384;
+/// How often the checkpointer copies the WAL back into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+
+/// A thread with its own connection that checkpoints the WAL (`PASSIVE`:
+/// it never blocks a reader or the writer) every [`CHECKPOINT_EVERY`], so
+/// that commits never wait for a checkpoint under the write lock and the
+/// WAL stays short. SQLite fsyncs the WAL before a checkpoint copies it and
+/// the database after, so a checkpoint changes nothing of what is durable.
+/// Stopped (and its connection closed) when dropped.
+struct Checkpointer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Self, StorageError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; the writer will checkpoint instead");
+                    }
+                }
+            })
+            .map_err(|e| StorageError::Database(format!("cannot start the checkpointer: {e}")))?;
+        Ok(Checkpointer { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Read connections kept open for reuse; more are opened when needed.
 const IDLE_READERS: usize = 16;
 
@@ -115,6 +165,10 @@ impl SqliteEngine {
         // fsyncs the WAL before every checkpoint and the database after.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Checkpoints are the checkpointer's (below), not the writer's,
+        // which would hold the write lock while it copies and fsyncs; this
+        // is only a backstop should the checkpointer fall far behind.
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         tune(&conn)?;
@@ -403,6 +457,34 @@ mod tests {
         let fsyncs = durability.fsyncs.load(Ordering::Relaxed);
         assert!(fsyncs < 5 + 320, "{fsyncs} fsyncs for 325 commits: none shared");
         storage.check_invariants().unwrap();
+    }
+
+    /// Commits go to the WAL; the checkpointer, not the writer, copies them
+    /// into the database file (the writer's own threshold is far above what
+    /// this test writes).
+    #[test]
+    fn the_checkpointer_copies_the_wal_into_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let storage = SqliteStorage::open(&path).unwrap();
+        let usd = |u| Amount::from_units(u, "USD").unwrap();
+        storage.deposit(&usd(1), None, 1_000).unwrap();
+        std::thread::sleep(CHECKPOINT_EVERY * 4);
+        let before = std::fs::metadata(&path).unwrap().len();
+        for _ in 0..300 {
+            storage.deposit(&usd(1), None, 1_000).unwrap();
+        }
+        let wal = std::fs::metadata(dir.path().join("db-wal")).unwrap().len();
+        assert!(wal < WRITER_CHECKPOINT_PAGES as u64 * 4096, "the writer's own checkpoint is not what this tests");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(&path).unwrap().len() <= before {
+            assert!(std::time::Instant::now() < deadline, "nothing was checkpointed into the database");
+            std::thread::sleep(CHECKPOINT_EVERY);
+        }
+        drop(storage);
+        // Opened again, it holds every deposit.
+        let storage = SqliteStorage::open(&path).unwrap();
+        assert_eq!(storage.balances().unwrap()[0].available, 301);
     }
 
     /// Every request looks its token up, and every proposal its agent and
