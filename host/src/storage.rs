@@ -496,6 +496,18 @@ pub trait Registry: Send + Sync {
 }
 
 /// What the daemon needs of a backend.
-pub trait Backend: Storage + Registry {}
+pub trait Backend: Storage + Registry {
+    /// Whether a read is quick and never waits: on local files, and for
+    /// nothing another connection holds (SQLite in WAL mode: a reader
+    /// never waits for the writer, and checkpoints are passive). The
+    /// daemon then makes the one read every request starts with, its
+    /// token's lookup, on the async worker itself instead of handing it to
+    /// a blocking thread and back. `false` when a read crosses a network.
+    fn quick_reads(&self) -> bool;
+}
 
-impl<T: Storage + Registry> Backend for T {}
+impl<E: sql::Engine> Backend for sql::SqlStore<E> {
+    fn quick_reads(&self) -> bool {
+        E::QUICK_READS
+    }
+}

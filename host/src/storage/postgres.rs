@@ -368,6 +368,7 @@ impl Drop for PgEngine {
 
 impl Engine for PgEngine {
     type Conn = Pooled;
+    const QUICK_READS: bool = false;
 
     fn begin_read(&self) -> Result<Pooled, StorageError> {
         let conn = self.connection()?;

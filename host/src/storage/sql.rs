@@ -77,6 +77,9 @@ pub enum Ending<T> {
 pub trait Engine: Send + Sync + 'static {
     type Conn: Conn + Send + 'static;
 
+    /// See [`Backend::quick_reads`](super::Backend::quick_reads).
+    const QUICK_READS: bool;
+
     /// A connection inside a read transaction on one consistent snapshot,
     /// taken without waiting for any writer.
     fn begin_read(&self) -> Result<Self::Conn, StorageError>;

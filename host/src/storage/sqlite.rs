@@ -254,6 +254,7 @@ impl SqliteEngine {
 
 impl Engine for SqliteEngine {
     type Conn = Connection;
+    const QUICK_READS: bool = true;
 
     fn begin_read(&self) -> Result<Connection, StorageError> {
         let conn = self.idle_reader().map_or_else(|| self.connect_reader(), Ok)?;
