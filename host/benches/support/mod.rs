@@ -61,18 +61,24 @@ impl Daemon {
 }
 
 impl Daemon {
-    /// CPU time the daemon has used so far, user and system (`/proc`).
+    /// CPU time the daemon has used so far, user and system.
     pub fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        // Fields after the command's closing parenthesis; utime and stime
-        // are the 14th and 15th of the whole line, in clock ticks.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = rest.split(' ').collect();
-        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-        let hz = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-        let hz: u64 = String::from_utf8_lossy(&hz.stdout).trim().parse().unwrap();
-        Duration::from_micros(ticks * 1_000_000 / hz)
+        cpu_of(&self.child.id().to_string())
     }
+}
+
+/// CPU time a process (`self`, or a pid) has used so far, user and system,
+/// from `/proc/PID/stat`.
+pub fn cpu_of(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 14th and 15th of the whole line, in clock ticks.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    let hz: u64 = String::from_utf8_lossy(&hz.stdout).trim().parse().unwrap();
+    Duration::from_micros(ticks * 1_000_000 / hz)
 }
 
 impl Drop for Daemon {
