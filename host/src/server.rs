@@ -181,11 +181,6 @@ impl AppState {
         }
     }
 
-    /// How many compiled policies are in memory.
-    pub fn policies_in_memory(&self) -> usize {
-        self.policies.read().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
     fn card_issuance(&self) -> crate::storage::CardIssuance<'_> {
         crate::storage::CardIssuance {
             issuer: self.issuer.as_ref(),

@@ -136,7 +136,7 @@ impl Checkpointer {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY)
                 {
                     if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                        tracing::warn!(error = %e, "WAL checkpoint failed; the writer will checkpoint instead");
+                        tracing::warn!(error = %e, "WAL checkpoint failed; tried again in 50 ms");
                     }
                 }
             })
