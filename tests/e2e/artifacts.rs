@@ -83,16 +83,24 @@ fn the_daemon_keeps_at_most_policy_cache_compiled_policies_in_memory() {
     std::fs::write(&config, "policy_cache = 2\n").unwrap();
     w.stop();
     w.restart_with(&["--config", config.to_str().unwrap()]);
-    for (name, package) in
-        [("spend-limit", "spend-limit"), ("merchant-rules", "merchant-rules"), ("threshold", "approval-threshold")]
-    {
+    for (name, package) in [
+        ("spend-limit", "spend-limit"),
+        ("merchant-rules", "merchant-rules"),
+        ("threshold", "approval-threshold"),
+    ] {
         w.upload(name, package);
     }
     assert_eq!(loads(&w), (3, 0), "each upload compiles its module");
     let agents = [
-        w.create_agent("a", json!([{"policy": "spend-limit", "config": {"limit": "25.00", "currency": "USD"}}])),
+        w.create_agent(
+            "a",
+            json!([{"policy": "spend-limit", "config": {"limit": "25.00", "currency": "USD"}}]),
+        ),
         w.create_agent("b", json!([{"policy": "merchant-rules", "config": {"block_mcc": ["7995"]}}])),
-        w.create_agent("c", json!([{"policy": "threshold", "config": {"threshold": "50.00", "currency": "USD"}}])),
+        w.create_agent(
+            "c",
+            json!([{"policy": "threshold", "config": {"threshold": "50.00", "currency": "USD"}}]),
+        ),
     ];
     // In turn, with room for two: each proposal finds its policy dropped.
     for round in 0..3 {

@@ -133,7 +133,8 @@ impl Checkpointer {
         let thread = std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
             .spawn(move || {
-                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY)
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
                 {
                     if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                         tracing::warn!(error = %e, "WAL checkpoint failed; tried again in 50 ms");
@@ -476,7 +477,10 @@ mod tests {
             storage.deposit(&usd(1), None, 1_000).unwrap();
         }
         let wal = std::fs::metadata(dir.path().join("db-wal")).unwrap().len();
-        assert!(wal < WRITER_CHECKPOINT_PAGES as u64 * 4096, "the writer's own checkpoint is not what this tests");
+        assert!(
+            wal < WRITER_CHECKPOINT_PAGES as u64 * 4096,
+            "the writer's own checkpoint is not what this tests"
+        );
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::fs::metadata(&path).unwrap().len() <= before {
             assert!(std::time::Instant::now() < deadline, "nothing was checkpointed into the database");
