@@ -70,13 +70,7 @@ fn main() {
     let (operator, network) = (daemon.operator.clone(), daemon.network.clone());
 
     let http = agent();
-    let (s, _) = post(
-        &http,
-        &format!("{}/v1/wallet/deposits", daemon.url),
-        &operator,
-        &json!({"amount": "1000000000.00", "currency": "USD"}),
-    );
-    assert_eq!(s, 201);
+    daemon.deposit(&http, "1000000000.00");
     let (s, v) = support::send(
         &http,
         &format!("{}/v1/policies?name=spend-limit", daemon.url),

@@ -401,13 +401,7 @@ fn rss() {
     let operator = daemon.operator.clone();
     let pid = daemon.child.id();
     let http = support::http(Duration::from_secs(120));
-    let (s, _) = post(
-        &http,
-        &format!("{}/v1/wallet/deposits", daemon.url),
-        &operator,
-        &json!({"amount": "1000000.00", "currency": "USD"}),
-    );
-    assert_eq!(s, 201);
+    daemon.deposit(&http, "1000000.00");
 
     println!("## Daemon memory with policies loaded\n");
     println!(

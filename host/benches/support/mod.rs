@@ -61,6 +61,17 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// Fund the wallet with `amount` USD, as the operator.
+    pub fn deposit(&self, http: &ureq::Agent, amount: &str) {
+        let (s, v) = post(
+            http,
+            &format!("{}/v1/wallet/deposits", self.url),
+            &self.operator,
+            &serde_json::json!({"amount": amount, "currency": "USD"}),
+        );
+        assert_eq!(s, 201, "{v}");
+    }
+
     /// CPU time the daemon has used so far, user and system.
     pub fn cpu(&self) -> Duration {
         cpu_of(&self.child.id().to_string())
