@@ -52,7 +52,7 @@ use spendguard::money::Amount;
 use spendguard::policy::{Agent, CardTerms, Decision, Merchant, SpendFilter, SpendRequest};
 use spendguard::sandbox::{Limits, LoadedPolicy, Sandbox};
 use spendguard::storage::sqlite::SqliteStorage;
-use spendguard::storage::{CardIssuance, Decided, NewSpend, Storage, Verdict, new_id};
+use spendguard::storage::{CardIssuance, Decided, NewSpend, Storage, Verdict, new_ordered_id};
 use support::{Daemon, env, post, send, spend_limit_module};
 
 const AGENTS: u64 = 20;
@@ -106,15 +106,16 @@ fn main() {
 /// The `i`-th spend of the steady wallet.
 fn nth_spend(i: u64) -> NewSpend {
     let (id, name, mcc) = MERCHANTS[(i % MERCHANTS.len() as u64) as usize];
+    let received_at_ms = START_MS + i * SPEND_EVERY_MS;
     NewSpend {
-        id: new_id("sp"),
+        id: new_ordered_id("sp", received_at_ms),
         agent_id: format!("agent-{}", i % AGENTS),
         idempotency_key: None,
         // 1.00 to 49.99 USD.
         amount: Amount::from_units(100 + (i * 7919 % 4900) as i64, "USD").unwrap(),
         merchant: Merchant { id: id.into(), name: name.into(), mcc: mcc.into(), country: "US".into() },
         purpose: "growth benchmark".into(),
-        received_at_ms: START_MS + i * SPEND_EVERY_MS,
+        received_at_ms,
     }
 }
 

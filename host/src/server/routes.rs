@@ -27,6 +27,7 @@ use crate::policy::{self, CardTerms, Decision};
 use crate::sandbox::{LoadedPolicy, fault_reason};
 use crate::storage::{
     AgentRecord, Attachment, Decided, NewSpend, Role, SpendRecord, SpendStatus, Verdict, new_id,
+    new_ordered_id,
 };
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
@@ -237,7 +238,7 @@ pub async fn propose(
     let proposal = parse_proposal(&json::body(body)?, &headers)?;
     let received_at_ms = now_ms();
     let spend = NewSpend {
-        id: new_id("sp"),
+        id: new_ordered_id("sp", received_at_ms),
         agent_id: agent_id.clone(),
         idempotency_key: proposal.idempotency_key,
         amount: proposal.amount,

@@ -36,7 +36,7 @@ pub use value::{Arg, FromValue, Row, Value};
 use super::{
     AUDIT_GENESIS, AuditBreak, AuditRecord, AuthorizationOutcome, CardIssuance, CardRecord, Decided,
     DepositRecord, NewSpend, Proposed, SpendRecord, SpendStatus, Storage, StorageError, Verdict, audit_hash,
-    new_id, verify_chain,
+    new_id, new_ordered_id, verify_chain,
 };
 use crate::cards::{
     AuthorizationRequest, CardKey, CardRequest, CardState, CardView, DeclineCode, IssuedCard, decide,
@@ -724,7 +724,7 @@ fn issue_card(
 ) -> Result<IssuedCard, StorageError> {
     let now = ms(now_ms)?;
     for _ in 0..PAN_ATTEMPTS {
-        let card_id = new_id("card");
+        let card_id = new_ordered_id("card", now_ms);
         let request = CardRequest {
             card_id: card_id.clone(),
             cap: cap.clone(),
