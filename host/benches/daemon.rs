@@ -1,6 +1,6 @@
 //! End-to-end throughput: the real `spendguard serve` on 127.0.0.1, driven
-//! by a load generator in this process (one keep-alive connection per
-//! thread), every proposal durable before it is answered.
+//! by a load generator in this process (keep-alive HTTP/1.1 connections,
+//! all driven by one thread), every proposal durable before it is answered.
 //!
 //! `cargo bench -p spendguard --bench daemon` (after `make policies`).
 //! Settings: `SG_BENCH_SECONDS` (default 10) per phase, `SG_BENCH_CONNECTIONS`
@@ -20,14 +20,50 @@
 
 mod support;
 
-use std::sync::Mutex;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use serde_json::{Value, json};
 use support::{Daemon, env, post};
 
 fn agent() -> ureq::Agent {
     support::http(Duration::from_secs(30))
+}
+
+/// One keep-alive HTTP/1.1 connection of the load generator.
+struct Client {
+    authority: String,
+    sender: SendRequest<Full<Bytes>>,
+}
+
+impl Client {
+    async fn connect(authority: &str) -> Client {
+        let stream = tokio::net::TcpStream::connect(authority).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(connection);
+        Client { authority: authority.to_owned(), sender }
+    }
+
+    /// POST a JSON body as `token`: the status and the JSON answer.
+    async fn post(&mut self, path: &str, token: &str, body: Bytes) -> (u16, Value) {
+        self.sender.ready().await.unwrap();
+        let request = hyper::Request::post(path)
+            .header(hyper::header::HOST, &self.authority)
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .unwrap();
+        let response = self.sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -98,72 +134,93 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
+    // The load generator: one thread, every connection a task on it (as
+    // `wrk` does), so that it takes as little of the two cores as it can.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let authority = daemon.url.trim_start_matches("http://").to_owned();
+    let connect = || {
+        runtime.block_on(async {
+            let mut clients = Vec::new();
+            for _ in 0..connections {
+                clients.push(Client::connect(&authority).await);
+            }
+            clients
+        })
+    };
+
     // Proposals: each approved, each a hold and a card, each fsync'd.
-    let cards = Mutex::new(Vec::new());
+    let clients = connect();
+    let proposal: Bytes = json!({"amount": "1.00", "currency": "USD",
+        "merchant": {"id": "api.openai.com", "name": "OpenAI", "mcc": "5734", "country": "US"},
+        "purpose": "load"})
+    .to_string()
+    .into();
     let cpu = cpus(&daemon);
     let started = Instant::now();
-    let latencies: Vec<Duration> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..connections)
-            .map(|c| {
-                let (agents, daemon, cards) = (&agents, &daemon, &cards);
-                s.spawn(move || {
-                    let http = agent();
-                    // This connection's agents in turn: c, c + connections, …
-                    let mine_agents: Vec<&String> = agents.iter().skip(c % agents.len()).step_by(connections).collect();
-                    let mut turn = 0;
-                    let url = format!("{}/v1/spends", daemon.url);
-                    let body = json!({"amount": "1.00", "currency": "USD",
-                        "merchant": {"id": "api.openai.com", "name": "OpenAI", "mcc": "5734", "country": "US"},
-                        "purpose": "load"});
-                    let (mut mine, mut issued) = (Vec::new(), Vec::new());
-                    while started.elapsed() < seconds {
-                        let token = mine_agents[turn % mine_agents.len()];
-                        turn += 1;
-                        let t = Instant::now();
-                        let (status, spend) = post(&http, &url, token, &body);
-                        mine.push(t.elapsed());
-                        assert_eq!((status, spend["status"].as_str()), (201, Some("approved")), "{spend}");
-                        issued.push(spend["card"].clone());
-                    }
-                    cards.lock().unwrap().extend(issued);
-                    mine
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    let runs = runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (c, mut client) in clients.into_iter().enumerate() {
+            // This connection's agents in turn: c, c + connections, …
+            let mine: Vec<String> =
+                agents.iter().skip(c % agents.len()).step_by(connections).cloned().collect();
+            let body = proposal.clone();
+            tasks.spawn(async move {
+                let (mut latencies, mut issued) = (Vec::new(), Vec::new());
+                let mut turn = 0;
+                while started.elapsed() < seconds {
+                    let token = &mine[turn % mine.len()];
+                    turn += 1;
+                    let t = Instant::now();
+                    let (status, spend) = client.post("/v1/spends", token, body.clone()).await;
+                    latencies.push(t.elapsed());
+                    assert_eq!((status, spend["status"].as_str()), (201, Some("approved")), "{spend}");
+                    issued.push(spend["card"].clone());
+                }
+                (latencies, issued)
+            });
+        }
+        tasks.join_all().await
     });
-    report("proposals", latencies, started.elapsed(), minus(cpus(&daemon), cpu));
+    let elapsed = started.elapsed();
+    let cpu = minus(cpus(&daemon), cpu);
+    let (latencies, cards): (Vec<Vec<Duration>>, Vec<Vec<Value>>) = runs.into_iter().unzip();
+    report("proposals", latencies.concat(), elapsed, cpu);
 
     // Authorizations: every card charged once, as fast as the network can.
-    let cards = cards.into_inner().unwrap();
-    let next = std::sync::atomic::AtomicUsize::new(0);
+    let bodies: Vec<Bytes> = cards
+        .concat()
+        .iter()
+        .map(|card| {
+            json!({"pan": card["pan"], "cvv": card["cvv"], "exp_month": card["exp_month"],
+                "exp_year": card["exp_year"], "amount": "1.00", "currency": "USD",
+                "merchant_id": "api.openai.com"})
+            .to_string()
+            .into()
+        })
+        .collect();
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(AtomicUsize::new(0));
+    let clients = connect();
     let cpu = cpus(&daemon);
     let started = Instant::now();
-    let latencies: Vec<Duration> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..connections)
-            .map(|_| {
-                let (cards, next, daemon, network) = (&cards, &next, &daemon, &network);
-                s.spawn(move || {
-                    let http = agent();
-                    let url = format!("{}/v1/network/authorizations", daemon.url);
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(card) = cards.get(i) else { break };
-                        let body = json!({"pan": card["pan"], "cvv": card["cvv"], "exp_month": card["exp_month"],
-                            "exp_year": card["exp_year"], "amount": "1.00", "currency": "USD",
-                            "merchant_id": "api.openai.com"});
-                        let t = Instant::now();
-                        let (status, out) = post(&http, &url, network, &body);
-                        mine.push(t.elapsed());
-                        assert_eq!((status, &out["approved"]), (200, &json!(true)), "{out}");
-                    }
-                    mine
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    let latencies = runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut client in clients {
+            let (bodies, next, network) = (Arc::clone(&bodies), Arc::clone(&next), network.clone());
+            tasks.spawn(async move {
+                let mut latencies = Vec::new();
+                while let Some(body) = bodies.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let t = Instant::now();
+                    let (status, out) =
+                        client.post("/v1/network/authorizations", &network, body.clone()).await;
+                    latencies.push(t.elapsed());
+                    assert_eq!((status, &out["approved"]), (200, &json!(true)), "{out}");
+                }
+                latencies
+            });
+        }
+        tasks.join_all().await
     });
-    report("authorizations", latencies, started.elapsed(), minus(cpus(&daemon), cpu));
+    report("authorizations", latencies.concat(), started.elapsed(), minus(cpus(&daemon), cpu));
     drop(daemon);
 }
