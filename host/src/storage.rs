@@ -516,11 +516,31 @@ pub trait Backend: Storage + Registry {
     /// token's lookup, on the async worker itself instead of handing it to
     /// a blocking thread and back. `false` when a read crosses a network.
     fn quick_reads(&self) -> bool;
+
+    /// [`Storage::authorize`] without holding the caller's thread: queued
+    /// for the backend's own writer thread, the answer arriving on the
+    /// channel once durable (SQLite). A backend without one hands the
+    /// request back, to be authorized on a blocking thread (PostgreSQL).
+    fn authorize_queued(
+        &self,
+        request: AuthorizationRequest,
+        key: Arc<CardKey>,
+        now_ms: u64,
+    ) -> Result<sql::Answer<AuthorizationOutcome>, AuthorizationRequest>;
 }
 
 impl<E: sql::Engine> Backend for sql::SqlStore<E> {
     fn quick_reads(&self) -> bool {
         E::QUICK_READS
+    }
+
+    fn authorize_queued(
+        &self,
+        request: AuthorizationRequest,
+        key: Arc<CardKey>,
+        now_ms: u64,
+    ) -> Result<sql::Answer<AuthorizationOutcome>, AuthorizationRequest> {
+        sql::SqlStore::authorize_queued(self, request, key, now_ms)
     }
 }
 

@@ -11,7 +11,8 @@ use spendguard::history::HistoryScope;
 use spendguard::money::Amount;
 use spendguard::policy::{CardTerms, Merchant, SpendFilter};
 use spendguard::storage::{
-    CardIssuance, Decided, NewSpend, Proposed, SpendStatus, Storage, StorageError, Verdict, new_id,
+    AuthorizationOutcome, Backend as Store, CardIssuance, Decided, NewSpend, Proposed, SpendStatus, Storage,
+    StorageError, Verdict, new_id,
 };
 
 use crate::backends::{Backend, Kind, on_each_backend};
@@ -250,6 +251,19 @@ fn history_counts_captures_and_open_holds_in_the_requests_currency(kind: Kind) {
     b.storage.check_invariants().unwrap();
 }
 
+/// A charge as the daemon makes it: queued for the backend's writer thread
+/// when it has one, otherwise on this thread.
+fn charge_queued(
+    storage: &dyn Store,
+    request: AuthorizationRequest,
+    key: &Arc<CardKey>,
+) -> AuthorizationOutcome {
+    match storage.authorize_queued(request, Arc::clone(key), T0 + 1) {
+        Ok(answer) => answer.blocking_recv().unwrap().unwrap(),
+        Err(request) => storage.authorize(&request, key, T0 + 1).unwrap(),
+    }
+}
+
 fn racing_charges_on_one_card_approve_exactly_once(kind: Kind) {
     let b = kind.fresh();
     let (key, issuer) = (Arc::new(CardKey::generate()), SimulatedIssuer::new());
@@ -265,7 +279,14 @@ fn racing_charges_on_one_card_approve_exactly_once(kind: Kind) {
                 let (storage, key, card) = (Arc::clone(&b.storage), Arc::clone(&key), Arc::clone(&card));
                 std::thread::spawn(move || {
                     let amount = usd(&format!("{}.00", 1 + i % 9));
-                    storage.authorize(&charge(&card, amount, "m.com"), &key, T0 + 1).unwrap()
+                    let request = charge(&card, amount, "m.com");
+                    // Half as the daemon charges (queued for the writer
+                    // thread, on SQLite), half on this thread.
+                    if i % 2 == 0 {
+                        charge_queued(&*storage, request, &key)
+                    } else {
+                        storage.authorize(&request, &key, T0 + 1).unwrap()
+                    }
                 })
             })
             .collect();
@@ -294,7 +315,12 @@ fn racing_charges_from_two_connections_approve_exactly_once(kind: Kind) {
             let storage = if i % 2 == 0 { one.clone() } else { two.clone() };
             let (key, card) = (Arc::clone(&key), Arc::clone(&card));
             std::thread::spawn(move || {
-                storage.authorize(&charge(&card, usd("10.00"), "m.com"), &key, T0 + 1).unwrap()
+                let request = charge(&card, usd("10.00"), "m.com");
+                if i % 4 < 2 {
+                    charge_queued(&*storage, request, &key)
+                } else {
+                    storage.authorize(&request, &key, T0 + 1).unwrap()
+                }
             })
         })
         .collect();

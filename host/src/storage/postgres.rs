@@ -369,6 +369,7 @@ impl Drop for PgEngine {
 impl Engine for PgEngine {
     type Conn = Pooled;
     const QUICK_READS: bool = false;
+    const QUEUED_WRITES: bool = false;
 
     fn begin_read(&self) -> Result<Pooled, StorageError> {
         let conn = self.connection()?;

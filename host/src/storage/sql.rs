@@ -65,6 +65,13 @@ pub trait Conn {
     }
 }
 
+/// A write transaction's body that owns what it needs, for [`Engine::submit`].
+pub type WriteJob<C, T> = Box<dyn FnOnce(&mut Lender<C>) -> Result<Ending<T>, StorageError> + Send>;
+
+/// Where the answer to a submitted write arrives; closed without an answer
+/// only if the write was lost (the writer thread gone, or a bug's panic).
+pub type Answer<T> = tokio::sync::oneshot::Receiver<Result<T, StorageError>>;
+
 /// How a write transaction ends.
 #[derive(Debug)]
 pub enum Ending<T> {
@@ -86,6 +93,20 @@ pub trait Engine: Send + Sync + 'static {
 
     /// End a read transaction; the connection may be kept for the next.
     fn end_read(&self, conn: Self::Conn);
+
+    /// Whether [`Engine::submit`] queues a write for a thread of its own
+    /// (then an async caller may await the answer instead of holding a
+    /// thread); otherwise it runs the write on the caller's thread.
+    const QUEUED_WRITES: bool;
+
+    /// Run `body` as [`Engine::transaction`] does, answering through the
+    /// channel once the commit is durable. By default on the caller's
+    /// thread, before returning.
+    fn submit<T: Send + 'static>(&self, body: WriteJob<Self::Conn, T>) -> Answer<T> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let _ = answer.send(self.transaction(body));
+        answered
+    }
 
     /// Run `body` in one write transaction holding the wallet's write lock
     /// from its first statement; commit on [`Ending::Commit`] (returning
@@ -268,6 +289,23 @@ impl<E: Engine> SqlStore<E> {
         f: impl FnOnce(&dyn Conn) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
         self.engine.transaction(|lender| f(lender.conn()?).map(Ending::Commit))
+    }
+
+    /// [`Storage::authorize`] queued on the engine's writer thread when it
+    /// has one ([`Engine::QUEUED_WRITES`]): the answer arrives, once
+    /// durable, on the channel. Without one, the request is handed back.
+    pub(crate) fn authorize_queued(
+        &self,
+        request: AuthorizationRequest,
+        key: Arc<CardKey>,
+        now_ms: u64,
+    ) -> Result<Answer<AuthorizationOutcome>, AuthorizationRequest> {
+        if !E::QUEUED_WRITES {
+            return Err(request);
+        }
+        Ok(self.engine.submit(Box::new(move |lender| {
+            authorize(lender.conn()?, &request, &key, now_ms).map(Ending::Commit)
+        })))
     }
 
     /// Decide on a snapshot and commit if the decision still stands; after
@@ -788,6 +826,70 @@ pub(crate) fn append_audit(
     Ok(())
 }
 
+/// A merchant's charge, inside the caller's write transaction: see
+/// [`Storage::authorize`].
+fn authorize(
+    tx: &dyn Conn,
+    request: &AuthorizationRequest,
+    key: &CardKey,
+    now_ms: u64,
+) -> Result<AuthorizationOutcome, StorageError> {
+    let now = ms(now_ms)?;
+    let card = find_card(tx, "pan_hash", &key.hash_pan(&request.pan))?;
+    let view = card.as_ref().map(|c| CardView {
+        card_id: c.record.id.clone(),
+        cvv_hash: c.cvv_hash.clone(),
+        exp_month: c.record.exp_month,
+        exp_year: c.record.exp_year,
+        cap: c.record.cap.clone(),
+        merchant_id: c.record.merchant_id.clone(),
+        expires_at_ms: c.record.expires_at_ms,
+        state: c.record.state,
+    });
+    let decision = decide(key, view.as_ref(), request, now_ms);
+    if let Some(card) = &card {
+        let cap = card.record.cap.units();
+        let currency = card.record.cap.currency();
+        match decision {
+            Ok(()) => resolve_hold(tx, card.hold_id, "captured", currency, cap, request.amount.units(), now)?,
+            // Seen past its life before the sweep got to it: expire it now.
+            Err(DeclineCode::CardExpired) if card.record.state == CardState::Open => {
+                resolve_hold(tx, card.hold_id, "expired", currency, cap, 0, now)?
+            }
+            Err(_) => {}
+        }
+    }
+    let card_id = card.as_ref().map(|c| c.record.id.clone());
+    let code = decision.err().map(DeclineCode::as_str);
+    tx.execute(
+            "INSERT INTO authorizations (card_id, units, currency, merchant_id, approved, decline_code, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            args![
+                &card_id,
+                request.amount.units(),
+                request.amount.currency(),
+                &request.merchant_id,
+                decision.is_ok(),
+                code,
+                now
+            ],
+        )?;
+    append_audit(
+        tx,
+        "authorization",
+        &json!({
+            "card_id": card_id,
+            "amount": request.amount.to_decimal().to_string(),
+            "currency": request.amount.currency(),
+            "merchant_id": request.merchant_id,
+            "approved": decision.is_ok(),
+            "decline_code": code,
+        }),
+        now,
+    )?;
+    Ok(AuthorizationOutcome { approved: decision.is_ok(), decline_code: decision.err(), card_id })
+}
+
 /// A spend waiting for approval, write-locked: refuses anything else.
 fn pending_spend(
     conn: &dyn Conn,
@@ -1099,62 +1201,7 @@ impl<E: Engine> Storage for SqlStore<E> {
         key: &CardKey,
         now_ms: u64,
     ) -> Result<AuthorizationOutcome, StorageError> {
-        self.write(|tx| {
-            let now = ms(now_ms)?;
-            let card = find_card(tx, "pan_hash", &key.hash_pan(&request.pan))?;
-            let view = card.as_ref().map(|c| CardView {
-                card_id: c.record.id.clone(),
-                cvv_hash: c.cvv_hash.clone(),
-                exp_month: c.record.exp_month,
-                exp_year: c.record.exp_year,
-                cap: c.record.cap.clone(),
-                merchant_id: c.record.merchant_id.clone(),
-                expires_at_ms: c.record.expires_at_ms,
-                state: c.record.state,
-            });
-            let decision = decide(key, view.as_ref(), request, now_ms);
-            if let Some(card) = &card {
-                let cap = card.record.cap.units();
-                let currency = card.record.cap.currency();
-                match decision {
-                    Ok(()) => resolve_hold(tx, card.hold_id, "captured", currency, cap, request.amount.units(), now)?,
-                    // Seen past its life before the sweep got to it: expire it now.
-                    Err(DeclineCode::CardExpired) if card.record.state == CardState::Open => {
-                        resolve_hold(tx, card.hold_id, "expired", currency, cap, 0, now)?
-                    }
-                    Err(_) => {}
-                }
-            }
-            let card_id = card.as_ref().map(|c| c.record.id.clone());
-            let code = decision.err().map(DeclineCode::as_str);
-            tx.execute(
-                "INSERT INTO authorizations (card_id, units, currency, merchant_id, approved, decline_code, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                args![
-                    &card_id,
-                    request.amount.units(),
-                    request.amount.currency(),
-                    &request.merchant_id,
-                    decision.is_ok(),
-                    code,
-                    now
-                ],
-            )?;
-            append_audit(
-                tx,
-                "authorization",
-                &json!({
-                    "card_id": card_id,
-                    "amount": request.amount.to_decimal().to_string(),
-                    "currency": request.amount.currency(),
-                    "merchant_id": request.merchant_id,
-                    "approved": decision.is_ok(),
-                    "decline_code": code,
-                }),
-                now,
-            )?;
-            Ok(AuthorizationOutcome { approved: decision.is_ok(), decline_code: decision.err(), card_id })
-        })
+        self.write(|tx| authorize(tx, request, key, now_ms))
     }
 
     fn void_card(&self, card_id: &str, now_ms: u64) -> Result<CardRecord, StorageError> {

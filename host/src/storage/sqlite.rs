@@ -7,7 +7,7 @@
 //! written is the shared SQL of [`super::sql`].
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -15,7 +15,7 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite_migration::{M, Migrations};
 
 use super::StorageError;
-use super::sql::{Arg, Conn, Ending, Engine, Lender, Row, SqlStore, Value};
+use super::sql::{Answer, Arg, Conn, Ending, Engine, Lender, Row, SqlStore, Value, WriteJob};
 
 /// How long a writer waits for another process's write lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,7 +41,7 @@ impl SqliteStorage {
     /// Open (creating if needed) the database at `path` and apply every
     /// migration not yet applied.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
-        let conn = SqliteEngine::connect(path)?;
+        let conn = Shared::connect(path)?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
         let durability = Durability {
@@ -58,18 +58,28 @@ impl SqliteStorage {
                 .map_err(|e| StorageError::Database(format!("cannot sync `{}`: {e}", dir.display())))?;
         }
         let checkpointer = Checkpointer::start(path)?;
-        Ok(SqlStore::new(SqliteEngine {
+        let shared = Arc::new(Shared {
             _checkpointer: checkpointer,
             path: path.to_path_buf(),
             conn: Mutex::new(Some(conn)),
             readers: Mutex::new(Vec::new()),
             durability,
-        }))
+        });
+        let writer = WriterThread::start(Arc::clone(&shared))?;
+        Ok(SqlStore::new(SqliteEngine { writer, shared }))
     }
 }
 
 /// Connections to one SQLite file.
 pub struct SqliteEngine {
+    /// Runs the write jobs queued by [`Engine::submit`]. Declared first, so
+    /// that it stops (and answers what it took) before the rest is dropped.
+    writer: WriterThread,
+    shared: Arc<Shared>,
+}
+
+/// What the callers' threads and the writer thread share.
+struct Shared {
     path: PathBuf,
     /// The writer connection. `None` only while a transaction lends it to
     /// the policies' history, with this lock held.
@@ -78,7 +88,7 @@ pub struct SqliteEngine {
     /// the write lock) never wait for the writer: WAL gives each its
     /// snapshot.
     readers: Mutex<Vec<Connection>>,
-    /// Group commit: see [`SqliteEngine::sync`].
+    /// Group commit: see [`Shared::sync`].
     durability: Durability,
     /// Copies the WAL back into the database off the write path.
     _checkpointer: Checkpointer,
@@ -86,7 +96,7 @@ pub struct SqliteEngine {
 
 impl std::fmt::Debug for SqliteEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStorage").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("SqliteStorage").field("path", &self.shared.path).finish_non_exhaustive()
     }
 }
 /// What is committed and what of it is on disk. SQLite commits without an
@@ -155,14 +165,104 @@ impl Drop for Checkpointer {
     }
 }
 
+/// A queued write: run on the writer thread, it commits (or not) and says
+/// what it committed and how to answer once that is durable.
+type Job = Box<dyn FnOnce(&Shared) -> Done + Send>;
+
+/// A job that has run: its commit, if it wrote, and its answer, sent once
+/// an fsync has covered the commit (or at once if it wrote nothing).
+struct Done {
+    commit: Option<u64>,
+    answer: Box<dyn FnOnce(Result<(), StorageError>) + Send>,
+}
+
+/// Jobs answered after one fsync at most (more wait for the next).
+const SYNC_BATCH: usize = 256;
+
+/// Two threads for queued writes ([`Engine::submit`]): the writer runs the
+/// jobs one after another, each its own transaction, and hands each done
+/// job to the syncer, which fsyncs once for every job waiting and then
+/// answers them. A caller that awaits its answer holds no thread while its
+/// write waits for the lock and the disk; under load the two threads go from
+/// one job to the next without sleeping, and the writer commits the next
+/// jobs while the syncer waits on the disk. Writers on callers' threads
+/// ([`Engine::transaction`]) take the same write lock and share the same
+/// fsyncs, so both kinds interleave safely.
+struct WriterThread {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl WriterThread {
+    fn start(shared: Arc<Shared>) -> Result<Self, StorageError> {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let (done, finished) = std::sync::mpsc::channel::<Done>();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| StorageError::Database(format!("cannot start the {name} thread: {e}")))
+        };
+        let on_writer = Arc::clone(&shared);
+        let writer = spawn(
+            "sqlite-writer",
+            Box::new(move || {
+                for job in queue {
+                    // A job that panics (a bug) loses only itself: its
+                    // transaction was rolled back with its connection, and
+                    // its caller's answer channel closes.
+                    let Ok(finished) =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&on_writer)))
+                    else {
+                        continue;
+                    };
+                    if done.send(finished).is_err() {
+                        break;
+                    }
+                }
+            }),
+        )?;
+        let syncer = spawn(
+            "sqlite-syncer",
+            Box::new(move || {
+                while let Ok(first) = finished.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(finished.try_iter().take(SYNC_BATCH - 1));
+                    let synced = shared.sync(batch.iter().filter_map(|d| d.commit).max());
+                    for job in batch {
+                        let synced = if job.commit.is_some() { synced.clone() } else { Ok(()) };
+                        (job.answer)(synced);
+                    }
+                }
+            }),
+        )?;
+        Ok(WriterThread { jobs: Some(jobs), threads: vec![writer, syncer] })
+    }
+
+    /// Queue a job; `false` if the writer thread is gone (the job dropped).
+    fn send(&self, job: Job) -> bool {
+        self.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok())
+    }
+}
+
+impl Drop for WriterThread {
+    /// The jobs already queued run and are answered; then both threads end.
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Read connections kept open for reuse; more are opened when needed.
 const IDLE_READERS: usize = 16;
 
-impl SqliteEngine {
+impl Shared {
     fn connect(path: &Path) -> Result<Connection, StorageError> {
         let mut conn = Connection::open(path)?;
         // WAL; commits are made durable by a shared fsync (group commit,
-        // `SqliteEngine::sync`) before any writer returns. SQLite still
+        // `Shared::sync`) before any writer returns. SQLite still
         // fsyncs the WAL before every checkpoint and the database after.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -208,7 +308,7 @@ impl SqliteEngine {
     }
 
     /// Count a commit that wrote something, under the write lock: its
-    /// number, to wait for with [`SqliteEngine::sync`].
+    /// number, to wait for with [`Shared::sync`].
     fn counted(&self, wrote: bool) -> Option<u64> {
         wrote.then(|| self.durability.committed.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1)
     }
@@ -251,38 +351,34 @@ impl SqliteEngine {
             idle.push(conn);
         }
     }
-}
 
-impl Engine for SqliteEngine {
-    type Conn = Connection;
-    const QUICK_READS: bool = true;
-
-    fn begin_read(&self) -> Result<Connection, StorageError> {
-        let conn = self.idle_reader().map_or_else(|| self.connect_reader(), Ok)?;
-        conn.execute_batch("BEGIN")?;
-        Ok(conn)
-    }
-
-    fn end_read(&self, conn: Connection) {
-        self.recycle_reader(conn);
-    }
-
-    fn transaction<T>(
+    /// One write transaction, committed but not yet synced: what `body`
+    /// returned, and the commit's number if it wrote anything.
+    fn transact<T>(
         &self,
         body: impl FnOnce(&mut Lender<Connection>) -> Result<Ending<T>, StorageError>,
-    ) -> Result<T, StorageError> {
-        let (mut slot, conn) = self.writer()?;
-        self.usable()?;
+    ) -> (Result<T, StorageError>, Option<u64>) {
+        let (mut slot, conn) = match self.writer() {
+            Ok(writer) => writer,
+            Err(e) => return (Err(e), None),
+        };
+        if let Err(e) = self.usable() {
+            *slot = Some(conn);
+            return (Err(e), None);
+        }
         let before = conn.total_changes();
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             *slot = Some(conn);
-            return Err(e.into());
+            return (Err(e.into()), None);
         }
         let mut lender = Lender::new(conn);
         let result = body(&mut lender);
         // A lost connection (a panic while lent) is dropped, which rolls
         // its transaction back; the next writer reconnects.
-        let (conn, result) = lender.reclaim(result)?;
+        let (conn, result) = match lender.reclaim(result) {
+            Ok(reclaimed) => reclaimed,
+            Err(e) => return (Err(e), None),
+        };
         let (result, wrote) = match result {
             Ok(Ending::Commit(value)) => match conn.execute_batch("COMMIT") {
                 Ok(()) => (Ok(value), conn.total_changes() != before),
@@ -296,10 +392,46 @@ impl Engine for SqliteEngine {
         }
         let commit = self.counted(wrote);
         *slot = Some(conn);
-        drop(slot);
+        (result, commit)
+    }
+}
+
+impl Engine for SqliteEngine {
+    type Conn = Connection;
+    const QUICK_READS: bool = true;
+    const QUEUED_WRITES: bool = true;
+
+    fn begin_read(&self) -> Result<Connection, StorageError> {
+        let conn = self.shared.idle_reader().map_or_else(|| self.shared.connect_reader(), Ok)?;
+        conn.execute_batch("BEGIN")?;
+        Ok(conn)
+    }
+
+    fn end_read(&self, conn: Connection) {
+        self.shared.recycle_reader(conn);
+    }
+
+    fn transaction<T>(
+        &self,
+        body: impl FnOnce(&mut Lender<Connection>) -> Result<Ending<T>, StorageError>,
+    ) -> Result<T, StorageError> {
+        let (result, commit) = self.shared.transact(body);
         let value = result?;
-        self.sync(commit)?;
+        self.shared.sync(commit)?;
         Ok(value)
+    }
+
+    fn submit<T: Send + 'static>(&self, body: WriteJob<Connection, T>) -> Answer<T> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |shared: &Shared| {
+            let (result, commit) = shared.transact(body);
+            Done { commit, answer: Box::new(move |synced| drop(answer.send(synced.and(result)))) }
+        });
+        if !self.writer.send(job) {
+            tracing::error!("the SQLite writer thread is gone: a queued write was refused");
+        }
+        // A job refused or lost closes the channel: the caller sees an error.
+        answered
     }
 }
 
@@ -371,6 +503,7 @@ mod tests {
     use crate::money::Amount;
     use crate::policy::SpendFilter;
     use crate::storage::Storage;
+    use crate::storage::sql::args;
     use crate::storage::sql::registry::{
         AGENT_SQL, ATTACHMENTS_SQL, NEXT_SET_SQL, NEXT_VERSION_SQL, TOKEN_SQL,
     };
@@ -391,7 +524,7 @@ mod tests {
     fn hot_queries_use_their_indexes() {
         let dir = tempfile::tempdir().unwrap();
         let storage = SqliteStorage::open(&dir.path().join("db")).unwrap();
-        let conn = storage.engine.conn.lock().unwrap();
+        let conn = storage.engine.shared.conn.lock().unwrap();
         let conn = conn.as_ref().unwrap();
         let scope = HistoryScope { agent_id: "bot".into(), currency: "USD".into() };
         for (wallet_wide, merchant, mcc, index) in [
@@ -431,7 +564,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = Arc::new(SqliteStorage::open(&dir.path().join("db")).unwrap());
         let usd = |u| Amount::from_units(u, "USD").unwrap();
-        let durability = &storage.engine.durability;
+        let durability = &storage.engine.shared.durability;
         // One at a time: an fsync each, covering exactly what was committed.
         for i in 1..=5 {
             storage.deposit(&usd(100), None, 1_000).unwrap();
@@ -459,6 +592,63 @@ mod tests {
         let fsyncs = durability.fsyncs.load(Ordering::Relaxed);
         assert!(fsyncs < 5 + 320, "{fsyncs} fsyncs for 325 commits: none shared");
         storage.check_invariants().unwrap();
+    }
+
+    /// Writes queued for the writer thread (the daemon's authorizations)
+    /// commit without waiting for the disk, are answered only once an fsync
+    /// covers them, share that fsync, and a failing or panicking job loses
+    /// only itself.
+    #[test]
+    #[allow(clippy::panic)]
+    fn queued_writes_are_answered_once_durable_and_share_fsyncs() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SqliteStorage::open(&dir.path().join("db")).unwrap();
+        let durability = &storage.engine.shared.durability;
+        let sweep = |i: i64| -> WriteJob<Connection, i64> {
+            Box::new(move |lender| {
+                Conn::execute(
+                    lender.conn()?,
+                    "INSERT INTO expiry_sweeps (swept_to_ms) VALUES (?1)",
+                    args![i],
+                )?;
+                Ok(Ending::Commit(i))
+            })
+        };
+        // While no fsync can finish (the syncer waits for this lock), all 50
+        // commit, and none is answered.
+        let held = durability.synced.lock().unwrap();
+        let (committed, fsyncs) =
+            (durability.committed.load(Ordering::Acquire), durability.fsyncs.load(Ordering::Relaxed));
+        let mut answers: Vec<_> = (0..50).map(|i| storage.engine.submit(sweep(i))).collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while durability.committed.load(Ordering::Acquire) < committed + 50 {
+            assert!(std::time::Instant::now() < deadline, "the writer thread did not commit");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for answer in &mut answers {
+            assert_eq!(answer.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty));
+        }
+        drop(held);
+        for (i, answer) in answers.into_iter().enumerate() {
+            assert_eq!(answer.blocking_recv().unwrap(), Ok(i as i64));
+        }
+        assert_eq!(*durability.synced.lock().unwrap(), committed + 50);
+        assert_eq!(durability.fsyncs.load(Ordering::Relaxed), fsyncs + 1, "one fsync for the 50");
+        // A job's error is its answer; a panic closes its channel; the
+        // writer thread goes on, and neither wrote anything.
+        let refused =
+            storage.engine.submit::<i64>(Box::new(|_| Err(StorageError::InvalidState("no".into()))));
+        assert_eq!(refused.blocking_recv().unwrap(), Err(StorageError::InvalidState("no".into())));
+        let lost = storage.engine.submit::<i64>(Box::new(|lender| {
+            Conn::execute(lender.conn()?, "INSERT INTO expiry_sweeps (swept_to_ms) VALUES (-1)", &[])?;
+            panic!("a bug in a queued write")
+        }));
+        assert!(lost.blocking_recv().is_err());
+        assert_eq!(storage.engine.submit(sweep(99)).blocking_recv().unwrap(), Ok(99));
+        let sweeps =
+            storage.read(|c| c.one("SELECT count(*), min(swept_to_ms) FROM expiry_sweeps", &[])).unwrap();
+        assert_eq!((sweeps.get::<i64>(0).unwrap(), sweeps.get::<i64>(1).unwrap()), (51, 0));
     }
 
     /// Commits go to the WAL; the checkpointer, not the writer, copies them
@@ -498,7 +688,7 @@ mod tests {
     fn registry_lookups_use_their_indexes() {
         let dir = tempfile::tempdir().unwrap();
         let storage = SqliteStorage::open(&dir.path().join("db")).unwrap();
-        let conn = storage.engine.conn.lock().unwrap();
+        let conn = storage.engine.shared.conn.lock().unwrap();
         let conn = conn.as_ref().unwrap();
         // Each takes one text key: a token hash, an agent id or a policy name.
         for sql in [TOKEN_SQL, AGENT_SQL, ATTACHMENTS_SQL, NEXT_SET_SQL, NEXT_VERSION_SQL] {
