@@ -143,8 +143,8 @@ fn evaluation_record(policy: &LoadedPolicy, fuel: u64, elapsed: Duration) -> Val
 /// The store being filled, and how to make and charge cards.
 struct Ledger {
     store: SqliteStorage,
-    key: CardKey,
-    issuer: SimulatedIssuer,
+    key: Arc<CardKey>,
+    issuer: Arc<SimulatedIssuer>,
     /// Spends proposed so far (the next one's index).
     spends: u64,
 }
@@ -152,8 +152,12 @@ struct Ledger {
 type Decide<'a> = dyn FnMut(&SpendRequest, Arc<dyn History>) -> Decided + 'a;
 
 impl Ledger {
-    fn issuance(&self) -> CardIssuance<'_> {
-        CardIssuance { issuer: &self.issuer, key: &self.key, default_ttl_seconds: CARD_TTL_SECONDS }
+    fn issuance(&self) -> CardIssuance {
+        CardIssuance {
+            issuer: self.issuer.clone(),
+            key: self.key.clone(),
+            default_ttl_seconds: CARD_TTL_SECONDS,
+        }
     }
 
     /// Propose the next spend as the daemon would, deciding with `decide`;
@@ -243,7 +247,12 @@ fn ledger() {
     let sandbox = Sandbox::new(Limits::default()).unwrap();
     let policy = sandbox.load(&spend_limit_module()).unwrap();
     assert_eq!(sandbox.validate_config(&policy, LIMIT_CONFIG).outcome, Ok(Ok(())));
-    let mut ledger = Ledger { store, key: CardKey::generate(), issuer: SimulatedIssuer::new(), spends: 0 };
+    let mut ledger = Ledger {
+        store,
+        key: Arc::new(CardKey::generate()),
+        issuer: Arc::new(SimulatedIssuer::new()),
+        spends: 0,
+    };
     let decisions = env("SG_GROWTH_DECISIONS", 2000) as usize;
     let proposals = env("SG_GROWTH_PROPOSALS", 300) as usize;
 

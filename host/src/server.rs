@@ -181,10 +181,10 @@ impl AppState {
         }
     }
 
-    fn card_issuance(&self) -> crate::storage::CardIssuance<'_> {
+    fn card_issuance(&self) -> crate::storage::CardIssuance {
         crate::storage::CardIssuance {
-            issuer: self.issuer.as_ref(),
-            key: &self.key,
+            issuer: Arc::clone(&self.issuer),
+            key: Arc::clone(&self.key),
             default_ttl_seconds: self.config.card_ttl_seconds,
         }
     }

@@ -172,13 +172,14 @@ pub struct Proposed {
 
 /// How cards are made: the issuer, the key of the PAN/CVV hashes, and the
 /// life of a card when no policy shortens it.
-pub struct CardIssuance<'a> {
-    pub issuer: &'a dyn Issuer,
-    pub key: &'a CardKey,
+#[derive(Clone)]
+pub struct CardIssuance {
+    pub issuer: Arc<dyn Issuer>,
+    pub key: Arc<CardKey>,
     pub default_ttl_seconds: u32,
 }
 
-impl std::fmt::Debug for CardIssuance<'_> {
+impl std::fmt::Debug for CardIssuance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CardIssuance")
             .field("issuer", &self.issuer.name())
@@ -248,7 +249,7 @@ pub trait Storage: Send + Sync {
     fn propose(
         &self,
         spend: &NewSpend,
-        cards: &CardIssuance<'_>,
+        cards: &CardIssuance,
         now_ms: u64,
         decide: &mut dyn FnMut(Arc<dyn History>) -> Decided,
     ) -> Result<Proposed, StorageError>;
@@ -289,7 +290,7 @@ pub trait Storage: Send + Sync {
     fn claim_card(
         &self,
         spend_id: &str,
-        cards: &CardIssuance<'_>,
+        cards: &CardIssuance,
         now_ms: u64,
     ) -> Result<Option<IssuedCard>, StorageError>;
 

@@ -97,7 +97,7 @@ fn merchant() -> Merchant {
 /// One proposal through `decide`.
 fn propose(
     storage: &dyn Storage,
-    cards: &CardIssuance<'_>,
+    cards: &CardIssuance,
     agent: &str,
     attached: &Attached,
     units: i64,
@@ -128,7 +128,7 @@ fn race(
 ) -> Vec<(i64, SpendRecord)> {
     let amounts: Vec<i64> = (0..PROPOSALS).map(|_| 1 + (rng.next() % max_units as u64) as i64).collect();
     let barrier = Barrier::new(THREADS);
-    let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
+    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
     let mut results = Vec::new();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
@@ -136,7 +136,8 @@ fn race(
                 let (amounts, barrier, storage, key, issuer) =
                     (&amounts, &barrier, &b.storage, &key, &issuer);
                 s.spawn(move || {
-                    let cards = CardIssuance { issuer, key, default_ttl_seconds: 900 };
+                    let cards =
+                        CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
                     barrier.wait();
                     let mut out = Vec::new();
                     for i in (t..PROPOSALS).step_by(THREADS) {
@@ -212,8 +213,8 @@ fn one_agent_racing_a_rolling_window_limit(kind: Kind) {
         let attached =
             spend_limit(serde_json::json!({"limit": cents(limit), "currency": "USD", "window": "1h"}));
         // Spends before the window hold money but must not count.
-        let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
-        let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
+        let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
+        let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
         let early = propose(&*b.storage, &cards, "bot", &attached, limit, T0 - 3_600_001).unwrap();
         assert_eq!(early.status, SpendStatus::Approved, "seed {seed}");
 
@@ -290,8 +291,8 @@ fn approve_deny_and_expiry_race_on_one_pending_spend(kind: Kind) {
         &policies().approval_threshold,
         r#"{"threshold": "5.00", "currency": "USD"}"#.into(),
     )];
-    let (key, issuer) = (CardKey::generate(), SimulatedIssuer::new());
-    let cards = CardIssuance { issuer: &issuer, key: &key, default_ttl_seconds: 900 };
+    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
+    let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
     let mut seen = BTreeMap::new();
     for round in 0..ROUNDS {
         let at = T0 + round * 1000;

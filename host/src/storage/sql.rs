@@ -312,12 +312,14 @@ impl<E: Engine> SqlStore<E> {
     /// [`OPTIMISTIC_ATTEMPTS`] conflicts, decide under the write lock.
     /// `check` runs first on the snapshot and again first in the write
     /// transaction: it may answer without deciding (a replay), refuse, or
-    /// hand `decide` and `commit` what they work on.
-    fn decide_and_commit<S, T>(
+    /// hand `decide` and `commit` what they work on. `check` and `commit`
+    /// own what they use: the optimistic commit is a [`WriteJob`] (queued
+    /// for the engine's writer thread, on SQLite).
+    fn decide_and_commit<S, T: Send + 'static>(
         &self,
-        check: impl Fn(&dyn Conn) -> Result<Result<S, T>, StorageError>,
+        check: impl Fn(&dyn Conn) -> Result<Result<S, T>, StorageError> + Clone + Send + 'static,
         decide: &mut dyn FnMut(&S, Arc<dyn History>) -> Decided,
-        commit: impl Fn(&dyn Conn, &S, Decided) -> Result<T, StorageError>,
+        commit: impl Fn(&dyn Conn, &S, Decided) -> Result<T, StorageError> + Clone + Send + 'static,
     ) -> Result<T, StorageError> {
         for _ in 0..OPTIMISTIC_ATTEMPTS {
             // Outside the write lock, on one snapshot: what the policies
@@ -335,7 +337,8 @@ impl<E: Engine> SqlStore<E> {
                 Ok(evaluation) => evaluation,
                 Err(answer) => return Ok(answer),
             };
-            let committed = self.engine.transaction(|lender| {
+            let (check, commit) = (check.clone(), commit.clone());
+            let committed = self.run_job(Box::new(move |lender| {
                 let tx = lender.conn()?;
                 let subject = match check(tx)? {
                     Ok(subject) => subject,
@@ -345,7 +348,7 @@ impl<E: Engine> SqlStore<E> {
                     return Ok(Ending::Rollback(None));
                 }
                 commit(tx, &subject, decided).map(|done| Ending::Commit(Some(done)))
-            })?;
+            }))?;
             if let Some(done) = committed {
                 return Ok(done);
             }
@@ -359,6 +362,17 @@ impl<E: Engine> SqlStore<E> {
             let (decided, _) = lender.lend(|history| decide(&subject, history))?;
             commit(lender.conn()?, &subject, decided).map(Ending::Commit)
         })
+    }
+
+    /// Run a write job: queued for the engine's writer thread and waited
+    /// for, when it has one; otherwise on this thread.
+    fn run_job<T: Send + 'static>(&self, job: WriteJob<E::Conn, T>) -> Result<T, StorageError> {
+        if !E::QUEUED_WRITES {
+            return self.engine.transaction(job);
+        }
+        self.engine.submit(job).blocking_recv().map_err(|_| {
+            StorageError::Database("a queued write was lost (its writer thread failed)".into())
+        })?
     }
 }
 
@@ -683,7 +697,7 @@ fn commit_verdict(
     conn: &dyn Conn,
     spend: &NewSpend,
     decided: Decided,
-    cards: &CardIssuance<'_>,
+    cards: &CardIssuance,
     now_ms: u64,
 ) -> Result<Proposed, StorageError> {
     let now = ms(now_ms)?;
@@ -754,7 +768,7 @@ fn issue_card(
     spend_id: &str,
     agent_id: &str,
     merchant_id: &str,
-    cards: &CardIssuance<'_>,
+    cards: &CardIssuance,
     hold_id: i64,
     cap: &Amount,
     ttl_seconds: u32,
@@ -1069,16 +1083,17 @@ impl<E: Engine> Storage for SqlStore<E> {
     fn propose(
         &self,
         spend: &NewSpend,
-        cards: &CardIssuance<'_>,
+        cards: &CardIssuance,
         now_ms: u64,
         decide: &mut dyn FnMut(Arc<dyn History>) -> Decided,
     ) -> Result<Proposed, StorageError> {
         // The idempotency key first, in every transaction: a retry never
         // runs the policies again, and never commits twice.
+        let (spend, again, cards) = (spend.clone(), spend.clone(), cards.clone());
         self.decide_and_commit(
-            |conn| Ok(replay(conn, spend)?.map_or(Ok(()), Err)),
+            move |conn| Ok(replay(conn, &spend)?.map_or(Ok(()), Err)),
             &mut |(), history| decide(history),
-            |tx, (), decided| commit_verdict(tx, spend, decided, cards, now_ms),
+            move |tx, (), decided| commit_verdict(tx, &again, decided, &cards, now_ms),
         )
     }
 
@@ -1092,10 +1107,11 @@ impl<E: Engine> Storage for SqlStore<E> {
     ) -> Result<SpendRecord, StorageError> {
         // As a proposal: the policies run again, and their decision commits
         // only if the spend still waits and what they read still holds.
+        let spend_id = spend_id.to_owned();
         self.decide_and_commit(
-            |conn| pending_spend(conn, spend_id, approval_ttl_ms, now_ms).map(Ok),
+            move |conn| pending_spend(conn, &spend_id, approval_ttl_ms, now_ms).map(Ok),
             decide,
-            |tx, spend, decided| commit_approval(tx, spend, decided, default_ttl_seconds, now_ms),
+            move |tx, spend, decided| commit_approval(tx, spend, decided, default_ttl_seconds, now_ms),
         )
     }
 
@@ -1148,7 +1164,7 @@ impl<E: Engine> Storage for SqlStore<E> {
     fn claim_card(
         &self,
         spend_id: &str,
-        cards: &CardIssuance<'_>,
+        cards: &CardIssuance,
         now_ms: u64,
     ) -> Result<Option<IssuedCard>, StorageError> {
         self.write(|tx| {
