@@ -108,6 +108,12 @@ pub trait Engine: Send + Sync + 'static {
         answered
     }
 
+    /// Run a write job on this thread or, when the engine has a writer
+    /// thread, wherever makes it durable soonest; return once it is.
+    fn run<T: Send + 'static>(&self, body: WriteJob<Self::Conn, T>) -> Result<T, StorageError> {
+        self.transaction(body)
+    }
+
     /// Run `body` in one write transaction holding the wallet's write lock
     /// from its first statement; commit on [`Ending::Commit`] (returning
     /// only once the commit is durable), roll back on anything else. If the
@@ -338,7 +344,7 @@ impl<E: Engine> SqlStore<E> {
                 Err(answer) => return Ok(answer),
             };
             let (check, commit) = (check.clone(), commit.clone());
-            let committed = self.run_job(Box::new(move |lender| {
+            let committed = self.engine.run(Box::new(move |lender| {
                 let tx = lender.conn()?;
                 let subject = match check(tx)? {
                     Ok(subject) => subject,
@@ -362,17 +368,6 @@ impl<E: Engine> SqlStore<E> {
             let (decided, _) = lender.lend(|history| decide(&subject, history))?;
             commit(lender.conn()?, &subject, decided).map(Ending::Commit)
         })
-    }
-
-    /// Run a write job: queued for the engine's writer thread and waited
-    /// for, when it has one; otherwise on this thread.
-    fn run_job<T: Send + 'static>(&self, job: WriteJob<E::Conn, T>) -> Result<T, StorageError> {
-        if !E::QUEUED_WRITES {
-            return self.engine.transaction(job);
-        }
-        self.engine.submit(job).blocking_recv().map_err(|_| {
-            StorageError::Database("a queued write was lost (its writer thread failed)".into())
-        })?
     }
 }
 

@@ -176,6 +176,13 @@ struct Done {
     answer: Box<dyn FnOnce(Result<(), StorageError>) + Send>,
 }
 
+impl Done {
+    /// Answer, given how the fsync meant to cover the commit went.
+    fn answer(self, synced: Result<(), StorageError>) {
+        (self.answer)(if self.commit.is_some() { synced } else { Ok(()) });
+    }
+}
+
 /// Jobs answered after one fsync at most (more wait for the next).
 const SYNC_BATCH: usize = 256;
 
@@ -190,6 +197,8 @@ const SYNC_BATCH: usize = 256;
 /// fsyncs, so both kinds interleave safely.
 struct WriterThread {
     jobs: Option<std::sync::mpsc::Sender<Job>>,
+    /// Jobs queued and not yet run.
+    busy: Arc<std::sync::atomic::AtomicUsize>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -204,6 +213,8 @@ impl WriterThread {
                 .map_err(|e| StorageError::Database(format!("cannot start the {name} thread: {e}")))
         };
         let on_writer = Arc::clone(&shared);
+        let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let running = Arc::clone(&busy);
         let writer = spawn(
             "sqlite-writer",
             Box::new(move || {
@@ -211,12 +222,11 @@ impl WriterThread {
                     // A job that panics (a bug) loses only itself: its
                     // transaction was rolled back with its connection, and
                     // its caller's answer channel closes.
-                    let Ok(finished) =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&on_writer)))
-                    else {
-                        continue;
-                    };
-                    if done.send(finished).is_err() {
+                    let finished = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&on_writer)));
+                    running.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    if let Ok(finished) = finished
+                        && done.send(finished).is_err()
+                    {
                         break;
                     }
                 }
@@ -230,18 +240,23 @@ impl WriterThread {
                     batch.extend(finished.try_iter().take(SYNC_BATCH - 1));
                     let synced = shared.sync(batch.iter().filter_map(|d| d.commit).max());
                     for job in batch {
-                        let synced = if job.commit.is_some() { synced.clone() } else { Ok(()) };
-                        (job.answer)(synced);
+                        job.answer(synced.clone());
                     }
                 }
             }),
         )?;
-        Ok(WriterThread { jobs: Some(jobs), threads: vec![writer, syncer] })
+        Ok(WriterThread { jobs: Some(jobs), busy, threads: vec![writer, syncer] })
     }
 
     /// Queue a job; `false` if the writer thread is gone (the job dropped).
     fn send(&self, job: Job) -> bool {
+        self.busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok())
+    }
+
+    /// Whether no job is queued or running.
+    fn idle(&self) -> bool {
+        self.busy.load(std::sync::atomic::Ordering::Acquire) == 0
     }
 }
 
@@ -337,6 +352,13 @@ impl Shared {
         Ok(())
     }
 
+    /// Whether every commit is on disk and no fsync is under way.
+    fn all_synced(&self) -> bool {
+        self.durability.synced.try_lock().is_ok_and(|synced| {
+            *synced == self.durability.committed.load(std::sync::atomic::Ordering::Acquire)
+        })
+    }
+
     fn idle_reader(&self) -> Option<Connection> {
         self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop()
     }
@@ -419,6 +441,18 @@ impl Engine for SqliteEngine {
         let value = result?;
         self.shared.sync(commit)?;
         Ok(value)
+    }
+
+    /// On this thread when nothing else is being written or synced (a
+    /// queue would only add thread hand-offs to the write's latency);
+    /// otherwise queued behind the others, to share their fsync.
+    fn run<T: Send + 'static>(&self, body: WriteJob<Connection, T>) -> Result<T, StorageError> {
+        if self.writer.idle() && self.shared.all_synced() {
+            return self.transaction(body);
+        }
+        self.submit(body).blocking_recv().map_err(|_| {
+            StorageError::Database("a queued write was lost (its writer thread failed)".into())
+        })?
     }
 
     fn submit<T: Send + 'static>(&self, body: WriteJob<Connection, T>) -> Answer<T> {
