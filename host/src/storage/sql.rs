@@ -319,8 +319,9 @@ impl<E: Engine> SqlStore<E> {
     /// `check` runs first on the snapshot and again first in the write
     /// transaction: it may answer without deciding (a replay), refuse, or
     /// hand `decide` and `commit` what they work on. `check` and `commit`
-    /// own what they use: the optimistic commit is a [`WriteJob`] (queued
-    /// for the engine's writer thread, on SQLite).
+    /// own what they use: the optimistic commit is a [`WriteJob`] for
+    /// [`Engine::run`] (on SQLite, queued for the writer thread while other
+    /// writes are under way).
     fn decide_and_commit<S, T: Send + 'static>(
         &self,
         check: impl Fn(&dyn Conn) -> Result<Result<S, T>, StorageError> + Clone + Send + 'static,

@@ -193,8 +193,9 @@ const SYNC_BATCH: usize = 256;
 /// write waits for the lock and the disk; under load the two threads go from
 /// one job to the next without sleeping, and the writer commits the next
 /// jobs while the syncer waits on the disk. Writers on callers' threads
-/// ([`Engine::transaction`]) take the same write lock and share the same
-/// fsyncs, so both kinds interleave safely.
+/// ([`Engine::transaction`], and [`Engine::run`] when nothing else is being
+/// written or synced) take the same write lock and share the same fsyncs,
+/// so both kinds interleave safely.
 struct WriterThread {
     jobs: Option<std::sync::mpsc::Sender<Job>>,
     /// Jobs queued and not yet run.
