@@ -252,7 +252,11 @@ impl WriterThread {
     /// Queue a job; `false` if the writer thread is gone (the job dropped).
     fn send(&self, job: Job) -> bool {
         self.busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok())
+        let sent = self.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok());
+        if !sent {
+            self.busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        sent
     }
 
     /// Whether no job is queued or running.
