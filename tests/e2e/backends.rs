@@ -10,9 +10,21 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use spendguard::cards::{CardKey, SimulatedIssuer};
 use spendguard::storage::Backend as Store;
+use spendguard::storage::CardIssuance;
 use spendguard::storage::postgres::PgStorage;
 use spendguard::storage::sqlite::SqliteStorage;
+
+/// Cards as the daemon makes them: a fresh key, the simulated issuer, a
+/// 900 s life when no policy shortens it.
+pub fn simulated_cards() -> CardIssuance {
+    CardIssuance {
+        issuer: Arc::new(SimulatedIssuer::new()),
+        key: Arc::new(CardKey::generate()),
+        default_ttl_seconds: 900,
+    }
+}
 
 /// Which backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

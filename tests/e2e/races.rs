@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier, OnceLock};
 
-use spendguard::cards::{CardKey, SimulatedIssuer};
 use spendguard::history::History;
 use spendguard::money::Amount;
 use spendguard::policy::{Agent, CardTerms, Decision, Merchant, SpendRequest};
@@ -22,7 +21,7 @@ use spendguard::storage::{
     CardIssuance, Decided, NewSpend, SpendRecord, SpendStatus, Storage, StorageError, Verdict, new_id,
 };
 
-use crate::backends::{Backend, Kind, on_each_backend};
+use crate::backends::{Backend, Kind, on_each_backend, simulated_cards};
 use crate::guests;
 use crate::sandbox::{XorShift, seed};
 
@@ -128,22 +127,19 @@ fn race(
 ) -> Vec<(i64, SpendRecord)> {
     let amounts: Vec<i64> = (0..PROPOSALS).map(|_| 1 + (rng.next() % max_units as u64) as i64).collect();
     let barrier = Barrier::new(THREADS);
-    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
+    let cards = simulated_cards();
     let mut results = Vec::new();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
-                let (amounts, barrier, storage, key, issuer) =
-                    (&amounts, &barrier, &b.storage, &key, &issuer);
+                let (amounts, barrier, storage, cards) = (&amounts, &barrier, &b.storage, &cards);
                 s.spawn(move || {
-                    let cards =
-                        CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
                     barrier.wait();
                     let mut out = Vec::new();
                     for i in (t..PROPOSALS).step_by(THREADS) {
                         let (agent, attached) = &agents[i % agents.len()];
                         let at = T0 + i as u64;
-                        let record = propose(&**storage, &cards, agent, attached, amounts[i], at)
+                        let record = propose(&**storage, cards, agent, attached, amounts[i], at)
                             .unwrap_or_else(|e| panic!("proposal {i} failed: {e}"));
                         out.push((amounts[i], record));
                     }
@@ -213,8 +209,7 @@ fn one_agent_racing_a_rolling_window_limit(kind: Kind) {
         let attached =
             spend_limit(serde_json::json!({"limit": cents(limit), "currency": "USD", "window": "1h"}));
         // Spends before the window hold money but must not count.
-        let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
-        let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
+        let cards = simulated_cards();
         let early = propose(&*b.storage, &cards, "bot", &attached, limit, T0 - 3_600_001).unwrap();
         assert_eq!(early.status, SpendStatus::Approved, "seed {seed}");
 
@@ -291,8 +286,7 @@ fn approve_deny_and_expiry_race_on_one_pending_spend(kind: Kind) {
         &policies().approval_threshold,
         r#"{"threshold": "5.00", "currency": "USD"}"#.into(),
     )];
-    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
-    let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
+    let cards = simulated_cards();
     let mut seen = BTreeMap::new();
     for round in 0..ROUNDS {
         let at = T0 + round * 1000;

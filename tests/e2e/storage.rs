@@ -15,7 +15,7 @@ use spendguard::storage::{
     StorageError, Verdict, new_id,
 };
 
-use crate::backends::{Backend, Kind, on_each_backend};
+use crate::backends::{Backend, Kind, on_each_backend, simulated_cards};
 use crate::sandbox::XorShift;
 
 fn usd(a: &str) -> Amount {
@@ -67,8 +67,8 @@ fn charge(card: &spendguard::cards::IssuedCard, amount: Amount, merchant_id: &st
 
 fn a_card_is_issued_charged_once_and_the_rest_released(kind: Kind) {
     let b = kind.fresh();
-    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
-    let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
+    let cards = simulated_cards();
+    let key = Arc::clone(&cards.key);
     b.storage.deposit(&usd("100.00"), None, T0).unwrap();
 
     let p = propose_allowed(&*b.storage, &cards, spend("bot", usd("30.00"), "api.openai.com", None, T0), T0);
@@ -90,8 +90,8 @@ fn a_card_is_issued_charged_once_and_the_rest_released(kind: Kind) {
 
 fn policies_narrow_the_card_and_funds_must_cover_it(kind: Kind) {
     let b = kind.fresh();
-    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
-    let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
+    let cards = simulated_cards();
+    let key = Arc::clone(&cards.key);
     b.storage.deposit(&usd("20.00"), None, T0).unwrap();
 
     // A cap of 15 on a 25 request: the hold and the card are 15, which fits.
@@ -125,8 +125,7 @@ fn policies_narrow_the_card_and_funds_must_cover_it(kind: Kind) {
 
 fn idempotency_keys_replay_or_conflict(kind: Kind) {
     let b = kind.fresh();
-    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
-    let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
+    let cards = simulated_cards();
     b.storage.deposit(&usd("50.00"), Some("fund-1"), T0).unwrap();
     let replay = b.storage.deposit(&usd("50.00"), Some("fund-1"), T0).unwrap();
     assert!(replay.replayed);
@@ -166,8 +165,8 @@ fn idempotency_keys_replay_or_conflict(kind: Kind) {
 
 fn expired_and_voided_cards_release_their_holds_once(kind: Kind) {
     let b = kind.fresh();
-    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
-    let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
+    let cards = simulated_cards();
+    let key = Arc::clone(&cards.key);
     b.storage.deposit(&usd("30.00"), None, T0).unwrap();
     let issue = |amount: &str| {
         propose_allowed(&*b.storage, &cards, spend("bot", usd(amount), "m.com", None, T0), T0).card.unwrap()
@@ -196,8 +195,7 @@ fn expired_and_voided_cards_release_their_holds_once(kind: Kind) {
 
 fn cards_that_expired_while_the_daemon_was_down_are_released_on_open(kind: Kind) {
     let b = kind.fresh();
-    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
-    let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
+    let cards = simulated_cards();
     {
         let storage = b.open_again();
         storage.deposit(&usd("10.00"), None, T0).unwrap();
@@ -212,8 +210,8 @@ fn cards_that_expired_while_the_daemon_was_down_are_released_on_open(kind: Kind)
 
 fn history_counts_captures_and_open_holds_in_the_requests_currency(kind: Kind) {
     let b = kind.fresh();
-    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
-    let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
+    let cards = simulated_cards();
+    let key = Arc::clone(&cards.key);
     b.storage.deposit(&usd("100.00"), None, T0).unwrap();
     b.storage.deposit(&Amount::parse("100.00", "EUR").unwrap(), None, T0).unwrap();
     let issue = |agent: &str, amount: Amount, merchant_id: &str, at: u64| {
@@ -266,8 +264,8 @@ fn charge_queued(
 
 fn racing_charges_on_one_card_approve_exactly_once(kind: Kind) {
     let b = kind.fresh();
-    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
-    let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
+    let cards = simulated_cards();
+    let key = Arc::clone(&cards.key);
     b.storage.deposit(&usd("100.00"), None, T0).unwrap();
     for round in 0..5 {
         let card = propose_allowed(&*b.storage, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0)
@@ -304,8 +302,8 @@ fn racing_charges_from_two_connections_approve_exactly_once(kind: Kind) {
     // Two stores on one database: what two processes sharing it would do.
     let b = kind.fresh();
     let (one, two) = (b.open_again(), b.open_again());
-    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
-    let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
+    let cards = simulated_cards();
+    let key = Arc::clone(&cards.key);
     one.deposit(&usd("10.00"), None, T0).unwrap();
     let card = Arc::new(
         propose_allowed(&*one, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0).card.unwrap(),
@@ -405,8 +403,8 @@ fn randomized_operations_keep_every_invariant(kind: Kind) {
     let seed = crate::sandbox::seed("randomized_operations_keep_every_invariant");
     let mut rng = XorShift::new(seed);
     let b = kind.fresh();
-    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
-    let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
+    let cards = simulated_cards();
+    let key = Arc::clone(&cards.key);
     let currencies = ["USD", "JPY", "USDC"];
     let agents = ["a1", "a2", "a3"];
     let merchants = ["m1.com", "m2.com"];
@@ -679,8 +677,8 @@ impl spendguard::cards::Issuer for RepeatingIssuer {
 
 fn a_card_number_already_in_use_is_drawn_again(kind: Kind) {
     let b = kind.fresh();
-    let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(RepeatingIssuer(std::sync::Mutex::new(0))));
-    let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
+    let cards =
+        CardIssuance { issuer: Arc::new(RepeatingIssuer(std::sync::Mutex::new(0))), ..simulated_cards() };
     b.storage.deposit(&usd("10.00"), None, T0).unwrap();
     let first = propose_allowed(&*b.storage, &cards, spend("bot", usd("1.00"), "m.com", None, T0), T0);
     let second = propose_allowed(&*b.storage, &cards, spend("bot", usd("1.00"), "m.com", None, T0), T0);
@@ -708,8 +706,8 @@ fn the_invariant_checks_catch_tampering(kind: Kind) {
     for (sql, fragment) in tampering {
         let b = kind.fresh();
         let storage = &b.storage;
-        let (key, issuer) = (Arc::new(CardKey::generate()), Arc::new(SimulatedIssuer::new()));
-        let cards = CardIssuance { issuer: issuer.clone(), key: key.clone(), default_ttl_seconds: 900 };
+        let cards = simulated_cards();
+        let key = Arc::clone(&cards.key);
         storage.deposit(&usd("50.00"), None, T0).unwrap();
         let used = propose_allowed(&**storage, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0)
             .card

@@ -874,14 +874,16 @@ pub async fn authorize(
 ) -> Reply {
     caller.network()?;
     let request = parse_authorization(&json::body(body)?)?;
-    let s = Arc::clone(&state);
     // On SQLite the write is queued for its writer thread and awaited here:
     // no thread is held while it waits for the lock and the fsync.
     let outcome = match state.backend.authorize_queued(request, Arc::clone(&state.key), now_ms()) {
         Ok(answer) => {
             answer.await.map_err(|_| ApiError::internal("the authorization's write was lost"))??
         }
-        Err(request) => blocking(move || Ok(s.backend.authorize(&request, &s.key, now_ms())?)).await?,
+        Err(request) => {
+            let s = Arc::clone(&state);
+            blocking(move || Ok(s.backend.authorize(&request, &s.key, now_ms())?)).await?
+        }
     };
     state.metrics.authorization(outcome.decline_code.map_or("approved", |c| c.as_str()));
     ok(json!({ "approved": outcome.approved, "decline_code": outcome.decline_code.map(|c| c.as_str()) }))

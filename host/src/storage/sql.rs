@@ -1085,7 +1085,10 @@ impl<E: Engine> Storage for SqlStore<E> {
     ) -> Result<Proposed, StorageError> {
         // The idempotency key first, in every transaction: a retry never
         // runs the policies again, and never commits twice.
-        let (spend, again, cards) = (spend.clone(), spend.clone(), cards.clone());
+        // One copy of the spend, shared by `check` and `commit` (which are
+        // cloned into each attempt's write job).
+        let (spend, cards) = (Arc::new(spend.clone()), cards.clone());
+        let again = Arc::clone(&spend);
         self.decide_and_commit(
             move |conn| Ok(replay(conn, &spend)?.map_or(Ok(()), Err)),
             &mut |(), history| decide(history),
