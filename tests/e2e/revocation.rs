@@ -495,6 +495,51 @@ fn a_retried_authorization_gets_its_first_answer(kind: Kind) {
     w.store().check_invariants().unwrap();
 }
 
+/// The CLI as the network: a charge retried with its key prints `approved`
+/// again, and the money moves once.
+fn the_cli_retries_a_charge_with_its_key(kind: Kind) {
+    let w = wallet(kind, "100.00");
+    let bot = escalating_agent(&w, "bot");
+    let card = w.propose(&bot, "4.00", "api.openai.com", "5734").expect(201, "propose")["card"].clone();
+    let (exp_month, exp_year) = (card["exp_month"].to_string(), card["exp_year"].to_string());
+    let args = |amount: &'static str| {
+        vec![
+            "network".to_owned(),
+            "authorize".to_owned(),
+            "--pan".to_owned(),
+            card["pan"].as_str().unwrap().to_owned(),
+            "--cvv".to_owned(),
+            card["cvv"].as_str().unwrap().to_owned(),
+            "--exp-month".to_owned(),
+            exp_month.clone(),
+            "--exp-year".to_owned(),
+            exp_year.clone(),
+            "--amount".to_owned(),
+            amount.to_owned(),
+            "--currency".to_owned(),
+            "USD".to_owned(),
+            "--merchant-id".to_owned(),
+            "api.openai.com".to_owned(),
+            "--idempotency-key".to_owned(),
+            "cli-charge-1".to_owned(),
+        ]
+    };
+    let run = |amount| {
+        let args = args(amount);
+        w.cli(&w.network, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    for _ in 0..2 {
+        let out = run("4.00");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "approved\n");
+    }
+    w.assert_wallet("96.00", "0.00", "4.00");
+    let out = run("3.00");
+    assert!(!out.status.success(), "the same key with another amount fails");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("idempotency_conflict"), "{out:?}");
+    w.assert_wallet("96.00", "0.00", "4.00");
+}
+
 /// A replayed answer says so in a header, and the metrics count it apart.
 fn a_replayed_authorization_is_marked(kind: Kind) {
     let w = wallet(kind, "100.00");
@@ -527,4 +572,5 @@ on_each_backend!(
     racing_wrong_cvvs_lock_the_card_exactly_once,
     a_retried_authorization_gets_its_first_answer,
     a_replayed_authorization_is_marked,
+    the_cli_retries_a_charge_with_its_key,
 );
