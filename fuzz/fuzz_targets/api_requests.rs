@@ -58,12 +58,13 @@ fuzz_target!(|data: &[u8]| {
         }),
         3 => check(parse_attachments(body, DEFAULT_MAX_CONFIG_BYTES), |list| check_attachments(&list)),
         4 => check(parse_deny(body), |reason| check_text(&reason, MAX_PURPOSE_CHARS, false)),
-        5 => check(parse_authorization(body), |a| {
+        5 => check(parse_authorization(body, &headers), |a| {
             check_amount(&a.amount);
             assert!((12..=19).contains(&a.pan.len()) && a.pan.bytes().all(|b| b.is_ascii_digit()));
             assert!((3..=4).contains(&a.cvv.len()) && a.cvv.bytes().all(|b| b.is_ascii_digit()));
             assert!((1..=12).contains(&a.exp_month));
             check_text(&a.merchant_id, MAX_NAME_CHARS, true);
+            check_key(a.idempotency_key.as_deref(), &headers);
         }),
         6 => {
             let Ok(name) = std::str::from_utf8(body) else { return };

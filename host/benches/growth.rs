@@ -185,6 +185,7 @@ impl Ledger {
                 exp_year: card.exp_year,
                 amount: spend.amount.clone(),
                 merchant_id: spend.merchant.id.clone(),
+                idempotency_key: None,
             };
             let outcome = self.store.authorize(&charge, &self.key, now + 5_000).unwrap();
             assert!(outcome.approved, "{outcome:?}");

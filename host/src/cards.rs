@@ -58,6 +58,7 @@ pub const CARD_KEY_LEN: usize = 32;
 const PAN_DOMAIN: &[u8] = b"pan:";
 const CVV_DOMAIN: &[u8] = b"cvv:";
 const FINGERPRINT_DOMAIN: &[u8] = b"key-fingerprint:";
+const AUTHORIZATION_DOMAIN: &[u8] = b"authorization:";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -84,6 +85,8 @@ pub enum CardError {
     ExpiryOutOfRange(u64),
     #[error("unknown card state `{0}`")]
     UnknownState(String),
+    #[error("unknown decline code `{0}`")]
+    UnknownDeclineCode(String),
 }
 
 // ---------------------------------------------------------------------------
@@ -230,6 +233,24 @@ impl CardKey {
     /// against it that they hold the same key.
     pub fn fingerprint(&self) -> String {
         self.keyed_hash(FINGERPRINT_DOMAIN, &[])
+    }
+
+    /// What must match for a retried authorization (the same
+    /// `Idempotency-Key`) to be the same charge: every field of it, keyed, so
+    /// the stored value reveals neither the PAN nor the CVV.
+    pub fn authorization_fingerprint(&self, request: &AuthorizationRequest) -> String {
+        self.keyed_hash(
+            AUTHORIZATION_DOMAIN,
+            &[
+                request.pan.as_bytes(),
+                request.cvv.as_bytes(),
+                &[request.exp_month],
+                &request.exp_year.to_be_bytes(),
+                &request.amount.units().to_be_bytes(),
+                request.amount.currency().as_bytes(),
+                request.merchant_id.as_bytes(),
+            ],
+        )
     }
 
     /// Whether `cvv` is the CVV of `card_id` whose stored hash is
@@ -509,6 +530,17 @@ impl DeclineCode {
     }
 }
 
+impl FromStr for DeclineCode {
+    type Err = CardError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DeclineCode::ALL
+            .into_iter()
+            .find(|code| code.as_str() == s)
+            .ok_or_else(|| CardError::UnknownDeclineCode(s.to_owned()))
+    }
+}
+
 impl fmt::Display for DeclineCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -569,7 +601,17 @@ pub struct CardView {
     pub merchant_id: String,
     pub expires_at_ms: u64,
     pub state: CardState,
+    /// How many authorizations of this card were declined `wrong_cvv`
+    /// before this one.
+    pub wrong_cvv_tries: u32,
+    /// The card's agent was revoked.
+    pub agent_revoked: bool,
 }
+
+/// After this many authorizations with a wrong CVV (or expiry) a card is
+/// voided and its hold released: a probe gets this many guesses of a
+/// 3-digit CVV, never a thousand.
+pub const MAX_WRONG_CVV: u32 = 3;
 
 /// A merchant's charge as the card network delivers it. The PAN and CVV are
 /// wiped on drop and never shown by `Debug`.
@@ -580,6 +622,9 @@ pub struct AuthorizationRequest {
     pub exp_year: u16,
     pub amount: Amount,
     pub merchant_id: String,
+    /// The network's `Idempotency-Key`: a retry with the same key gets the
+    /// first answer and moves no money twice.
+    pub idempotency_key: Option<String>,
 }
 
 impl Drop for AuthorizationRequest {
@@ -598,6 +643,7 @@ impl fmt::Debug for AuthorizationRequest {
             .field("exp_year", &self.exp_year)
             .field("amount", &self.amount)
             .field("merchant_id", &self.merchant_id)
+            .field("idempotency_key", &self.idempotency_key)
             .finish()
     }
 }
@@ -608,16 +654,26 @@ impl fmt::Debug for AuthorizationRequest {
 ///
 /// The checks run in this order, and the first failing one is the answer:
 ///
-/// 1. `card_not_found`, then `wrong_cvv`: the card data. A wrong expiry
-///    month/year counts as wrong card data and is reported as `wrong_cvv`,
-///    as a real network declines a mistyped expiry, and without a code of its
-///    own the expiry is no easier to guess than the CVV. Checking card data
-///    first means that someone holding only a PAN learns nothing about the
-///    card's state, currency, merchant or cap.
-/// 2. `card_used`, `card_voided`, `card_expired`: the card's life. A closed
+/// 1. `card_not_found`: no card has this PAN.
+/// 2. `card_voided` once the card has had [`MAX_WRONG_CVV`] authorizations
+///    with a wrong CVV, whatever this one's CVV: the lockout is checked
+///    before the CVV, so once it is reached no answer tells a right CVV from
+///    a wrong one.
+/// 3. `wrong_cvv`: the card data. A wrong expiry month/year counts as wrong
+///    card data and is reported (and counted towards the lockout) as
+///    `wrong_cvv`, as a real network declines a mistyped expiry, and without
+///    a code of its own the expiry is no easier to guess than the CVV.
+///    Checking card data before anything else means that someone holding
+///    only a PAN learns nothing about the card's state, agent, currency,
+///    merchant or cap, and every wrong guess counts: a later decline
+///    (`wrong_merchant`, say) can tell a right CVV only to a probe that has
+///    guessed it within its [`MAX_WRONG_CVV`] tries.
+/// 4. `card_voided` when the card's agent was revoked (revoking voids its
+///    open cards; this holds even for one that escaped).
+/// 5. `card_used`, `card_voided`, `card_expired`: the card's life. A closed
 ///    card says so whatever the amount, so a merchant knows a retry is futile.
 ///    A card still `Open` in storage but past `expires_at_ms` is expired.
-/// 3. `wrong_currency`, `wrong_merchant`, `over_limit`: the purchase.
+/// 6. `wrong_currency`, `wrong_merchant`, `over_limit`: the purchase.
 ///    Currency first, since amounts in different currencies cannot be
 ///    compared; merchant before the cap, so only the merchant the card is
 ///    locked to can probe the cap.
@@ -630,11 +686,17 @@ pub fn decide(
     let Some(card) = card else {
         return Err(DeclineCode::CardNotFound);
     };
+    if card.wrong_cvv_tries >= MAX_WRONG_CVV {
+        return Err(DeclineCode::CardVoided);
+    }
     let cvv_ok = key.verify_cvv(&card.card_id, &request.cvv, &card.cvv_hash);
     let expiry_ok = card.exp_month == request.exp_month && card.exp_year == request.exp_year;
     // Non-short-circuiting `&`: the CVV is always checked, whatever the expiry.
     if !(cvv_ok & expiry_ok) {
         return Err(DeclineCode::WrongCvv);
+    }
+    if card.agent_revoked {
+        return Err(DeclineCode::CardVoided);
     }
     match card.state {
         CardState::Used => return Err(DeclineCode::CardUsed),
@@ -895,6 +957,8 @@ mod tests {
             merchant_id: "m_books".to_owned(),
             expires_at_ms: NOW + 900_000,
             state: CardState::Open,
+            wrong_cvv_tries: 0,
+            agent_revoked: false,
         }
     }
 
@@ -906,6 +970,7 @@ mod tests {
             exp_year: 2026,
             amount: usd("12.50"),
             merchant_id: "m_books".to_owned(),
+            idempotency_key: None,
         }
     }
 
@@ -1039,6 +1104,88 @@ mod tests {
         for (name, edit, want) in cases {
             assert_eq!(run(&key, *edit), Err(*want), "{name}");
         }
+    }
+
+    #[test]
+    fn a_locked_out_card_declines_voided_whatever_the_cvv_and_a_revoked_agent_s_card_too() {
+        use DeclineCode as D;
+        let key = CardKey::generate();
+        let cases: &[(&str, Edit, Result<(), DeclineCode>)] = &[
+            ("two wrong tries so far, right cvv", |s| s.card.wrong_cvv_tries = 2, Ok(())),
+            (
+                "two wrong tries so far, wrong cvv",
+                |s| {
+                    s.card.wrong_cvv_tries = 2;
+                    s.request.cvv = "999".to_owned();
+                },
+                Err(D::WrongCvv),
+            ),
+            ("locked out, right cvv", |s| s.card.wrong_cvv_tries = MAX_WRONG_CVV, Err(D::CardVoided)),
+            (
+                "locked out, wrong cvv",
+                |s| {
+                    s.card.wrong_cvv_tries = MAX_WRONG_CVV;
+                    s.request.cvv = "999".to_owned();
+                },
+                Err(D::CardVoided),
+            ),
+            (
+                "locked out, used, wrong merchant",
+                |s| {
+                    s.card.wrong_cvv_tries = MAX_WRONG_CVV + 5;
+                    s.card.state = CardState::Used;
+                    s.request.merchant_id = "m_x".to_owned();
+                },
+                Err(D::CardVoided),
+            ),
+            ("agent revoked, open card", |s| s.card.agent_revoked = true, Err(D::CardVoided)),
+            (
+                "agent revoked, wrong cvv: the card data first",
+                |s| {
+                    s.card.agent_revoked = true;
+                    s.request.cvv = "999".to_owned();
+                },
+                Err(D::WrongCvv),
+            ),
+        ];
+        for (name, edit, want) in cases {
+            assert_eq!(run(&key, *edit), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn decline_codes_parse_from_their_strings() {
+        for code in DeclineCode::ALL {
+            assert_eq!(code.as_str().parse::<DeclineCode>().unwrap(), code);
+        }
+        assert!(
+            matches!("nope".parse::<DeclineCode>(), Err(CardError::UnknownDeclineCode(s)) if s == "nope")
+        );
+    }
+
+    #[test]
+    fn authorization_fingerprints_cover_every_field_and_the_key() {
+        let key = CardKey::generate();
+        let base = key.authorization_fingerprint(&charge());
+        assert_eq!(base, key.authorization_fingerprint(&charge()));
+        assert_ne!(base, CardKey::generate().authorization_fingerprint(&charge()));
+        let edits: [fn(&mut AuthorizationRequest); 7] = [
+            |r| r.pan = "4000001234567898".to_owned(),
+            |r| r.cvv = "124".to_owned(),
+            |r| r.exp_month = 11,
+            |r| r.exp_year = 2027,
+            |r| r.amount = usd("12.51"),
+            |r| r.amount = eur("12.50"),
+            |r| r.merchant_id = "m_x".to_owned(),
+        ];
+        for edit in edits {
+            let mut r = charge();
+            edit(&mut r);
+            assert_ne!(key.authorization_fingerprint(&r), base, "{r:?}");
+        }
+        let mut keyed = charge();
+        keyed.idempotency_key = Some("k".to_owned());
+        assert_eq!(key.authorization_fingerprint(&keyed), base, "the key itself is not part of it");
     }
 
     #[test]

@@ -202,6 +202,9 @@ pub struct AuthorizationOutcome {
     pub approved: bool,
     pub decline_code: Option<DeclineCode>,
     pub card_id: Option<String>,
+    /// True when an earlier authorization with the same idempotency key
+    /// answered (nothing was written this time).
+    pub replayed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -210,6 +213,9 @@ pub enum StorageError {
     IdempotencyConflict(String),
     #[error("{0} not found")]
     NotFound(String),
+    /// The acting agent was revoked: nothing it asked for is done.
+    #[error("{0}")]
+    Revoked(String),
     #[error("{0}")]
     InvalidState(String),
     #[error("card issuer: {0}")]
@@ -308,6 +314,10 @@ pub trait Storage: Send + Sync {
 
     /// Decide a merchant's charge: approve and capture, or decline with a
     /// stable code. A card is captured at most once, however charges race.
+    /// With `request.idempotency_key`, a retry gets the first answer and
+    /// writes nothing; the same key with another charge is a conflict. The
+    /// third authorization with a wrong CVV voids the card and releases its
+    /// hold in the same transaction.
     fn authorize(
         &self,
         request: &AuthorizationRequest,
@@ -497,7 +507,12 @@ pub trait Registry: Send + Sync {
     ) -> Result<AgentRecord, StorageError>;
     fn agents(&self) -> Result<Vec<AgentRecord>, StorageError>;
     fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StorageError>;
-    /// Revoke an agent and every token it has. Revoking twice is a conflict.
+    /// Revoke an agent and every token it has, and take back all it holds,
+    /// in one transaction: void its open cards and release every hold of
+    /// its spends (each exactly once), deny its spends waiting for
+    /// approval, and record it all in one audit record. From then on no
+    /// proposal of the agent commits, none of its spends is approved and
+    /// none of its cards authorizes. Revoking twice is a conflict.
     fn revoke_agent(&self, id: &str, now_ms: u64) -> Result<AgentRecord, StorageError>;
     /// Replace an agent's attachments (a new set; the old stays on record).
     fn set_attachments(

@@ -15,5 +15,6 @@ mod hostile;
 mod policies;
 mod races;
 mod registry;
+mod revocation;
 mod sandbox;
 mod storage;

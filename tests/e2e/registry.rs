@@ -301,7 +301,13 @@ fn the_audit_chain_records_every_change_and_never_a_token(kind: Kind) {
             "policies": [{ "policy": "limits@2", "config_sha256": sha256_hex(b"{}") }],
         })
     );
-    assert_eq!(json(6), serde_json::json!({ "agent_id": "ag_x" }));
+    // The revocation names what it took back (here: nothing was open).
+    assert_eq!(
+        json(6),
+        serde_json::json!({
+            "agent_id": "ag_x", "cards_voided": 0, "card_ids": [], "holds_released": 0, "approvals_denied": 0,
+        })
+    );
     assert_eq!(json(4)["role"], "agent");
     assert_eq!(json(4)["agent_id"], "ag_x");
     assert_eq!(

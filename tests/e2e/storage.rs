@@ -62,6 +62,7 @@ fn charge(card: &spendguard::cards::IssuedCard, amount: Amount, merchant_id: &st
         exp_year: card.exp_year,
         amount,
         merchant_id: merchant_id.into(),
+        idempotency_key: None,
     }
 }
 
@@ -387,6 +388,8 @@ struct ModelCard {
     cap: Amount,
     merchant_id: String,
     state: CardState,
+    /// Authorizations declined `wrong_cvv` so far: the third voids the card.
+    wrong_cvv_tries: u32,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
@@ -498,6 +501,7 @@ fn randomized_operations_keep_every_invariant(kind: Kind) {
                                 cap,
                                 merchant_id: new.merchant.id.clone(),
                                 state: CardState::Open,
+                                wrong_cvv_tries: 0,
                             });
                         } else if p.spend.status == SpendStatus::Approved {
                             panic!("{ctx}: approved without a card");
@@ -527,7 +531,9 @@ fn randomized_operations_keep_every_invariant(kind: Kind) {
                     }
                 }
                 let expired = now >= c.card.expires_at_ms;
+                let locked_out = c.wrong_cvv_tries >= spendguard::cards::MAX_WRONG_CVV;
                 let want = match (mistake, c.state) {
+                    _ if locked_out => Some(DeclineCode::CardVoided),
                     (2, _) => Some(DeclineCode::WrongCvv),
                     (_, CardState::Used) => Some(DeclineCode::CardUsed),
                     (_, CardState::Voided) => Some(DeclineCode::CardVoided),
@@ -551,6 +557,16 @@ fn randomized_operations_keep_every_invariant(kind: Kind) {
                     bal.held -= cap;
                     bal.available += cap;
                     issued[i].state = CardState::Expired;
+                } else if want == Some(DeclineCode::WrongCvv) {
+                    issued[i].wrong_cvv_tries += 1;
+                    // The third wrong try voids an open card, past its life or not.
+                    if issued[i].wrong_cvv_tries == spendguard::cards::MAX_WRONG_CVV
+                        && issued[i].state == CardState::Open
+                    {
+                        bal.held -= cap;
+                        bal.available += cap;
+                        issued[i].state = CardState::Voided;
+                    }
                 }
             }
             80..=83 if !issued.is_empty() => {

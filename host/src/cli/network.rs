@@ -47,6 +47,10 @@ pub struct AuthorizeArgs {
     /// The charging merchant's id.
     #[arg(long, value_name = "ID", value_parser = input::not_blank)]
     merchant_id: String,
+    /// Makes a retry safe: the same key gets the first answer, and the
+    /// money moves once.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -60,6 +64,7 @@ impl fmt::Debug for AuthorizeArgs {
             .field("amount", &self.amount)
             .field("currency", &self.currency)
             .field("merchant_id", &self.merchant_id)
+            .field("idempotency_key", &self.idempotency_key)
             .finish_non_exhaustive()
     }
 }
@@ -88,7 +93,11 @@ fn request_body(args: &AuthorizeArgs) -> anyhow::Result<Value> {
 
 fn authorize(conn: &ConnArgs, args: AuthorizeArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     let body = request_body(&args)?;
-    let reply = Client::new(conn)?.post("/v1/network/authorizations", Some(&body), None)?;
+    let reply = Client::new(conn)?.post(
+        "/v1/network/authorizations",
+        Some(&body),
+        args.idempotency_key.as_deref(),
+    )?;
     if args.output.json {
         return reply.print(out);
     }
@@ -115,6 +124,7 @@ mod tests {
             amount: "9.99".into(),
             currency: "USD".into(),
             merchant_id: "api.openai.com".into(),
+            idempotency_key: None,
             output: OutputArgs { json: false },
         }
     }
@@ -134,6 +144,15 @@ mod tests {
             })
         );
         assert_eq!((code, text(out)), (ExitCode::SUCCESS, "approved\n".to_owned()));
+    }
+
+    #[test]
+    fn the_idempotency_key_is_sent_as_its_header() {
+        let (url, request) = serve_once(200, r#"{"approved":true,"decline_code":null}"#);
+        let mut out = Vec::new();
+        let args = AuthorizeArgs { idempotency_key: Some("charge-7".into()), ..args() };
+        authorize(&conn(&url), args, &mut out).unwrap();
+        assert_eq!(request.join().unwrap().header("idempotency-key"), Some("charge-7"));
     }
 
     #[test]

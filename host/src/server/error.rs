@@ -58,6 +58,7 @@ impl From<StorageError> for ApiError {
         match e {
             StorageError::IdempotencyConflict(_) => ApiError::conflict("idempotency_conflict", e.to_string()),
             StorageError::NotFound(what) => ApiError::not_found(what),
+            StorageError::Revoked(m) => ApiError::unauthorized("revoked_token", m),
             StorageError::InvalidState(m) => ApiError::conflict("conflict", m),
             StorageError::Issuer(_) | StorageError::Database(_) | StorageError::Invariant(_) => {
                 ApiError::internal(e.to_string())

@@ -38,6 +38,9 @@ pub const MAX_NAME_CHARS: usize = 200;
 pub const MAX_PURPOSE_CHARS: usize = 1000;
 /// Longest idempotency key accepted.
 pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
+/// The response header of an authorization answered from an earlier one
+/// with the same `Idempotency-Key`.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 /// Most policies attached to one agent.
 pub const MAX_ATTACHMENTS: usize = 32;
 
@@ -250,10 +253,13 @@ pub async fn propose(
     let s = Arc::clone(&state);
     let proposed = blocking(move || {
         let _turn = turn;
+        // Revoked since its token was checked: refused before its policies
+        // run (and storage checks again in the transaction that would commit).
         let agent = s
             .backend
             .agent(&agent_id)?
-            .ok_or_else(|| ApiError::unauthorized("revoked_token", "unknown agent"))?;
+            .filter(|a| !a.revoked)
+            .ok_or_else(|| ApiError::unauthorized("revoked_token", "this agent was revoked"))?;
         let request = policy::SpendRequest {
             id: spend.id.clone(),
             agent: policy_agent(&agent),
@@ -847,8 +853,9 @@ impl std::fmt::Debug for AuthorizeBody {
     }
 }
 
-/// Validate the body of `POST /v1/network/authorizations`.
-pub fn parse_authorization(body: &[u8]) -> Result<AuthorizationRequest, ApiError> {
+/// Validate the body and `Idempotency-Key` header of
+/// `POST /v1/network/authorizations`.
+pub fn parse_authorization(body: &[u8], headers: &HeaderMap) -> Result<AuthorizationRequest, ApiError> {
     let body: AuthorizeBody = parse_bytes(body)?;
     let digits = |s: &str, n: std::ops::RangeInclusive<usize>| {
         n.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
@@ -857,7 +864,9 @@ pub fn parse_authorization(body: &[u8]) -> Result<AuthorizationRequest, ApiError
         return Err(ApiError::invalid("invalid_card_data", "`pan`, `cvv` or `exp_month` is malformed"));
     }
     merchant_id("merchant_id", &body.merchant_id)?;
+    let idempotency_key = idempotency_key(headers)?;
     Ok(AuthorizationRequest {
+        idempotency_key,
         amount: amount(&body.amount, &body.currency)?,
         pan: body.pan,
         cvv: body.cvv,
@@ -870,10 +879,11 @@ pub fn parse_authorization(body: &[u8]) -> Result<AuthorizationRequest, ApiError
 pub async fn authorize(
     State(state): State<Arc<AppState>>,
     caller: Caller,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Reply {
+) -> Result<impl IntoResponse, ApiError> {
     caller.network()?;
-    let request = parse_authorization(&json::body(body)?)?;
+    let request = parse_authorization(&json::body(body)?, &headers)?;
     // On SQLite the write is queued for its writer thread and awaited here:
     // no thread is held while it waits for the lock and the fsync.
     let outcome = match state.backend.authorize_queued(request, Arc::clone(&state.key), now_ms()) {
@@ -885,8 +895,17 @@ pub async fn authorize(
             blocking(move || Ok(s.backend.authorize(&request, &s.key, now_ms())?)).await?
         }
     };
-    state.metrics.authorization(outcome.decline_code.map_or("approved", |c| c.as_str()));
-    ok(json!({ "approved": outcome.approved, "decline_code": outcome.decline_code.map(|c| c.as_str()) }))
+    let replayed = outcome.replayed;
+    state.metrics.authorization(if replayed {
+        "replayed"
+    } else {
+        outcome.decline_code.map_or("approved", |c| c.as_str())
+    });
+    let body =
+        json!({ "approved": outcome.approved, "decline_code": outcome.decline_code.map(|c| c.as_str()) });
+    // A retry answered from the first authorization says so.
+    let replay_header = replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
+    Ok((StatusCode::OK, replay_header, Json(body)))
 }
 
 // ---- audit -----------------------------------------------------------------

@@ -39,7 +39,8 @@ use super::{
     new_id, new_ordered_id, verify_chain,
 };
 use crate::cards::{
-    AuthorizationRequest, CardKey, CardRequest, CardState, CardView, DeclineCode, IssuedCard, decide,
+    AuthorizationRequest, CardKey, CardRequest, CardState, CardView, DeclineCode, IssuedCard, MAX_WRONG_CVV,
+    decide,
 };
 use crate::history::{History, HistoryError, HistoryScope};
 use crate::ledger::{AccountKind, Balance, TransferKind};
@@ -836,8 +837,45 @@ pub(crate) fn append_audit(
     Ok(())
 }
 
+/// The answer already given to an authorization with this idempotency
+/// key, if any; the same key with another charge is a conflict.
+fn replay_authorization(
+    tx: &dyn Conn,
+    key: &str,
+    fingerprint: &str,
+) -> Result<Option<AuthorizationOutcome>, StorageError> {
+    let Some(earlier) = tx.row(IDEMPOTENT_AUTHORIZATION_SQL, args![key])? else {
+        return Ok(None);
+    };
+    if earlier.get::<Option<String>>(0)?.as_deref() != Some(fingerprint) {
+        return Err(StorageError::IdempotencyConflict(key.to_owned()));
+    }
+    let decline_code = earlier
+        .get::<Option<String>>(3)?
+        .map(|code| code.parse::<DeclineCode>())
+        .transpose()
+        .map_err(|e| StorageError::Invariant(format!("stored authorization: {e}")))?;
+    Ok(Some(AuthorizationOutcome {
+        approved: earlier.get(2)?,
+        decline_code,
+        card_id: earlier.get(1)?,
+        replayed: true,
+    }))
+}
+
+pub(crate) const IDEMPOTENT_AUTHORIZATION_SQL: &str =
+    "SELECT fingerprint, card_id, approved, decline_code FROM authorizations WHERE idempotency_key = ?1";
+
+/// How many authorizations of a card were declined `wrong_cvv`, and whether
+/// its agent was revoked.
+pub(crate) const CARD_STANDING_SQL: &str = "SELECT
+        (SELECT CAST(COUNT(*) AS BIGINT) FROM authorizations WHERE card_id = ?1 AND decline_code = 'wrong_cvv'),
+        EXISTS (SELECT 1 FROM agent_revocations WHERE agent_id = ?2)";
+
 /// A merchant's charge, inside the caller's write transaction: see
-/// [`Storage::authorize`].
+/// [`Storage::authorize`]. With an idempotency key, a retry gets the first
+/// answer and writes nothing. The lockout counts in the same transaction
+/// as the wrong try that reaches it, so racing probes cannot overshoot it.
 fn authorize(
     tx: &dyn Conn,
     request: &AuthorizationRequest,
@@ -845,25 +883,57 @@ fn authorize(
     now_ms: u64,
 ) -> Result<AuthorizationOutcome, StorageError> {
     let now = ms(now_ms)?;
+    let fingerprint = request.idempotency_key.as_ref().map(|_| key.authorization_fingerprint(request));
+    if let (Some(idempotency_key), Some(fingerprint)) = (&request.idempotency_key, &fingerprint)
+        && let Some(earlier) = replay_authorization(tx, idempotency_key, fingerprint)?
+    {
+        return Ok(earlier);
+    }
     let card = find_card(tx, "pan_hash", &key.hash_pan(&request.pan))?;
-    let view = card.as_ref().map(|c| CardView {
-        card_id: c.record.id.clone(),
-        cvv_hash: c.cvv_hash.clone(),
-        exp_month: c.record.exp_month,
-        exp_year: c.record.exp_year,
-        cap: c.record.cap.clone(),
-        merchant_id: c.record.merchant_id.clone(),
-        expires_at_ms: c.record.expires_at_ms,
-        state: c.record.state,
-    });
+    let view = match &card {
+        Some(c) => {
+            let standing = tx.one(CARD_STANDING_SQL, args![&c.record.id, &c.record.agent_id])?;
+            let tries: i64 = standing.get(0)?;
+            Some(CardView {
+                card_id: c.record.id.clone(),
+                cvv_hash: c.cvv_hash.clone(),
+                exp_month: c.record.exp_month,
+                exp_year: c.record.exp_year,
+                cap: c.record.cap.clone(),
+                merchant_id: c.record.merchant_id.clone(),
+                expires_at_ms: c.record.expires_at_ms,
+                state: c.record.state,
+                wrong_cvv_tries: u32::try_from(tries).unwrap_or(u32::MAX),
+                agent_revoked: standing.get(1)?,
+            })
+        }
+        None => None,
+    };
     let decision = decide(key, view.as_ref(), request, now_ms);
-    if let Some(card) = &card {
+    // Why this authorization voided the card, if it did.
+    let mut voided = None;
+    if let (Some(card), Some(view)) = (&card, &view) {
         let cap = card.record.cap.units();
         let currency = card.record.cap.currency();
+        let open = card.record.state == CardState::Open;
         match decision {
             Ok(()) => resolve_hold(tx, card.hold_id, "captured", currency, cap, request.amount.units(), now)?,
+            // The last wrong try the card allows: voided now, its hold released.
+            Err(DeclineCode::WrongCvv) if open && view.wrong_cvv_tries + 1 >= MAX_WRONG_CVV => {
+                resolve_hold(tx, card.hold_id, "voided", currency, cap, 0, now)?;
+                voided = Some(format!("{MAX_WRONG_CVV} authorizations with a wrong CVV"));
+            }
+            // Locked out or its agent revoked, yet still open: voided now.
+            Err(DeclineCode::CardVoided) if open => {
+                resolve_hold(tx, card.hold_id, "voided", currency, cap, 0, now)?;
+                voided = Some(if view.agent_revoked {
+                    "the agent was revoked".to_owned()
+                } else {
+                    format!("{MAX_WRONG_CVV} authorizations with a wrong CVV")
+                });
+            }
             // Seen past its life before the sweep got to it: expire it now.
-            Err(DeclineCode::CardExpired) if card.record.state == CardState::Open => {
+            Err(DeclineCode::CardExpired) if open => {
                 resolve_hold(tx, card.hold_id, "expired", currency, cap, 0, now)?
             }
             Err(_) => {}
@@ -872,18 +942,21 @@ fn authorize(
     let card_id = card.as_ref().map(|c| c.record.id.clone());
     let code = decision.err().map(DeclineCode::as_str);
     tx.execute(
-            "INSERT INTO authorizations (card_id, units, currency, merchant_id, approved, decline_code, created_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            args![
-                &card_id,
-                request.amount.units(),
-                request.amount.currency(),
-                &request.merchant_id,
-                decision.is_ok(),
-                code,
-                now
-            ],
-        )?;
+        "INSERT INTO authorizations (card_id, units, currency, merchant_id, approved, decline_code, created_at_ms,
+                                     idempotency_key, fingerprint)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        args![
+            &card_id,
+            request.amount.units(),
+            request.amount.currency(),
+            &request.merchant_id,
+            decision.is_ok(),
+            code,
+            now,
+            &request.idempotency_key,
+            &fingerprint
+        ],
+    )?;
     append_audit(
         tx,
         "authorization",
@@ -897,7 +970,28 @@ fn authorize(
         }),
         now,
     )?;
-    Ok(AuthorizationOutcome { approved: decision.is_ok(), decline_code: decision.err(), card_id })
+    if let Some(reason) = voided {
+        append_audit(tx, "card_void", &json!({ "card_id": card_id, "reason": reason }), now)?;
+    }
+    Ok(AuthorizationOutcome {
+        approved: decision.is_ok(),
+        decline_code: decision.err(),
+        card_id,
+        replayed: false,
+    })
+}
+
+/// Whether the agent was revoked (a primary-key lookup).
+pub(crate) fn agent_revoked(conn: &dyn Conn, agent_id: &str) -> Result<bool, StorageError> {
+    Ok(conn.row("SELECT 1 FROM agent_revocations WHERE agent_id = ?1", args![agent_id])?.is_some())
+}
+
+/// Refuse whatever a revoked agent asked for.
+fn refuse_revoked(conn: &dyn Conn, agent_id: &str) -> Result<(), StorageError> {
+    if agent_revoked(conn, agent_id)? {
+        return Err(StorageError::Revoked(format!("agent `{agent_id}` was revoked")));
+    }
+    Ok(())
 }
 
 /// A spend waiting for approval, write-locked: refuses anything else.
@@ -1090,7 +1184,13 @@ impl<E: Engine> Storage for SqlStore<E> {
         let (spend, cards) = (Arc::new(spend.clone()), cards.clone());
         let again = Arc::clone(&spend);
         self.decide_and_commit(
-            move |conn| Ok(replay(conn, &spend)?.map_or(Ok(()), Err)),
+            // The agent first: a proposal of a revoked agent commits nothing,
+            // however long ago its request arrived (re-checked in the write
+            // transaction that would commit it).
+            move |conn| {
+                refuse_revoked(conn, &spend.agent_id)?;
+                Ok(replay(conn, &spend)?.map_or(Ok(()), Err))
+            },
             &mut |(), history| decide(history),
             move |tx, (), decided| commit_verdict(tx, &again, decided, &cards, now_ms),
         )
@@ -1108,7 +1208,15 @@ impl<E: Engine> Storage for SqlStore<E> {
         // only if the spend still waits and what they read still holds.
         let spend_id = spend_id.to_owned();
         self.decide_and_commit(
-            move |conn| pending_spend(conn, &spend_id, approval_ttl_ms, now_ms).map(Ok),
+            move |conn| {
+                let spend = pending_spend(conn, &spend_id, approval_ttl_ms, now_ms)?;
+                if agent_revoked(conn, &spend.agent_id)? {
+                    return Err(StorageError::InvalidState(format!(
+                        "the agent of spend `{spend_id}` was revoked"
+                    )));
+                }
+                Ok(Ok(spend))
+            },
             decide,
             move |tx, spend, decided| commit_approval(tx, spend, decided, default_ttl_seconds, now_ms),
         )
@@ -1183,6 +1291,10 @@ impl<E: Engine> Storage for SqlStore<E> {
                 return Ok(None);
             }
             let (agent_id, merchant_id): (String, String) = (hold.get(1)?, hold.get(7)?);
+            // Revoking releases the hold anyway; a revoked agent never gets a card.
+            if agent_revoked(tx, &agent_id)? {
+                return Ok(None);
+            }
             let ttl = u32::try_from(left_ms / 1000).unwrap_or(u32::MAX).min(cards.default_ttl_seconds);
             let cap = amount(hold.get(2)?, &hold.get::<String>(3)?)?;
             let card =

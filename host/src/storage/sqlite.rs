@@ -25,6 +25,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("../../migrations/sqlite/0001_ledger.sql")),
         M::up(include_str!("../../migrations/sqlite/0002_daemon.sql")),
         M::up(include_str!("../../migrations/sqlite/0003_history_covering.sql")),
+        M::up(include_str!("../../migrations/sqlite/0004_revocation_and_authorizations.sql")),
     ])
 }
 

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::{Conn, Engine, Row, SqlStore, append_audit, args, from_ms, ms};
+use super::{Conn, Engine, Row, SqlStore, append_audit, args, from_ms, ms, resolve_approval, resolve_hold};
 use crate::storage::{
     AgentRecord, Attachment, PolicyRecord, Registry, Role, StorageError, TokenInfo, new_id,
 };
@@ -49,6 +49,22 @@ pub(crate) const NEXT_VERSION_SQL: &str =
 pub(crate) const REVOKE_TOKENS_SQL: &str = "INSERT INTO token_revocations (token_id, revoked_at_ms)
      SELECT t.id, CAST(?2 AS BIGINT) FROM tokens t
      WHERE t.agent_id = ?1 AND NOT EXISTS (SELECT 1 FROM token_revocations r WHERE r.token_id = t.id)";
+
+/// The holds of an agent not yet resolved, with their card if one was made
+/// (a spend approved after escalation has its hold before its card). A
+/// range of `holds_agent_time`: every hold the agent ever had, read once
+/// per revocation.
+pub(crate) const OPEN_HOLDS_OF_AGENT_SQL: &str = "SELECT h.id, h.currency, h.units, c.id
+     FROM holds h LEFT JOIN hold_resolutions r ON r.hold_id = h.id LEFT JOIN cards c ON c.hold_id = h.id
+     WHERE h.agent_id = ?1 AND r.hold_id IS NULL ORDER BY h.id";
+
+/// An agent's spends still waiting for the operator.
+pub(crate) const PENDING_OF_AGENT_SQL: &str = "SELECT s.id FROM spends s
+     LEFT JOIN approval_resolutions a ON a.spend_id = s.id
+     WHERE s.agent_id = ?1 AND s.status = 'pending_approval' AND a.spend_id IS NULL ORDER BY s.id";
+
+/// Why a revoked agent's spends waiting for approval were denied.
+pub const REVOKED_REASON: &str = "the agent was revoked";
 
 fn insert_token(conn: &dyn Conn, role: &Role, token_hash: &str, now: i64) -> Result<String, StorageError> {
     let agent_id = match role {
@@ -309,7 +325,36 @@ impl<E: Engine> Registry for SqlStore<E> {
                 args![id, now],
             )?;
             tx.execute(REVOKE_TOKENS_SQL, args![id, now])?;
-            append_audit(tx, "agent_revoked", &json!({ "agent_id": id }), now)?;
+            // Everything the agent holds, taken back in the same transaction:
+            // a card of it never authorizes after this commits, and no
+            // proposal or approval of it commits after this (each re-checks
+            // the revocation in its own write transaction).
+            let mut cards_voided = Vec::new();
+            let mut holds_released = 0_usize;
+            for hold in tx.rows(OPEN_HOLDS_OF_AGENT_SQL, args![id])? {
+                let currency: String = hold.get(1)?;
+                resolve_hold(tx, hold.get(0)?, "voided", &currency, hold.get(2)?, 0, now)?;
+                holds_released += 1;
+                if let Some(card_id) = hold.get::<Option<String>>(3)? {
+                    cards_voided.push(card_id);
+                }
+            }
+            let pending = tx.rows(PENDING_OF_AGENT_SQL, args![id])?;
+            for spend in &pending {
+                resolve_approval(tx, &spend.get::<String>(0)?, "denied", REVOKED_REASON, now)?;
+            }
+            append_audit(
+                tx,
+                "agent_revoked",
+                &json!({
+                    "agent_id": id,
+                    "cards_voided": cards_voided.len(),
+                    "card_ids": cards_voided,
+                    "holds_released": holds_released,
+                    "approvals_denied": pending.len(),
+                }),
+                now,
+            )?;
             Ok(AgentRecord { revoked: true, ..agent })
         })
     }
