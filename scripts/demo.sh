@@ -4,7 +4,9 @@
 # daemon in the foreground, with the tokens and copy-paste examples printed.
 #
 # Tokens are stored only as hashes, so on a second run the demo mints fresh
-# ones with `spendguard token new` (which needs the data directory's files).
+# ones with `spendguard token new --data-dir` (which needs the data
+# directory's files, not the daemon), labelled `demo`, and then revokes the
+# tokens earlier runs printed: only the ones printed last keep working.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,8 +24,12 @@ if [ ! -d "$DATA" ]; then
   NETWORK=$(echo "$tokens" | json "['network_token']")
   fresh=1
 else
-  OPERATOR=$("$BIN" token new --data-dir "$DATA" --role operator --json | json "['token']")
-  NETWORK=$("$BIN" token new --data-dir "$DATA" --role network --json | json "['token']")
+  minted=$("$BIN" token new --data-dir "$DATA" --role operator --label demo --json)
+  OPERATOR=$(echo "$minted" | json "['token']")
+  KEEP=$(echo "$minted" | json "['id']")
+  minted=$("$BIN" token new --data-dir "$DATA" --role network --label demo --json)
+  NETWORK=$(echo "$minted" | json "['token']")
+  KEEP="$KEEP $(echo "$minted" | json "['id']")"
 fi
 
 "$BIN" serve --data-dir "$DATA" --listen "$LISTEN" > "$DATA/serve.out" 2> "$DATA/serve.log" &
@@ -57,7 +63,20 @@ if [ $fresh = 1 ]; then
   echo "$AGENT_ID" > "$DATA/demo-agent-id"
 else
   AGENT_ID=$(cat "$DATA/demo-agent-id")
-  AGENT=$("$BIN" token new --data-dir "$DATA" --role agent --agent "$AGENT_ID" --json | json "['token']")
+  minted=$("$BIN" token new --data-dir "$DATA" --role agent --agent "$AGENT_ID" --label demo --json)
+  AGENT=$(echo "$minted" | json "['token']")
+  KEEP="$KEEP $(echo "$minted" | json "['id']")"
+  # The tokens of earlier runs (made by `init`, by creating the demo agent,
+  # or minted here) are revoked: they were printed, and nothing uses them.
+  SPENDGUARD_TOKEN=$OPERATOR "$BIN" token list --json | DEMO_AGENT="$AGENT_ID" python3 -c '
+import json, os, sys
+keep = set(sys.argv[1:])
+for t in json.load(sys.stdin)["tokens"]:
+    ours = t["role"] != "agent" or t.get("agent_id") == os.environ["DEMO_AGENT"]
+    if ours and t["revoked_at"] is None and t["id"] not in keep and t["label"] in ("init", "demo", "demo-agent"):
+        print(t["id"])' $KEEP | while read -r id; do
+    SPENDGUARD_TOKEN=$OPERATOR "$BIN" token revoke "$id" > /dev/null
+  done
 fi
 
 cat <<TXT

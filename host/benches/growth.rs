@@ -52,7 +52,7 @@ use spendguard::money::Amount;
 use spendguard::policy::{Agent, CardTerms, Decision, Merchant, SpendFilter, SpendRequest};
 use spendguard::sandbox::{Limits, LoadedPolicy, Sandbox};
 use spendguard::storage::sqlite::SqliteStorage;
-use spendguard::storage::{CardIssuance, Decided, NewSpend, Storage, Verdict, new_ordered_id};
+use spendguard::storage::{Actor, CardIssuance, Decided, NewSpend, Storage, Verdict, new_ordered_id};
 use support::{Daemon, env, post, send, spend_limit_module};
 
 const AGENTS: u64 = 20;
@@ -172,7 +172,7 @@ impl Ledger {
         let started = Instant::now();
         let proposed = self
             .store
-            .propose(&spend, &self.issuance(), now, &mut |history| decide(&request, history))
+            .propose(&spend, &self.issuance(), &Actor::System, now, &mut |history| decide(&request, history))
             .unwrap();
         let took = started.elapsed();
         if let Some(card) = proposed.card
@@ -187,7 +187,7 @@ impl Ledger {
                 merchant_id: spend.merchant.id.clone(),
                 idempotency_key: None,
             };
-            let outcome = self.store.authorize(&charge, &self.key, now + 5_000).unwrap();
+            let outcome = self.store.authorize(&charge, &self.key, &Actor::System, now + 5_000).unwrap();
             assert!(outcome.approved, "{outcome:?}");
         }
         if i % SWEEP_EVERY == SWEEP_EVERY - 1 {
@@ -244,7 +244,9 @@ fn ledger() {
     };
     let path = dir.path().join("spendguard.sqlite3");
     let store = SqliteStorage::open(&path).unwrap();
-    store.deposit(&Amount::parse("1000000000.00", "USD").unwrap(), None, START_MS - 1).unwrap();
+    store
+        .deposit(&Amount::parse("1000000000.00", "USD").unwrap(), None, &Actor::System, START_MS - 1)
+        .unwrap();
     let sandbox = Sandbox::new(Limits::default()).unwrap();
     let policy = sandbox.load(&spend_limit_module()).unwrap();
     assert_eq!(sandbox.validate_config(&policy, LIMIT_CONFIG).outcome, Ok(Ok(())));

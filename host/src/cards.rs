@@ -294,7 +294,7 @@ impl fmt::Debug for CardKey {
 /// Write `bytes` to the new `file` and make both the data and the file's
 /// directory entry durable: losing the key after cards were issued would
 /// make every one of them unrecognisable.
-fn write_durably(mut file: File, path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_durably(mut file: File, path: &Path, bytes: &[u8]) -> io::Result<()> {
     file.write_all(bytes)?;
     file.sync_all()?;
     let parent = match path.parent() {

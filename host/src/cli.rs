@@ -11,6 +11,7 @@ mod network;
 mod policy;
 mod render;
 mod spend;
+mod token;
 mod wallet;
 
 use std::io::Write;
@@ -48,9 +49,9 @@ enum Command {
     Init(daemon::InitArgs),
     /// Run the daemon.
     Serve(daemon::ServeArgs),
-    /// Mint a token directly in a data directory.
+    /// Tokens: list, make and revoke them; or mint one on the data directory.
     #[command(subcommand)]
-    Token(daemon::TokenCommand),
+    Token(token::TokenCommand),
     /// Policy modules: check, evaluate and test offline; upload to the daemon and list.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -84,7 +85,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let result = match cli.command {
         Command::Init(args) => daemon::init(args),
         Command::Serve(args) => daemon::serve(args),
-        Command::Token(cmd) => daemon::token(cmd),
+        Command::Token(cmd) => token::run(cmd, conn, out),
         Command::Policy(cmd) => policy::run(cmd, conn, out),
         Command::Wallet(cmd) => wallet::run(cmd, conn, out),
         Command::Agent(cmd) => agent::run(cmd, conn, out),

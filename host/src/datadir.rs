@@ -6,6 +6,10 @@
 //! the data directory (above all its card key: any daemon must verify any
 //! card). The wallet's first audit record holds the key's fingerprint, and
 //! a daemon whose key does not match refuses to start.
+//!
+//! The audit key ([`AUDIT_KEY_FILE`]) is kept and checked the same way: it
+//! MACs the audit chain (see [`crate::audit`]), so every daemon of a wallet
+//! needs the same one.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,10 +17,11 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 
+use crate::audit::AuditKey;
 use crate::cards::CardKey;
 use crate::storage::postgres::PgStorage;
 use crate::storage::sqlite::SqliteStorage;
-use crate::storage::{Backend, Role, Storage};
+use crate::storage::{Actor, Backend, Role, Storage};
 
 /// The SQLite database inside the data directory.
 pub const DB_FILE: &str = "spendguard.db";
@@ -27,8 +32,16 @@ pub const CACHE_DIR: &str = "cache";
 /// Present when the wallet lives in PostgreSQL (it holds no URL: that is a
 /// secret the operator passes to each command).
 pub const POSTGRES_MARKER: &str = "postgres";
-/// The audit record that opens a wallet, with its card key's fingerprint.
+/// The audit record that opens a wallet, with its card key's fingerprint
+/// (and, since the trail is keyed, its audit key's).
 pub const WALLET_CREATED: &str = "wallet_created";
+/// The key of the audit chain's MACs and where they begin (mode 0600).
+pub const AUDIT_KEY_FILE: &str = "audit.key";
+/// The audit record that begins the keyed part of a trail begun before the
+/// audit key existed, with the key's fingerprint.
+pub const AUDIT_KEYED: &str = "audit_keyed";
+/// The label of the tokens `init` makes.
+pub const INIT_LABEL: &str = "init";
 
 /// Which database holds the wallet.
 #[derive(Clone, Default)]
@@ -128,6 +141,8 @@ pub fn init(dir: &Path, database: &Database, now_ms: u64) -> anyhow::Result<Init
             .with_context(|| format!("cannot restrict `{}` to its owner", dir.display()))?;
     }
     let key = CardKey::load_or_create(&dir.join(CARD_KEY_FILE)).context("cannot create the card key")?;
+    let audit_key =
+        Arc::new(AuditKey::create(&dir.join(AUDIT_KEY_FILE), 1).context("cannot create the audit key")?);
     let storage: Box<dyn Backend> = match postgres {
         None => Box::new(SqliteStorage::open(&dir.join(DB_FILE)).context("cannot create the database")?),
         Some(storage) => {
@@ -139,15 +154,21 @@ pub fn init(dir: &Path, database: &Database, now_ms: u64) -> anyhow::Result<Init
             Box::new(storage)
         }
     };
+    storage.set_audit_key(Arc::clone(&audit_key))?;
+    let actor = Actor::DataDirectory;
     storage.audit(
         WALLET_CREATED,
-        &serde_json::json!({ "card_key_fingerprint": key.fingerprint() }),
+        &serde_json::json!({
+            "card_key_fingerprint": key.fingerprint(),
+            "audit_key_fingerprint": audit_key.fingerprint(),
+        }),
+        &actor,
         now_ms,
     )?;
     let operator_token = new_token(&Role::Operator);
     let network_token = new_token(&Role::Network);
-    storage.add_token(&Role::Operator, &token_hash(&operator_token), now_ms)?;
-    storage.add_token(&Role::Network, &token_hash(&network_token), now_ms)?;
+    storage.add_token(&Role::Operator, &token_hash(&operator_token), INIT_LABEL, &actor, now_ms)?;
+    storage.add_token(&Role::Network, &token_hash(&network_token), INIT_LABEL, &actor, now_ms)?;
     Ok(InitTokens { operator_token, network_token })
 }
 
@@ -193,7 +214,85 @@ pub fn open(dir: &Path, database: &Database) -> anyhow::Result<Opened> {
         ),
     };
     check_key(storage.as_ref(), &key)?;
+    key_audit_trail(dir, storage.as_ref())?;
     Ok(Opened { path: dir.to_path_buf(), storage, key: Arc::new(key) })
+}
+
+/// The fingerprint of the audit key a record opens the keyed trail with:
+/// `wallet_created`'s `audit_key_fingerprint`, or `audit_keyed`'s.
+fn keyed_fingerprint(record: &crate::storage::AuditRecord) -> Option<String> {
+    let field = match record.kind.as_str() {
+        WALLET_CREATED => "audit_key_fingerprint",
+        AUDIT_KEYED => "fingerprint",
+        _ => return None,
+    };
+    let value: serde_json::Value = serde_json::from_str(&record.record).ok()?;
+    value[field].as_str().map(str::to_owned)
+}
+
+/// Give the store the data directory's audit key, creating it for a trail
+/// begun before keys existed: its records up to now stay plain SHA-256, and
+/// an `audit_keyed` record, the first MAC'd one, says so. Refuses an audit
+/// key that is not the wallet's, and a data directory without one for a
+/// trail that is keyed already (a copy made without `audit.key`).
+pub fn key_audit_trail(dir: &Path, storage: &dyn Backend) -> anyhow::Result<()> {
+    let path = dir.join(AUDIT_KEY_FILE);
+    if path.exists() {
+        let key = Arc::new(AuditKey::load(&path)?);
+        storage.set_audit_key(Arc::clone(&key))?;
+        let start = key.keyed_from();
+        match storage.audit_records(start - 1, 1)?.into_iter().next() {
+            Some(first) => {
+                if first.seq == start
+                    && keyed_fingerprint(&first).as_deref() != Some(key.fingerprint().as_str())
+                {
+                    bail!(
+                        "this data directory's audit key is not the wallet's: every daemon of a wallet needs a \
+                         copy of the `{AUDIT_KEY_FILE}` its trail was keyed with"
+                    );
+                }
+            }
+            // Made, but the record that begins the keyed trail is not
+            // there yet (stopped in between): it is written now. A trail
+            // even shorter was cut back, which verification reports.
+            None if storage.audit_records(start.saturating_sub(2), 1)?.len() == 1 || start == 1 => {
+                announce(storage, &key)?;
+            }
+            None => tracing::error!(
+                keyed_from = start,
+                "the audit trail is shorter than the audit key says it was: records were removed"
+            ),
+        }
+        return Ok(());
+    }
+    // No key: the trail must be one begun before keys existed.
+    let mut after = 0;
+    loop {
+        let page = storage.audit_records(after, 1000)?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        if page.iter().any(|r| keyed_fingerprint(r).is_some()) {
+            bail!(
+                "the wallet's audit trail is keyed, but `{}` has no `{AUDIT_KEY_FILE}`: copy it from the data \
+                 directory the wallet was made in",
+                dir.display()
+            );
+        }
+    }
+    let key = Arc::new(AuditKey::create(&path, after + 1).context("cannot create the audit key")?);
+    storage.set_audit_key(Arc::clone(&key))?;
+    announce(storage, &key)
+}
+
+/// The record that begins the keyed part of a trail.
+fn announce(storage: &dyn Backend, key: &AuditKey) -> anyhow::Result<()> {
+    storage.audit(
+        AUDIT_KEYED,
+        &serde_json::json!({ "fingerprint": key.fingerprint(), "keyed_from": key.keyed_from() }),
+        &Actor::DataDirectory,
+        now_ms(),
+    )?;
+    Ok(())
 }
 
 /// Refuse a card key that is not the wallet's: its cards would not verify,

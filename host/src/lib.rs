@@ -3,6 +3,7 @@
 //! The host holds the wallet; agents propose spends; the operator's policies,
 //! WebAssembly modules run in [`sandbox`], decide.
 
+pub mod audit;
 pub mod cards;
 pub mod cases;
 pub mod config;

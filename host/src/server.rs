@@ -23,15 +23,15 @@ use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub use auth::Caller;
+pub use auth::{Caller, ClientAddr};
 pub use error::ApiError;
 pub use metrics::Metrics;
 /// Request bodies validated exactly as the handlers do it, with no state:
 /// what the fuzzer (`fuzz/`) drives.
 pub use routes::{
     AttachmentRef, Deposit, MAX_ATTACHMENTS, MAX_IDEMPOTENCY_KEY_CHARS, MAX_NAME_CHARS, MAX_PURPOSE_CHARS,
-    NewAgent, Proposal, attachment_refs, parse_attachments, parse_authorization, parse_deny, parse_deposit,
-    parse_new_agent, parse_proposal, policy_name,
+    NewAgent, NewToken, Proposal, attachment_refs, parse_attachments, parse_authorization, parse_checkpoint,
+    parse_deny, parse_deposit, parse_new_agent, parse_new_token, parse_proposal, policy_name, token_label,
 };
 
 use crate::cards::{CardKey, Issuer, SimulatedIssuer};
@@ -54,6 +54,21 @@ pub struct AppState {
     uses: AtomicU64,
     /// Each agent's turn at evaluation (see [`AppState::agent_turn`]).
     turns: Mutex<HashMap<String, Arc<Turns>>>,
+    /// When each token was last used, by token id, and how much of that is
+    /// written (see [`AppState::token_used`]).
+    token_uses: Mutex<HashMap<String, TokenUse>>,
+}
+
+/// How often the tokens' uses are written to the database: a token's
+/// `last_used_at` there is at most this late (this daemon shows its own
+/// uses at once), and each token gets at most one row per interval.
+pub const TOKEN_USE_FLUSH: Duration = Duration::from_secs(60);
+
+/// A token's last use, and the last use written.
+#[derive(Debug, Clone, Copy)]
+struct TokenUse {
+    last_ms: u64,
+    written_ms: u64,
 }
 
 /// A compiled policy in memory, with when it was last used.
@@ -104,7 +119,56 @@ impl AppState {
             policies: RwLock::new(HashMap::new()),
             uses: AtomicU64::new(0),
             turns: Mutex::new(HashMap::new()),
+            token_uses: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Note that a token was just used. Kept in memory: no request waits
+    /// for a database write for this; [`AppState::flush_token_uses`]
+    /// writes the uses in one transaction every [`TOKEN_USE_FLUSH`].
+    pub fn token_used(&self, token_id: &str) {
+        let now = now_ms();
+        let mut uses = self.token_uses.lock().unwrap_or_else(|p| p.into_inner());
+        match uses.get_mut(token_id) {
+            Some(used) => used.last_ms = used.last_ms.max(now),
+            None => {
+                uses.insert(token_id.to_owned(), TokenUse { last_ms: now, written_ms: 0 });
+            }
+        }
+    }
+
+    /// This daemon's last use of a token, written yet or not.
+    pub fn token_last_used(&self, token_id: &str) -> Option<u64> {
+        self.token_uses.lock().unwrap_or_else(|p| p.into_inner()).get(token_id).map(|u| u.last_ms)
+    }
+
+    /// Write the uses not yet written: one row per token used since the
+    /// last flush. On failure they stay, for the next flush.
+    pub fn flush_token_uses(&self) {
+        let due: Vec<(String, u64)> = {
+            let uses = self.token_uses.lock().unwrap_or_else(|p| p.into_inner());
+            uses.iter()
+                .filter(|(_, u)| u.last_ms > u.written_ms)
+                .map(|(id, u)| (id.clone(), u.last_ms))
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        if let Err(e) = self.backend.record_token_uses(&due) {
+            tracing::warn!(error = %e, "recording when tokens were last used failed; tried again later");
+            return;
+        }
+        let now = now_ms();
+        let mut uses = self.token_uses.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, at) in due {
+            if let Some(used) = uses.get_mut(&id) {
+                used.written_ms = used.written_ms.max(at);
+            }
+        }
+        // Forget tokens idle for an hour whose last use is written: the
+        // database has it.
+        uses.retain(|_, u| u.last_ms > u.written_ms || now.saturating_sub(u.last_ms) < 3_600_000);
     }
 
     /// Wait for `agent_id`'s turn to have a proposal evaluated: at most
@@ -219,6 +283,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/network/authorizations", post(routes::authorize))
         .route("/v1/audit", get(routes::audit))
         .route("/v1/audit/verify", get(routes::audit_verify))
+        .route("/v1/tokens", get(routes::list_tokens).post(routes::create_token))
+        .route("/v1/tokens/{id}/revoke", post(routes::revoke_token))
         .layer(DefaultBodyLimit::max(max_body))
         .merge(uploads)
         .route_layer(axum::middleware::from_fn(extract::no_query))
@@ -260,14 +326,32 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> a
             }
         }
     });
+    let flusher_state = Arc::clone(&state);
+    let flusher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TOKEN_USE_FLUSH);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let s = Arc::clone(&flusher_state);
+            if tokio::task::spawn_blocking(move || s.flush_token_uses()).await.is_err() {
+                tracing::error!("recording token uses panicked");
+            }
+        }
+    });
     let stopped = shutdown_signal()?;
     tracing::info!(%addr, "spendguard listening");
     // On stdout too, for scripts and tests that asked for port 0.
     println!("spendguard listening on http://{addr}");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    axum::serve(listener, app(state)).with_graceful_shutdown(stopped).await?;
+    // The client's address reaches the handlers (and the audit trail)
+    // through `ConnectInfo`; see `ClientAddr`.
+    let service = app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service).with_graceful_shutdown(stopped).await?;
     sweeper.abort();
+    flusher.abort();
+    // The uses of the last minute, before the process ends.
+    tokio::task::spawn_blocking(move || state.flush_token_uses()).await?;
     tracing::info!("spendguard stopped");
     Ok(())
 }

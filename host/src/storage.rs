@@ -16,6 +16,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::audit::{AuditHead, AuditKey, Checkpoint};
 use crate::cards::{AuthorizationRequest, CardKey, CardState, DeclineCode, IssuedCard, Issuer};
 use crate::history::History;
 use crate::ledger::Balance;
@@ -222,6 +223,9 @@ pub enum StorageError {
     Issuer(String),
     #[error("database: {0}")]
     Database(String),
+    /// The wallet would be left without an operator token that works.
+    #[error("token `{0}` is the last operator token not revoked; make another before revoking it")]
+    LastOperatorToken(String),
     /// An invariant of the ledger would break: the transaction is rolled back.
     #[error("ledger invariant: {0}")]
     Invariant(String),
@@ -235,6 +239,7 @@ pub trait Storage: Send + Sync {
         &self,
         amount: &Amount,
         idempotency_key: Option<&str>,
+        actor: &Actor,
         now_ms: u64,
     ) -> Result<DepositRecord, StorageError>;
 
@@ -256,6 +261,7 @@ pub trait Storage: Send + Sync {
         &self,
         spend: &NewSpend,
         cards: &CardIssuance,
+        actor: &Actor,
         now_ms: u64,
         decide: &mut dyn FnMut(Arc<dyn History>) -> Decided,
     ) -> Result<Proposed, StorageError>;
@@ -271,6 +277,7 @@ pub trait Storage: Send + Sync {
         spend_id: &str,
         default_ttl_seconds: u32,
         approval_ttl_ms: u64,
+        actor: &Actor,
         now_ms: u64,
         decide: &mut dyn FnMut(&SpendRecord, Arc<dyn History>) -> Decided,
     ) -> Result<SpendRecord, StorageError>;
@@ -281,10 +288,12 @@ pub trait Storage: Send + Sync {
         spend_id: &str,
         reason: &str,
         approval_ttl_ms: u64,
+        actor: &Actor,
         now_ms: u64,
     ) -> Result<SpendRecord, StorageError>;
 
-    /// Resolve as expired every spend that waited longer than `approval_ttl_ms`.
+    /// Resolve as expired every spend that waited longer than `approval_ttl_ms`
+    /// (a sweep: the system is the actor).
     fn expire_approvals(&self, approval_ttl_ms: u64, now_ms: u64) -> Result<usize, StorageError>;
 
     /// Spends waiting for approval (and not yet past `approval_ttl_ms`), oldest first.
@@ -304,13 +313,25 @@ pub trait Storage: Send + Sync {
     fn spends(&self, agent_id: Option<&str>, limit: usize) -> Result<Vec<SpendRecord>, StorageError>;
 
     /// Append a record to the audit trail, in its own transaction.
-    fn audit(&self, kind: &str, record: &serde_json::Value, now_ms: u64) -> Result<(), StorageError>;
+    fn audit(
+        &self,
+        kind: &str,
+        record: &serde_json::Value,
+        actor: &Actor,
+        now_ms: u64,
+    ) -> Result<(), StorageError>;
 
     /// Audit records with `seq` above `after`, oldest first, at most `limit`.
     fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StorageError>;
 
-    /// Recompute the audit chain: `Ok(n)` when all `n` records hold.
-    fn verify_audit(&self) -> Result<Result<u64, AuditBreak>, StorageError>;
+    /// Recompute the audit chain (keyed from where the store's audit key
+    /// says, see [`Backend::set_audit_key`]); with a checkpoint, also check
+    /// that the trail still holds that record with that hash. The head when
+    /// everything holds.
+    fn verify_audit(
+        &self,
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<Result<AuditHead, AuditBreak>, StorageError>;
 
     /// Decide a merchant's charge: approve and capture, or decline with a
     /// stable code. A card is captured at most once, however charges race.
@@ -322,11 +343,12 @@ pub trait Storage: Send + Sync {
         &self,
         request: &AuthorizationRequest,
         key: &CardKey,
+        actor: &Actor,
         now_ms: u64,
     ) -> Result<AuthorizationOutcome, StorageError>;
 
     /// Void an open card and release its hold.
-    fn void_card(&self, card_id: &str, now_ms: u64) -> Result<CardRecord, StorageError>;
+    fn void_card(&self, card_id: &str, actor: &Actor, now_ms: u64) -> Result<CardRecord, StorageError>;
 
     /// Void every open card past its life and release its hold; returns how
     /// many. Safe to run at any time, from any number of processes.
@@ -376,7 +398,15 @@ pub fn audit_hash(prev_hash: &str, seq: u64, at_ms: u64, kind: &str, record: &st
 }
 
 /// Check a run of records from the first: contiguous, chained, unaltered.
-pub fn verify_chain<'a>(records: impl IntoIterator<Item = &'a AuditRecord>) -> Result<u64, AuditBreak> {
+/// With `key`, records from its [`AuditKey::keyed_from`] on must carry its
+/// MAC (a plain SHA-256 there was written, or rewritten, without the key),
+/// and the trail must reach that far. With `checkpoint`, the record at its
+/// place must still have its hash, and the trail must reach that far.
+pub fn verify_chain<'a>(
+    records: impl IntoIterator<Item = &'a AuditRecord>,
+    key: Option<&AuditKey>,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<AuditHead, AuditBreak> {
     let mut prev = AUDIT_GENESIS.to_owned();
     let mut n = 0;
     for r in records {
@@ -388,12 +418,51 @@ pub fn verify_chain<'a>(records: impl IntoIterator<Item = &'a AuditRecord>) -> R
         if r.prev_hash != prev {
             return Err(broken("does not follow the previous record"));
         }
-        if r.hash != audit_hash(&r.prev_hash, r.seq, r.at_ms, &r.kind, &r.record) {
-            return Err(broken("was altered: its hash does not match its content"));
+        let expected = match key {
+            Some(key) if r.seq >= key.keyed_from() => {
+                key.record_hash(&r.prev_hash, r.seq, r.at_ms, &r.kind, &r.record)
+            }
+            _ => audit_hash(&r.prev_hash, r.seq, r.at_ms, &r.kind, &r.record),
+        };
+        if r.hash != expected {
+            return Err(broken(if key.is_some_and(|k| r.seq >= k.keyed_from()) {
+                "was altered, or written without the data directory's audit key: its hash is not the key's MAC \
+                 of its content"
+            } else {
+                "was altered: its hash does not match its content"
+            }));
+        }
+        if let Some(cp) = checkpoint.filter(|cp| cp.seq == r.seq && cp.hash != r.hash) {
+            return Err(AuditBreak {
+                seq: cp.seq,
+                error: format!(
+                    "no longer has the checkpoint's hash {}: the trail was rewritten from here",
+                    cp.hash
+                ),
+            });
         }
         prev = r.hash.clone();
     }
-    Ok(n)
+    if let Some(key) = key.filter(|k| n < k.keyed_from()) {
+        return Err(AuditBreak {
+            seq: n,
+            error: format!(
+                "the trail ends at record {n}, but the data directory's audit key signs records from {} on: \
+                 records were removed",
+                key.keyed_from()
+            ),
+        });
+    }
+    if let Some(cp) = checkpoint.filter(|cp| n < cp.seq) {
+        return Err(AuditBreak {
+            seq: n,
+            error: format!(
+                "the trail has {n} records, fewer than the checkpoint's {}: records were removed",
+                cp.seq
+            ),
+        });
+    }
+    Ok(AuditHead { records: n, seq: n, hash: prev })
 }
 
 /// A fresh random id with a readable prefix (`sp_3f9a…`): 96 random bits.
@@ -433,6 +502,56 @@ impl Role {
             Role::Network => "network",
         }
     }
+}
+
+/// Who made a change: what the audit record of it names (never a token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// A request with a bearer token: the token's id and role, and the
+    /// client's address (`unknown` when the server could not tell).
+    Token { token_id: String, role: Role, address: String },
+    /// The daemon on its own: the expiry sweeps.
+    System,
+    /// A command run on the data directory's files rather than through the
+    /// daemon (`spendguard init`, `spendguard token new --data-dir`): whoever
+    /// holds those files.
+    DataDirectory,
+}
+
+impl Actor {
+    /// As an audit record holds it: `{"token_id", "role", "address"}` (and
+    /// `"agent_id"` for an agent); the token id and address are null when no
+    /// token acted.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Actor::Token { token_id, role, address } => {
+                let mut v =
+                    serde_json::json!({ "token_id": token_id, "role": role.name(), "address": address });
+                if let Role::Agent(agent_id) = role {
+                    v["agent_id"] = serde_json::json!(agent_id);
+                }
+                v
+            }
+            Actor::System => serde_json::json!({ "token_id": null, "role": "system", "address": null }),
+            Actor::DataDirectory => {
+                serde_json::json!({ "token_id": null, "role": "data_directory", "address": null })
+            }
+        }
+    }
+}
+
+/// A token as listed: never the token nor its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub id: String,
+    pub role: Role,
+    /// What the operator called it; `None` for tokens made before labels.
+    pub label: Option<String>,
+    pub created_at_ms: u64,
+    /// The last use recorded in the database (see [`Registry::record_token_uses`]).
+    pub last_used_at_ms: Option<u64>,
+    /// When the token was revoked, or its agent (whichever came first).
+    pub revoked_at_ms: Option<u64>,
 }
 
 /// A token as stored: its role, never the token itself.
@@ -479,10 +598,26 @@ pub struct AgentRecord {
 /// Tokens, agents, policy modules and attachments. Append-only like the
 /// ledger: revocations and new attachment sets are new rows.
 pub trait Registry: Send + Sync {
-    /// Store a token's hash for `role`; returns the token's id.
-    fn add_token(&self, role: &Role, token_hash: &str, now_ms: u64) -> Result<String, StorageError>;
+    /// Store a token's hash for `role` under `label`; returns the token's id.
+    fn add_token(
+        &self,
+        role: &Role,
+        token_hash: &str,
+        label: &str,
+        actor: &Actor,
+        now_ms: u64,
+    ) -> Result<String, StorageError>;
     /// The token with this hash, if any.
     fn token(&self, token_hash: &str) -> Result<Option<TokenInfo>, StorageError>;
+    /// Every token ever made, oldest first.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StorageError>;
+    /// Revoke one token. Revoking twice is a conflict, and so is revoking the
+    /// last operator token not revoked ([`StorageError::LastOperatorToken`]).
+    fn revoke_token(&self, id: &str, actor: &Actor, now_ms: u64) -> Result<TokenRecord, StorageError>;
+    /// Record that each token was used at that time (coalesced by the
+    /// caller: one row per token per flush). Uses of unknown tokens are
+    /// ignored.
+    fn record_token_uses(&self, uses: &[(String, u64)]) -> Result<(), StorageError>;
 
     /// Store a module under `name` as its next version (1 for a new name).
     fn add_policy(
@@ -490,6 +625,7 @@ pub trait Registry: Send + Sync {
         name: &str,
         module: &[u8],
         sha256: &str,
+        actor: &Actor,
         now_ms: u64,
     ) -> Result<PolicyRecord, StorageError>;
     /// Every version of every policy, by name then version.
@@ -503,6 +639,7 @@ pub trait Registry: Send + Sync {
         &self,
         agent: &AgentRecord,
         token_hash: &str,
+        actor: &Actor,
         now_ms: u64,
     ) -> Result<AgentRecord, StorageError>;
     fn agents(&self) -> Result<Vec<AgentRecord>, StorageError>;
@@ -513,12 +650,13 @@ pub trait Registry: Send + Sync {
     /// approval, and record it all in one audit record. From then on no
     /// proposal of the agent commits, none of its spends is approved and
     /// none of its cards authorizes. Revoking twice is a conflict.
-    fn revoke_agent(&self, id: &str, now_ms: u64) -> Result<AgentRecord, StorageError>;
+    fn revoke_agent(&self, id: &str, actor: &Actor, now_ms: u64) -> Result<AgentRecord, StorageError>;
     /// Replace an agent's attachments (a new set; the old stays on record).
     fn set_attachments(
         &self,
         id: &str,
         attachments: &[Attachment],
+        actor: &Actor,
         now_ms: u64,
     ) -> Result<AgentRecord, StorageError>;
 }
@@ -541,8 +679,15 @@ pub trait Backend: Storage + Registry {
         &self,
         request: AuthorizationRequest,
         key: Arc<CardKey>,
+        actor: Actor,
         now_ms: u64,
     ) -> Result<sql::Answer<AuthorizationOutcome>, AuthorizationRequest>;
+
+    /// Key the audit chain from now on: every record this store appends is
+    /// MAC'd with `key`, and [`Storage::verify_audit`] checks records from
+    /// its [`AuditKey::keyed_from`] on against it. Set once, before use;
+    /// a second, different key is refused.
+    fn set_audit_key(&self, key: Arc<AuditKey>) -> Result<(), StorageError>;
 }
 
 impl<E: sql::Engine> Backend for sql::SqlStore<E> {
@@ -554,9 +699,14 @@ impl<E: sql::Engine> Backend for sql::SqlStore<E> {
         &self,
         request: AuthorizationRequest,
         key: Arc<CardKey>,
+        actor: Actor,
         now_ms: u64,
     ) -> Result<sql::Answer<AuthorizationOutcome>, AuthorizationRequest> {
-        sql::SqlStore::authorize_queued(self, request, key, now_ms)
+        sql::SqlStore::authorize_queued(self, request, key, actor, now_ms)
+    }
+
+    fn set_audit_key(&self, key: Arc<AuditKey>) -> Result<(), StorageError> {
+        sql::SqlStore::set_audit_key(self, key)
     }
 }
 

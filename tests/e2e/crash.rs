@@ -647,9 +647,11 @@ fn check_at_rest(
     if let Err(e) = db.check_invariants() {
         problems.push(format!("a ledger invariant fails: {e}"));
     }
-    match db.verify_audit() {
-        Ok(Ok(n)) if n >= chain.len => {}
-        Ok(Ok(n)) => problems.push(format!("the audit chain shrank from {} to {n} records", chain.len)),
+    match db.verify_audit(None) {
+        Ok(Ok(head)) if head.records >= chain.len => {}
+        Ok(Ok(head)) => {
+            problems.push(format!("the audit chain shrank from {} to {} records", chain.len, head.records))
+        }
         Ok(Err(e)) => problems.push(format!("the audit chain breaks: {e:?}")),
         Err(e) => problems.push(format!("the audit chain cannot be read: {e}")),
     }

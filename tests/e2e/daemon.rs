@@ -309,7 +309,11 @@ impl Wallet {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
-        for file in [spendguard::datadir::CARD_KEY_FILE, spendguard::datadir::POSTGRES_MARKER] {
+        for file in [
+            spendguard::datadir::CARD_KEY_FILE,
+            spendguard::datadir::AUDIT_KEY_FILE,
+            spendguard::datadir::POSTGRES_MARKER,
+        ] {
             std::fs::copy(self.data.join(file), data.join(file)).unwrap();
         }
         let log = dir.path().join("daemon.log");
@@ -329,8 +333,19 @@ impl Wallet {
         }
     }
 
-    /// The wallet's store, opened directly (as another process would).
+    /// The wallet's store, opened directly (as another process would), with
+    /// the data directory's audit key.
     pub(crate) fn store(&self) -> std::sync::Arc<dyn spendguard::storage::Backend> {
+        let store = self.store_without_key();
+        let key =
+            spendguard::audit::AuditKey::load(&self.data.join(spendguard::datadir::AUDIT_KEY_FILE)).unwrap();
+        store.set_audit_key(std::sync::Arc::new(key)).unwrap();
+        store
+    }
+
+    /// The wallet's store as someone with the database but not the data
+    /// directory opens it: without the audit key.
+    pub(crate) fn store_without_key(&self) -> std::sync::Arc<dyn spendguard::storage::Backend> {
         match &self.database_url {
             Some(url) => {
                 std::sync::Arc::new(spendguard::storage::postgres::PgStorage::connect(url, 4).unwrap())

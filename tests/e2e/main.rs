@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failure should stop the test
 
 mod artifacts;
+mod audit;
 mod backends;
 mod cli;
 mod cluster;
@@ -18,3 +19,4 @@ mod registry;
 mod revocation;
 mod sandbox;
 mod storage;
+mod tokens;

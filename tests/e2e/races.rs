@@ -18,7 +18,7 @@ use spendguard::policy::{Agent, CardTerms, Decision, Merchant, SpendRequest};
 use spendguard::sandbox::{Limits, LoadedPolicy, Sandbox};
 use spendguard::storage::INSUFFICIENT_FUNDS;
 use spendguard::storage::{
-    CardIssuance, Decided, NewSpend, SpendRecord, SpendStatus, Storage, StorageError, Verdict, new_id,
+    Actor, CardIssuance, Decided, NewSpend, SpendRecord, SpendStatus, Storage, StorageError, Verdict, new_id,
 };
 
 use crate::backends::{Backend, Kind, on_each_backend, simulated_cards};
@@ -113,7 +113,7 @@ fn propose(
     };
     let req = request(&spend.id, agent, &spend.amount, &spend.merchant, at);
     let mut decide = |history: Arc<dyn History>| decide(attached, &req, history);
-    storage.propose(&spend, cards, at, &mut decide).map(|p| p.spend)
+    storage.propose(&spend, cards, &Actor::System, at, &mut decide).map(|p| p.spend)
 }
 
 /// `PROPOSALS` proposals of seeded amounts (1 cent to `max_units`), from
@@ -204,7 +204,7 @@ fn one_agent_racing_a_rolling_window_limit(kind: Kind) {
         let seed = base.wrapping_add(run);
         let mut rng = XorShift::new(seed);
         let b = kind.fresh();
-        b.storage.deposit(&usd(1_000_000), None, T0 - 7_200_000).unwrap();
+        b.storage.deposit(&usd(1_000_000), None, &Actor::System, T0 - 7_200_000).unwrap();
         let limit = 2_000 + (rng.next() % 4_000) as i64;
         let attached =
             spend_limit(serde_json::json!({"limit": cents(limit), "currency": "USD", "window": "1h"}));
@@ -227,7 +227,7 @@ fn agents_racing_a_wallet_wide_limit(kind: Kind) {
         let seed = base.wrapping_add(run);
         let mut rng = XorShift::new(seed);
         let b = kind.fresh();
-        b.storage.deposit(&usd(1_000_000), None, T0).unwrap();
+        b.storage.deposit(&usd(1_000_000), None, &Actor::System, T0).unwrap();
         let limit = 3_000 + (rng.next() % 5_000) as i64;
         let shared = serde_json::json!({"limit": cents(limit), "currency": "USD", "wallet_wide": true});
         let agents: Vec<(String, Attached)> =
@@ -251,7 +251,7 @@ fn agents_racing_a_nearly_empty_wallet(kind: Kind) {
         let mut rng = XorShift::new(seed);
         let b = kind.fresh();
         let funds = 500 + (rng.next() % 3_000) as i64;
-        b.storage.deposit(&usd(funds), None, T0).unwrap();
+        b.storage.deposit(&usd(funds), None, &Actor::System, T0).unwrap();
         let generous = serde_json::json!({"limit": "1000.00", "currency": "USD"});
         let agents: Vec<(String, Attached)> =
             (0..4).map(|a| (format!("agent-{a}"), spend_limit(generous.clone()))).collect();
@@ -280,7 +280,7 @@ fn approve_deny_and_expiry_race_on_one_pending_spend(kind: Kind) {
     let base = seed("approve_deny_and_expiry_race_on_one_pending_spend");
     let mut rng = XorShift::new(base);
     let b = kind.fresh();
-    b.storage.deposit(&usd(1_000_000), None, T0).unwrap();
+    b.storage.deposit(&usd(1_000_000), None, &Actor::System, T0).unwrap();
     let attached: Attached = vec![(
         "approval-threshold",
         &policies().approval_threshold,
@@ -306,13 +306,16 @@ fn approve_deny_and_expiry_race_on_one_pending_spend(kind: Kind) {
                     decide(&attached, &req, history)
                 };
                 b.storage
-                    .approve(id, 900, APPROVAL_TTL_MS, open, &mut again)
+                    .approve(id, 900, APPROVAL_TTL_MS, &Actor::System, open, &mut again)
                     .ok()
                     .map(|_| Resolution::Approved)
             };
             let deny = || {
                 barrier.wait();
-                b.storage.deny(id, "no", APPROVAL_TTL_MS, open).ok().map(|_| Resolution::Denied)
+                b.storage
+                    .deny(id, "no", APPROVAL_TTL_MS, &Actor::System, open)
+                    .ok()
+                    .map(|_| Resolution::Denied)
             };
             let expire = || {
                 barrier.wait();

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
-use spendguard::storage::{AgentRecord, Attachment, Backend, Role, StorageError};
+use spendguard::storage::{Actor, AgentRecord, Attachment, Backend, Role, StorageError};
 
 use crate::backends::{Kind, on_each_backend};
 
@@ -22,7 +22,7 @@ fn token() -> (String, String) {
 }
 
 fn upload(b: &dyn Backend, name: &str, module: &[u8], at: u64) -> u32 {
-    b.add_policy(name, module, &sha256_hex(module), at).unwrap().version
+    b.add_policy(name, module, &sha256_hex(module), &Actor::System, at).unwrap().version
 }
 
 fn attach(policy: &str, version: u32, config: &str) -> Attachment {
@@ -61,17 +61,17 @@ fn tokens_carry_their_role_and_revoking_an_agent_revokes_its_tokens(kind: Kind) 
     let b = f.storage.as_ref();
     let (_, operator) = token();
     let (_, network) = token();
-    let operator_id = b.add_token(&Role::Operator, &operator, T0).unwrap();
-    let network_id = b.add_token(&Role::Network, &network, T0).unwrap();
+    let operator_id = b.add_token(&Role::Operator, &operator, "test", &Actor::System, T0).unwrap();
+    let network_id = b.add_token(&Role::Network, &network, "test", &Actor::System, T0).unwrap();
     assert!(operator_id.starts_with("tok_"), "{operator_id}");
     assert_ne!(operator_id, network_id);
 
     let (_, first) = token();
     let (_, other) = token();
-    b.create_agent(&new_agent("ag_one", vec![]), &first, T0).unwrap();
-    b.create_agent(&new_agent("ag_two", vec![]), &other, T0).unwrap();
+    b.create_agent(&new_agent("ag_one", vec![]), &first, &Actor::System, T0).unwrap();
+    b.create_agent(&new_agent("ag_two", vec![]), &other, &Actor::System, T0).unwrap();
     let (_, second) = token();
-    b.add_token(&Role::Agent("ag_one".into()), &second, T0 + 1).unwrap();
+    b.add_token(&Role::Agent("ag_one".into()), &second, "test", &Actor::System, T0 + 1).unwrap();
 
     let info = b.token(&operator).unwrap().unwrap();
     assert_eq!((info.id.as_str(), &info.role, info.revoked), (operator_id.as_str(), &Role::Operator, false));
@@ -85,12 +85,12 @@ fn tokens_carry_their_role_and_revoking_an_agent_revokes_its_tokens(kind: Kind) 
     // A token for an agent that does not exist is refused, and not stored.
     let (_, stray) = token();
     assert_eq!(
-        b.add_token(&Role::Agent("ag_nobody".into()), &stray, T0),
+        b.add_token(&Role::Agent("ag_nobody".into()), &stray, "test", &Actor::System, T0),
         Err(StorageError::NotFound("agent `ag_nobody`".into()))
     );
     assert_eq!(b.token(&stray).unwrap(), None);
 
-    let revoked = b.revoke_agent("ag_one", T0 + 2).unwrap();
+    let revoked = b.revoke_agent("ag_one", &Actor::System, T0 + 2).unwrap();
     assert!(revoked.revoked);
     assert!(b.token(&first).unwrap().unwrap().revoked);
     assert!(b.token(&second).unwrap().unwrap().revoked);
@@ -99,7 +99,7 @@ fn tokens_carry_their_role_and_revoking_an_agent_revokes_its_tokens(kind: Kind) 
     assert!(!b.token(&network).unwrap().unwrap().revoked);
     // A token added for a revoked agent is born revoked.
     let (_, late) = token();
-    b.add_token(&Role::Agent("ag_one".into()), &late, T0 + 3).unwrap();
+    b.add_token(&Role::Agent("ag_one".into()), &late, "test", &Actor::System, T0 + 3).unwrap();
     assert!(b.token(&late).unwrap().unwrap().revoked);
 }
 
@@ -112,7 +112,7 @@ fn policy_versions_count_per_name_and_modules_round_trip(kind: Kind) {
     assert_eq!(b.latest_policy_version("limits").unwrap(), None);
     assert!(b.policies().unwrap().is_empty());
 
-    let first = b.add_policy("limits", v1, &sha256_hex(v1), T0).unwrap();
+    let first = b.add_policy("limits", v1, &sha256_hex(v1), &Actor::System, T0).unwrap();
     assert_eq!((first.name.as_str(), first.version, first.size), ("limits", 1, v1.len()));
     assert_eq!(upload(b, "limits", v2, T0 + 1), 2);
     assert_eq!(upload(b, "allowlist", other, T0 + 2), 1);
@@ -153,21 +153,22 @@ fn agents_list_with_their_attachments_and_replacing_them_keeps_the_old_set(kind:
     let first_set =
         vec![attach("limits", 1, r#"{"max":"50.00"}"#), attach("allowlist", 1, r#"{"m":["a.com"]}"#)];
 
-    let created = b.create_agent(&new_agent("ag_b", first_set.clone()), &token().1, T0 + 10).unwrap();
+    let created =
+        b.create_agent(&new_agent("ag_b", first_set.clone()), &token().1, &Actor::System, T0 + 10).unwrap();
     assert_eq!(created.attachments, first_set);
     assert_eq!((created.created_at_ms, created.revoked), (T0 + 10, false));
     assert_eq!(created.labels.get("team").map(String::as_str), Some("research"));
     assert_eq!(b.agent("ag_b").unwrap(), Some(created.clone()));
     // Listed by creation time, then id.
-    b.create_agent(&new_agent("ag_c", vec![]), &token().1, T0 + 5).unwrap();
-    b.create_agent(&new_agent("ag_a", vec![]), &token().1, T0 + 10).unwrap();
+    b.create_agent(&new_agent("ag_c", vec![]), &token().1, &Actor::System, T0 + 5).unwrap();
+    b.create_agent(&new_agent("ag_a", vec![]), &token().1, &Actor::System, T0 + 10).unwrap();
     let ids: Vec<_> = b.agents().unwrap().into_iter().map(|a| a.id).collect();
     assert_eq!(ids, ["ag_c", "ag_a", "ag_b"]);
     assert_eq!(b.agent("ag_nobody").unwrap(), None);
 
     // Replace: the new set is in force, in its order, and the old stays on record.
     let second_set = vec![attach("allowlist", 1, r#"{"m":["b.com"]}"#), attach("limits", 2, "{}")];
-    let replaced = b.set_attachments("ag_b", &second_set, T0 + 20).unwrap();
+    let replaced = b.set_attachments("ag_b", &second_set, &Actor::System, T0 + 20).unwrap();
     assert_eq!(replaced.attachments, second_set);
     let read = b.agent("ag_b").unwrap().unwrap();
     assert_eq!(read, AgentRecord { attachments: second_set.clone(), ..created.clone() });
@@ -175,7 +176,7 @@ fn agents_list_with_their_attachments_and_replacing_them_keeps_the_old_set(kind:
     let listed = b.agents().unwrap().into_iter().find(|a| a.id == "ag_b").unwrap();
     assert_eq!(listed.attachments, second_set);
     // An empty set detaches every policy.
-    b.set_attachments("ag_b", &[], T0 + 30).unwrap();
+    b.set_attachments("ag_b", &[], &Actor::System, T0 + 30).unwrap();
     assert!(b.agent("ag_b").unwrap().unwrap().attachments.is_empty());
 
     let history = attachment_history(&f, "ag_b");
@@ -185,7 +186,7 @@ fn agents_list_with_their_attachments_and_replacing_them_keeps_the_old_set(kind:
     assert_eq!(history, expected);
 
     assert_eq!(
-        b.set_attachments("ag_nobody", &second_set, T0),
+        b.set_attachments("ag_nobody", &second_set, &Actor::System, T0),
         Err(StorageError::NotFound("agent `ag_nobody`".into()))
     );
 }
@@ -198,9 +199,15 @@ fn an_unknown_policy_version_is_refused_and_nothing_is_written(kind: Kind) {
 
     let (_, hash) = token();
     let agent = new_agent("ag_x", vec![attach("limits", 1, "{}"), attach("limits", 2, "{}")]);
-    assert_eq!(b.create_agent(&agent, &hash, T0), Err(StorageError::NotFound("policy `limits@2`".into())));
+    assert_eq!(
+        b.create_agent(&agent, &hash, &Actor::System, T0),
+        Err(StorageError::NotFound("policy `limits@2`".into()))
+    );
     let agent = new_agent("ag_x", vec![attach("nothing", 1, "{}")]);
-    assert_eq!(b.create_agent(&agent, &hash, T0), Err(StorageError::NotFound("policy `nothing@1`".into())));
+    assert_eq!(
+        b.create_agent(&agent, &hash, &Actor::System, T0),
+        Err(StorageError::NotFound("policy `nothing@1`".into()))
+    );
     assert_eq!(b.agent("ag_x").unwrap(), None);
     assert!(b.agents().unwrap().is_empty());
     assert_eq!(b.token(&hash).unwrap(), None, "the agent's token was not kept");
@@ -208,9 +215,16 @@ fn an_unknown_policy_version_is_refused_and_nothing_is_written(kind: Kind) {
     assert_eq!(b.audit_records(0, usize::MAX).unwrap().len(), audited);
 
     // Replacing attachments with an unknown version leaves the old in force.
-    let created = b.create_agent(&new_agent("ag_x", vec![attach("limits", 1, "{}")]), &hash, T0).unwrap();
+    let created = b
+        .create_agent(&new_agent("ag_x", vec![attach("limits", 1, "{}")]), &hash, &Actor::System, T0)
+        .unwrap();
     assert_eq!(
-        b.set_attachments("ag_x", &[attach("limits", 1, "{}"), attach("limits", 7, "{}")], T0 + 1),
+        b.set_attachments(
+            "ag_x",
+            &[attach("limits", 1, "{}"), attach("limits", 7, "{}")],
+            &Actor::System,
+            T0 + 1
+        ),
         Err(StorageError::NotFound("policy `limits@7`".into()))
     );
     assert_eq!(b.agent("ag_x").unwrap(), Some(created));
@@ -221,22 +235,28 @@ fn an_agent_id_is_created_once_and_revoked_once(kind: Kind) {
     let f = kind.fresh();
     let b = f.storage.as_ref();
     let (_, hash) = token();
-    b.create_agent(&new_agent("ag_x", vec![]), &hash, T0).unwrap();
+    b.create_agent(&new_agent("ag_x", vec![]), &hash, &Actor::System, T0).unwrap();
     let (_, again) = token();
     assert!(matches!(
-        b.create_agent(&new_agent("ag_x", vec![]), &again, T0 + 1),
+        b.create_agent(&new_agent("ag_x", vec![]), &again, &Actor::System, T0 + 1),
         Err(StorageError::InvalidState(_))
     ));
     assert_eq!(b.token(&again).unwrap(), None);
 
-    b.revoke_agent("ag_x", T0 + 2).unwrap();
+    b.revoke_agent("ag_x", &Actor::System, T0 + 2).unwrap();
     assert!(b.agent("ag_x").unwrap().unwrap().revoked);
     assert_eq!(
-        b.revoke_agent("ag_x", T0 + 3),
+        b.revoke_agent("ag_x", &Actor::System, T0 + 3),
         Err(StorageError::InvalidState("agent `ag_x` is already revoked".into()))
     );
-    assert_eq!(b.revoke_agent("ag_nobody", T0 + 3), Err(StorageError::NotFound("agent `ag_nobody`".into())));
-    assert!(matches!(b.set_attachments("ag_x", &[], T0 + 4), Err(StorageError::InvalidState(_))));
+    assert_eq!(
+        b.revoke_agent("ag_nobody", &Actor::System, T0 + 3),
+        Err(StorageError::NotFound("agent `ag_nobody`".into()))
+    );
+    assert!(matches!(
+        b.set_attachments("ag_x", &[], &Actor::System, T0 + 4),
+        Err(StorageError::InvalidState(_))
+    ));
     assert_eq!(audit_kinds(b), ["agent_created", "agent_revoked"]);
 }
 
@@ -249,23 +269,28 @@ fn the_audit_chain_records_every_change_and_never_a_token(kind: Kind) {
         secrets.push(hash.clone());
         hash
     };
-    b.add_token(&Role::Operator, &remember(token()), T0).unwrap();
+    b.add_token(&Role::Operator, &remember(token()), "test", &Actor::System, T0).unwrap();
     let module = b"limits module";
     upload(b, "limits", module, T0 + 1);
     upload(b, "limits", b"limits module v2", T0 + 2);
     let config = r#"{"max":"50.00"}"#;
     let agent = new_agent("ag_x", vec![attach("limits", 1, config)]);
-    b.create_agent(&agent, &remember(token()), T0 + 3).unwrap();
-    b.add_token(&Role::Agent("ag_x".into()), &remember(token()), T0 + 4).unwrap();
-    b.set_attachments("ag_x", &[attach("limits", 2, "{}")], T0 + 5).unwrap();
-    b.revoke_agent("ag_x", T0 + 6).unwrap();
+    b.create_agent(&agent, &remember(token()), &Actor::System, T0 + 3).unwrap();
+    b.add_token(&Role::Agent("ag_x".into()), &remember(token()), "test", &Actor::System, T0 + 4).unwrap();
+    b.set_attachments("ag_x", &[attach("limits", 2, "{}")], &Actor::System, T0 + 5).unwrap();
+    b.revoke_agent("ag_x", &Actor::System, T0 + 6).unwrap();
     // Refused operations leave no record.
-    b.create_agent(&new_agent("ag_y", vec![attach("limits", 9, "{}")]), &remember(token()), T0 + 7)
-        .unwrap_err();
-    b.revoke_agent("ag_x", T0 + 8).unwrap_err();
+    b.create_agent(
+        &new_agent("ag_y", vec![attach("limits", 9, "{}")]),
+        &remember(token()),
+        &Actor::System,
+        T0 + 7,
+    )
+    .unwrap_err();
+    b.revoke_agent("ag_x", &Actor::System, T0 + 8).unwrap_err();
 
     let records = b.audit_records(0, usize::MAX).unwrap();
-    assert_eq!(b.verify_audit().unwrap(), Ok(records.len() as u64));
+    assert_eq!(b.verify_audit(None).unwrap().map(|head| head.records), Ok(records.len() as u64));
     assert_eq!(
         audit_kinds(b),
         [
@@ -279,15 +304,19 @@ fn the_audit_chain_records_every_change_and_never_a_token(kind: Kind) {
         ]
     );
     let json = |i: usize| serde_json::from_str::<serde_json::Value>(&records[i].record).unwrap();
+    // Each names who acted.
+    let actor = Actor::System.to_json();
     assert_eq!(
         json(1),
         serde_json::json!({
+            "actor": actor,
             "name": "limits", "version": 1, "sha256": sha256_hex(module), "size": module.len(),
         })
     );
     assert_eq!(
         json(3),
         serde_json::json!({
+            "actor": actor,
             "agent_id": "ag_x",
             "name": "ag_x the bot",
             "labels": { "team": "research" },
@@ -297,6 +326,7 @@ fn the_audit_chain_records_every_change_and_never_a_token(kind: Kind) {
     assert_eq!(
         json(5),
         serde_json::json!({
+            "actor": actor,
             "agent_id": "ag_x",
             "policies": [{ "policy": "limits@2", "config_sha256": sha256_hex(b"{}") }],
         })
@@ -305,7 +335,7 @@ fn the_audit_chain_records_every_change_and_never_a_token(kind: Kind) {
     assert_eq!(
         json(6),
         serde_json::json!({
-            "agent_id": "ag_x", "cards_voided": 0, "card_ids": [], "holds_released": 0, "approvals_denied": 0,
+            "actor": actor, "agent_id": "ag_x", "cards_voided": 0, "card_ids": [], "holds_released": 0, "approvals_denied": 0,
         })
     );
     assert_eq!(json(4)["role"], "agent");

@@ -11,8 +11,8 @@ use spendguard::history::HistoryScope;
 use spendguard::money::Amount;
 use spendguard::policy::{CardTerms, Merchant, SpendFilter};
 use spendguard::storage::{
-    AuthorizationOutcome, Backend as Store, CardIssuance, Decided, NewSpend, Proposed, SpendStatus, Storage,
-    StorageError, Verdict, new_id,
+    Actor, AuthorizationOutcome, Backend as Store, CardIssuance, Decided, NewSpend, Proposed, SpendStatus,
+    Storage, StorageError, Verdict, new_id,
 };
 
 use crate::backends::{Backend, Kind, on_each_backend, simulated_cards};
@@ -51,7 +51,7 @@ fn propose_allowed(
     spend: NewSpend,
     now: u64,
 ) -> Proposed {
-    storage.propose(&spend, cards, now, &mut approve(CardTerms::default())).unwrap()
+    storage.propose(&spend, cards, &Actor::System, now, &mut approve(CardTerms::default())).unwrap()
 }
 
 fn charge(card: &spendguard::cards::IssuedCard, amount: Amount, merchant_id: &str) -> AuthorizationRequest {
@@ -70,7 +70,7 @@ fn a_card_is_issued_charged_once_and_the_rest_released(kind: Kind) {
     let b = kind.fresh();
     let cards = simulated_cards();
     let key = Arc::clone(&cards.key);
-    b.storage.deposit(&usd("100.00"), None, T0).unwrap();
+    b.storage.deposit(&usd("100.00"), None, &Actor::System, T0).unwrap();
 
     let p = propose_allowed(&*b.storage, &cards, spend("bot", usd("30.00"), "api.openai.com", None, T0), T0);
     assert_eq!(p.spend.status, SpendStatus::Approved);
@@ -78,12 +78,18 @@ fn a_card_is_issued_charged_once_and_the_rest_released(kind: Kind) {
     let bal = &b.storage.balances().unwrap()[0];
     assert_eq!((bal.available, bal.held, bal.spent), (7000, 3000, 0));
 
-    let out = b.storage.authorize(&charge(&card, usd("12.34"), "api.openai.com"), &key, T0 + 1000).unwrap();
+    let out = b
+        .storage
+        .authorize(&charge(&card, usd("12.34"), "api.openai.com"), &key, &Actor::System, T0 + 1000)
+        .unwrap();
     assert!(out.approved, "{out:?}");
     let bal = &b.storage.balances().unwrap()[0];
     assert_eq!((bal.available, bal.held, bal.spent), (8766, 0, 1234), "the unused 17.66 goes back");
 
-    let again = b.storage.authorize(&charge(&card, usd("1.00"), "api.openai.com"), &key, T0 + 2000).unwrap();
+    let again = b
+        .storage
+        .authorize(&charge(&card, usd("1.00"), "api.openai.com"), &key, &Actor::System, T0 + 2000)
+        .unwrap();
     assert_eq!(again.decline_code, Some(DeclineCode::CardUsed));
     assert_eq!(b.storage.card(&card.card_id).unwrap().unwrap().state, CardState::Used);
     b.storage.check_invariants().unwrap();
@@ -93,26 +99,38 @@ fn policies_narrow_the_card_and_funds_must_cover_it(kind: Kind) {
     let b = kind.fresh();
     let cards = simulated_cards();
     let key = Arc::clone(&cards.key);
-    b.storage.deposit(&usd("20.00"), None, T0).unwrap();
+    b.storage.deposit(&usd("20.00"), None, &Actor::System, T0).unwrap();
 
     // A cap of 15 on a 25 request: the hold and the card are 15, which fits.
     let terms = CardTerms { ttl_seconds: Some(60), max_amount: Some(usd("15.00")) };
     let p = b
         .storage
-        .propose(&spend("bot", usd("25.00"), "m.com", None, T0), &cards, T0, &mut approve(terms))
+        .propose(
+            &spend("bot", usd("25.00"), "m.com", None, T0),
+            &cards,
+            &Actor::System,
+            T0,
+            &mut approve(terms),
+        )
         .unwrap();
     let card = p.card.unwrap();
     assert_eq!(card.expires_at_ms, T0 + 60_000);
     let record = b.storage.card(&card.card_id).unwrap().unwrap();
     assert_eq!(record.cap, usd("15.00"));
-    let out = b.storage.authorize(&charge(&card, usd("15.01"), "m.com"), &key, T0).unwrap();
+    let out = b.storage.authorize(&charge(&card, usd("15.01"), "m.com"), &key, &Actor::System, T0).unwrap();
     assert_eq!(out.decline_code, Some(DeclineCode::OverLimit));
 
     // A TTL above the default never widens the card.
     let terms = CardTerms { ttl_seconds: Some(100_000), max_amount: None };
     let p = b
         .storage
-        .propose(&spend("bot", usd("5.00"), "m.com", None, T0), &cards, T0, &mut approve(terms))
+        .propose(
+            &spend("bot", usd("5.00"), "m.com", None, T0),
+            &cards,
+            &Actor::System,
+            T0,
+            &mut approve(terms),
+        )
         .unwrap();
     assert_eq!(p.card.unwrap().expires_at_ms, T0 + 900_000);
 
@@ -127,11 +145,11 @@ fn policies_narrow_the_card_and_funds_must_cover_it(kind: Kind) {
 fn idempotency_keys_replay_or_conflict(kind: Kind) {
     let b = kind.fresh();
     let cards = simulated_cards();
-    b.storage.deposit(&usd("50.00"), Some("fund-1"), T0).unwrap();
-    let replay = b.storage.deposit(&usd("50.00"), Some("fund-1"), T0).unwrap();
+    b.storage.deposit(&usd("50.00"), Some("fund-1"), &Actor::System, T0).unwrap();
+    let replay = b.storage.deposit(&usd("50.00"), Some("fund-1"), &Actor::System, T0).unwrap();
     assert!(replay.replayed);
     assert_eq!(
-        b.storage.deposit(&usd("60.00"), Some("fund-1"), T0),
+        b.storage.deposit(&usd("60.00"), Some("fund-1"), &Actor::System, T0),
         Err(StorageError::IdempotencyConflict("fund-1".into()))
     );
     assert_eq!(b.storage.balances().unwrap()[0].available, 5000, "a replayed deposit moves nothing");
@@ -140,10 +158,16 @@ fn idempotency_keys_replay_or_conflict(kind: Kind) {
     let mut ran = false;
     let again = b
         .storage
-        .propose(&spend("bot", usd("10.00"), "m.com", Some("k1"), T0 + 5), &cards, T0 + 5, &mut |_| {
-            ran = true;
-            Verdict::Deny(vec!["would differ".into()]).into()
-        })
+        .propose(
+            &spend("bot", usd("10.00"), "m.com", Some("k1"), T0 + 5),
+            &cards,
+            &Actor::System,
+            T0 + 5,
+            &mut |_| {
+                ran = true;
+                Verdict::Deny(vec!["would differ".into()]).into()
+            },
+        )
         .unwrap();
     assert!(!ran, "a replay must not run the policies again");
     assert!(again.replayed && again.card.is_none(), "PAN and CVV are never shown twice");
@@ -151,6 +175,7 @@ fn idempotency_keys_replay_or_conflict(kind: Kind) {
     let other = b.storage.propose(
         &spend("bot", usd("11.00"), "m.com", Some("k1"), T0),
         &cards,
+        &Actor::System,
         T0,
         &mut approve(CardTerms::default()),
     );
@@ -168,19 +193,23 @@ fn expired_and_voided_cards_release_their_holds_once(kind: Kind) {
     let b = kind.fresh();
     let cards = simulated_cards();
     let key = Arc::clone(&cards.key);
-    b.storage.deposit(&usd("30.00"), None, T0).unwrap();
+    b.storage.deposit(&usd("30.00"), None, &Actor::System, T0).unwrap();
     let issue = |amount: &str| {
         propose_allowed(&*b.storage, &cards, spend("bot", usd(amount), "m.com", None, T0), T0).card.unwrap()
     };
     let (a, v, e) = (issue("10.00"), issue("10.00"), issue("10.00"));
-    b.storage.void_card(&v.card_id, T0 + 1).unwrap();
-    assert!(matches!(b.storage.void_card(&v.card_id, T0 + 2), Err(StorageError::InvalidState(_))));
-    let out = b.storage.authorize(&charge(&v, usd("1.00"), "m.com"), &key, T0 + 3).unwrap();
+    b.storage.void_card(&v.card_id, &Actor::System, T0 + 1).unwrap();
+    assert!(matches!(
+        b.storage.void_card(&v.card_id, &Actor::System, T0 + 2),
+        Err(StorageError::InvalidState(_))
+    ));
+    let out = b.storage.authorize(&charge(&v, usd("1.00"), "m.com"), &key, &Actor::System, T0 + 3).unwrap();
     assert_eq!(out.decline_code, Some(DeclineCode::CardVoided));
 
     // Nothing expires a moment before the end of its life, all of it at the end.
     assert_eq!(b.storage.expire_cards(T0 + 899_999).unwrap(), 0);
-    let out = b.storage.authorize(&charge(&a, usd("1.00"), "m.com"), &key, T0 + 900_000).unwrap();
+    let out =
+        b.storage.authorize(&charge(&a, usd("1.00"), "m.com"), &key, &Actor::System, T0 + 900_000).unwrap();
     assert_eq!(
         out.decline_code,
         Some(DeclineCode::CardExpired),
@@ -199,7 +228,7 @@ fn cards_that_expired_while_the_daemon_was_down_are_released_on_open(kind: Kind)
     let cards = simulated_cards();
     {
         let storage = b.open_again();
-        storage.deposit(&usd("10.00"), None, T0).unwrap();
+        storage.deposit(&usd("10.00"), None, &Actor::System, T0).unwrap();
         propose_allowed(&*storage, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0);
     }
     let storage = b.open_again();
@@ -213,15 +242,15 @@ fn history_counts_captures_and_open_holds_in_the_requests_currency(kind: Kind) {
     let b = kind.fresh();
     let cards = simulated_cards();
     let key = Arc::clone(&cards.key);
-    b.storage.deposit(&usd("100.00"), None, T0).unwrap();
-    b.storage.deposit(&Amount::parse("100.00", "EUR").unwrap(), None, T0).unwrap();
+    b.storage.deposit(&usd("100.00"), None, &Actor::System, T0).unwrap();
+    b.storage.deposit(&Amount::parse("100.00", "EUR").unwrap(), None, &Actor::System, T0).unwrap();
     let issue = |agent: &str, amount: Amount, merchant_id: &str, at: u64| {
         propose_allowed(&*b.storage, &cards, spend(agent, amount, merchant_id, None, at), at).card.unwrap()
     };
     let used = issue("bot", usd("20.00"), "a.com", T0);
-    b.storage.authorize(&charge(&used, usd("5.00"), "a.com"), &key, T0 + 1).unwrap(); // counts 5
+    b.storage.authorize(&charge(&used, usd("5.00"), "a.com"), &key, &Actor::System, T0 + 1).unwrap(); // counts 5
     let voided = issue("bot", usd("7.00"), "a.com", T0 + 10);
-    b.storage.void_card(&voided.card_id, T0 + 11).unwrap(); // counts 0
+    b.storage.void_card(&voided.card_id, &Actor::System, T0 + 11).unwrap(); // counts 0
     issue("bot", usd("3.00"), "b.com", T0 + 20); // open: counts 3
     issue("other", usd("4.00"), "a.com", T0 + 30); // another agent
     issue("bot", Amount::parse("9.00", "EUR").unwrap(), "a.com", T0 + 40); // another currency
@@ -244,7 +273,13 @@ fn history_counts_captures_and_open_holds_in_the_requests_currency(kind: Kind) {
         Verdict::Deny(vec!["probe".into()]).into()
     };
     b.storage
-        .propose(&spend("bot", usd("1.00"), "a.com", None, T0 + 50), &cards, T0 + 50, &mut probe)
+        .propose(
+            &spend("bot", usd("1.00"), "a.com", None, T0 + 50),
+            &cards,
+            &Actor::System,
+            T0 + 50,
+            &mut probe,
+        )
         .unwrap();
     assert_eq!(seen, vec![(800, 2), (300, 1), (500, 1), (1200, 3)]);
     b.storage.check_invariants().unwrap();
@@ -257,9 +292,9 @@ fn charge_queued(
     request: AuthorizationRequest,
     key: &Arc<CardKey>,
 ) -> AuthorizationOutcome {
-    match storage.authorize_queued(request, Arc::clone(key), T0 + 1) {
+    match storage.authorize_queued(request, Arc::clone(key), Actor::System, T0 + 1) {
         Ok(answer) => answer.blocking_recv().unwrap().unwrap(),
-        Err(request) => storage.authorize(&request, key, T0 + 1).unwrap(),
+        Err(request) => storage.authorize(&request, key, &Actor::System, T0 + 1).unwrap(),
     }
 }
 
@@ -267,7 +302,7 @@ fn racing_charges_on_one_card_approve_exactly_once(kind: Kind) {
     let b = kind.fresh();
     let cards = simulated_cards();
     let key = Arc::clone(&cards.key);
-    b.storage.deposit(&usd("100.00"), None, T0).unwrap();
+    b.storage.deposit(&usd("100.00"), None, &Actor::System, T0).unwrap();
     for round in 0..5 {
         let card = propose_allowed(&*b.storage, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0)
             .card
@@ -284,7 +319,7 @@ fn racing_charges_on_one_card_approve_exactly_once(kind: Kind) {
                     if i % 2 == 0 {
                         charge_queued(&*storage, request, &key)
                     } else {
-                        storage.authorize(&request, &key, T0 + 1).unwrap()
+                        storage.authorize(&request, &key, &Actor::System, T0 + 1).unwrap()
                     }
                 })
             })
@@ -305,7 +340,7 @@ fn racing_charges_from_two_connections_approve_exactly_once(kind: Kind) {
     let (one, two) = (b.open_again(), b.open_again());
     let cards = simulated_cards();
     let key = Arc::clone(&cards.key);
-    one.deposit(&usd("10.00"), None, T0).unwrap();
+    one.deposit(&usd("10.00"), None, &Actor::System, T0).unwrap();
     let card = Arc::new(
         propose_allowed(&*one, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0).card.unwrap(),
     );
@@ -318,7 +353,7 @@ fn racing_charges_from_two_connections_approve_exactly_once(kind: Kind) {
                 if i % 4 < 2 {
                     charge_queued(&*storage, request, &key)
                 } else {
-                    storage.authorize(&request, &key, T0 + 1).unwrap()
+                    storage.authorize(&request, &key, &Actor::System, T0 + 1).unwrap()
                 }
             })
         })
@@ -332,8 +367,8 @@ fn racing_charges_from_two_connections_approve_exactly_once(kind: Kind) {
 fn money_edge_cases(kind: Kind) {
     let b = kind.fresh();
     // 0.1 + 0.2 is exactly 0.3.
-    b.storage.deposit(&usd("0.10"), None, T0).unwrap();
-    b.storage.deposit(&usd("0.20"), None, T0).unwrap();
+    b.storage.deposit(&usd("0.10"), None, &Actor::System, T0).unwrap();
+    b.storage.deposit(&usd("0.20"), None, &Actor::System, T0).unwrap();
     assert_eq!(b.storage.balances().unwrap()[0].available, 30);
     assert_eq!(serde_json::to_value(&b.storage.balances().unwrap()[0]).unwrap()["available"], "0.30");
     // Precision per currency.
@@ -347,7 +382,7 @@ fn money_edge_cases(kind: Kind) {
     let btc = Amount::parse("1000000000", "BTC").unwrap(); // 10^17 units
     let mut refused = None;
     for i in 0..100 {
-        match b.storage.deposit(&btc, None, T0) {
+        match b.storage.deposit(&btc, None, &Actor::System, T0) {
             Ok(_) => {}
             Err(e) => {
                 refused = Some((i, e));
@@ -365,7 +400,7 @@ fn money_edge_cases(kind: Kind) {
 
 fn the_ledger_refuses_updates_and_deletes(kind: Kind) {
     let b = kind.fresh();
-    b.storage.deposit(&usd("5.00"), None, T0).unwrap();
+    b.storage.deposit(&usd("5.00"), None, &Actor::System, T0).unwrap();
     for sql in [
         "UPDATE entries SET delta = delta * 2",
         "DELETE FROM transfers",
@@ -423,7 +458,9 @@ fn randomized_operations_keep_every_invariant(kind: Kind) {
             0..=9 => {
                 let currency = currencies[pick(&mut rng, 3)];
                 let units = 1 + (rng.next() % 50_000) as i64;
-                b.storage.deposit(&Amount::from_units(units, currency).unwrap(), None, now).unwrap();
+                b.storage
+                    .deposit(&Amount::from_units(units, currency).unwrap(), None, &Actor::System, now)
+                    .unwrap();
                 model.entry(currency.to_owned()).or_default().available += units;
             }
             10..=44 => {
@@ -474,7 +511,7 @@ fn randomized_operations_keep_every_invariant(kind: Kind) {
                         }),
                     })
                 };
-                let result = b.storage.propose(&new, &cards, now, &mut decide);
+                let result = b.storage.propose(&new, &cards, &Actor::System, now, &mut decide);
                 let earlier = new
                     .idempotency_key
                     .as_ref()
@@ -544,7 +581,7 @@ fn randomized_operations_keep_every_invariant(kind: Kind) {
                     (0, _) => Some(DeclineCode::OverLimit),
                     _ => None,
                 };
-                let out = b.storage.authorize(&req, &key, now).unwrap();
+                let out = b.storage.authorize(&req, &key, &Actor::System, now).unwrap();
                 assert_eq!(out.decline_code, want, "{ctx}: charge on card {}", c.card.card_id);
                 let bal = model.get_mut(c.cap.currency()).unwrap();
                 if want.is_none() {
@@ -585,7 +622,7 @@ fn randomized_operations_keep_every_invariant(kind: Kind) {
                                 &c.merchant_id,
                             );
                             let (storage, key) = (&b.storage, &key);
-                            scope.spawn(move || storage.authorize(&req, key, now).unwrap())
+                            scope.spawn(move || storage.authorize(&req, key, &Actor::System, now).unwrap())
                         })
                         .collect();
                     handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -608,7 +645,7 @@ fn randomized_operations_keep_every_invariant(kind: Kind) {
             }
             84..=89 if !issued.is_empty() => {
                 let i = pick(&mut rng, issued.len());
-                let result = b.storage.void_card(&issued[i].card.card_id, now);
+                let result = b.storage.void_card(&issued[i].card.card_id, &Actor::System, now);
                 // A card past its life but not yet swept can still be voided.
                 if issued[i].state == CardState::Open {
                     result.unwrap_or_else(|e| panic!("{ctx}: {e}"));
@@ -695,7 +732,7 @@ fn a_card_number_already_in_use_is_drawn_again(kind: Kind) {
     let b = kind.fresh();
     let cards =
         CardIssuance { issuer: Arc::new(RepeatingIssuer(std::sync::Mutex::new(0))), ..simulated_cards() };
-    b.storage.deposit(&usd("10.00"), None, T0).unwrap();
+    b.storage.deposit(&usd("10.00"), None, &Actor::System, T0).unwrap();
     let first = propose_allowed(&*b.storage, &cards, spend("bot", usd("1.00"), "m.com", None, T0), T0);
     let second = propose_allowed(&*b.storage, &cards, spend("bot", usd("1.00"), "m.com", None, T0), T0);
     let (first, second) = (first.card.unwrap(), second.card.unwrap());
@@ -724,11 +761,11 @@ fn the_invariant_checks_catch_tampering(kind: Kind) {
         let storage = &b.storage;
         let cards = simulated_cards();
         let key = Arc::clone(&cards.key);
-        storage.deposit(&usd("50.00"), None, T0).unwrap();
+        storage.deposit(&usd("50.00"), None, &Actor::System, T0).unwrap();
         let used = propose_allowed(&**storage, &cards, spend("bot", usd("10.00"), "m.com", None, T0), T0)
             .card
             .unwrap();
-        storage.authorize(&charge(&used, usd("4.00"), "m.com"), &key, T0).unwrap();
+        storage.authorize(&charge(&used, usd("4.00"), "m.com"), &key, &Actor::System, T0).unwrap();
         propose_allowed(&**storage, &cards, spend("bot", usd("5.00"), "m.com", None, T0), T0);
         storage.check_invariants().unwrap();
         let table = sql.split_whitespace().nth(if sql.starts_with("DELETE") { 2 } else { 1 }).unwrap();

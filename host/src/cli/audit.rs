@@ -24,7 +24,9 @@ const MAX_DETAIL_CHARS: usize = 80;
 pub enum AuditCommand {
     /// Audit records in order (operator). Page with `--after` the last SEQ seen.
     List(ListArgs),
-    /// Recompute the hash chain; exit 1 if any record was altered (operator).
+    /// Recompute the hash chain and print its head (keep it: it is a
+    /// checkpoint); exit 1 if any record was altered, or, with
+    /// `--checkpoint`, if the trail no longer holds that record (operator).
     Verify(VerifyArgs),
 }
 
@@ -49,8 +51,18 @@ pub struct ListArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
+    /// A head printed by an earlier `audit verify` (`SEQ:HASH`): the trail
+    /// must still hold that record with that hash, so records removed or
+    /// rewritten since are found.
+    #[arg(long, value_name = "SEQ:HASH", value_parser = checkpoint)]
+    checkpoint: Option<String>,
     #[command(flatten)]
     output: OutputArgs,
+}
+
+/// A checkpoint, checked before anything is sent.
+fn checkpoint(arg: &str) -> Result<String, String> {
+    arg.parse::<spendguard::audit::Checkpoint>().map(|c| c.to_string()).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,7 +86,15 @@ struct Verified {
     #[serde(default)]
     records: Option<u64>,
     #[serde(default)]
+    head: Option<Head>,
+    #[serde(default)]
     error: Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct Head {
+    seq: u64,
+    hash: String,
 }
 
 /// The record's top-level plain fields as `key=value`, for a one-line
@@ -127,7 +147,8 @@ fn list(conn: &ConnArgs, args: ListArgs, out: &mut dyn Write) -> anyhow::Result<
 }
 
 fn verify(conn: &ConnArgs, args: VerifyArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
-    let reply = Client::new(conn)?.get("/v1/audit/verify", &[])?;
+    let query: Vec<(&str, String)> = args.checkpoint.iter().map(|c| ("checkpoint", c.clone())).collect();
+    let reply = Client::new(conn)?.get("/v1/audit/verify", &query)?;
     let verified: Verified = reply.parse()?;
     if args.output.json {
         reply.print(out)?;
@@ -138,6 +159,17 @@ fn verify(conn: &ConnArgs, args: VerifyArgs, out: &mut dyn Write) -> anyhow::Res
         match verified.records {
             Some(n) => writeln!(out, "ok: {n} records, the hash chain is intact")?,
             None => writeln!(out, "ok: the hash chain is intact")?,
+        }
+        if let Some(cp) = &args.checkpoint {
+            writeln!(out, "checkpoint {cp}: still in the trail")?;
+        }
+        if let Some(head) = &verified.head {
+            writeln!(out, "head: {}:{}", head.seq, head.hash)?;
+            writeln!(
+                out,
+                "Keep the head somewhere this machine cannot write; `audit verify --checkpoint` with it \
+                 later finds records removed or rewritten since."
+            )?;
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -188,21 +220,32 @@ mod tests {
     fn verify_fails_on_a_broken_chain_even_with_json() {
         let broken = r#"{"ok":false,"seq":7,"error":"record 7: hash mismatch"}"#;
         let (url, request) = serve_once(200, broken);
-        let err = verify(&conn(&url), VerifyArgs { output: OutputArgs { json: false } }, &mut Vec::new())
-            .unwrap_err();
+        let err = verify(
+            &conn(&url),
+            VerifyArgs { checkpoint: None, output: OutputArgs { json: false } },
+            &mut Vec::new(),
+        )
+        .unwrap_err();
         request.join().unwrap();
         assert_eq!(err.to_string(), "the audit trail does not verify: record 7: hash mismatch");
 
         let (url, request) = serve_once(200, broken);
         let mut out = Vec::new();
-        let code = verify(&conn(&url), VerifyArgs { output: OutputArgs { json: true } }, &mut out).unwrap();
+        let code =
+            verify(&conn(&url), VerifyArgs { checkpoint: None, output: OutputArgs { json: true } }, &mut out)
+                .unwrap();
         request.join().unwrap();
         assert_eq!(code, ExitCode::from(EXIT_FAILURE));
         assert_eq!(text(out), format!("{broken}\n"));
 
         let (url, request) = serve_once(200, r#"{"ok":true,"records":12}"#);
         let mut out = Vec::new();
-        let code = verify(&conn(&url), VerifyArgs { output: OutputArgs { json: false } }, &mut out).unwrap();
+        let code = verify(
+            &conn(&url),
+            VerifyArgs { checkpoint: None, output: OutputArgs { json: false } },
+            &mut out,
+        )
+        .unwrap();
         request.join().unwrap();
         assert_eq!(code, ExitCode::SUCCESS);
         assert_eq!(text(out), "ok: 12 records, the hash chain is intact\n");

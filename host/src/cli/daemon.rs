@@ -1,19 +1,20 @@
-//! `spendguard init`, `spendguard serve` and `spendguard token new`: the
-//! commands that work on a data directory directly.
+//! `spendguard init`, `spendguard serve` and `spendguard token new
+//! --data-dir`: the commands that work on a data directory directly.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::Args;
 use serde_json::json;
 use spendguard::config::ServeConfig;
 use spendguard::datadir::{self, DEFAULT_DATA_DIR, Database, new_token, now_ms, token_hash};
 use spendguard::server::{self, AppState};
-use spendguard::storage::Role;
+use spendguard::storage::{Actor, Role};
 
 use super::LimitArgs;
+use super::token::TokenRole;
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
@@ -40,6 +41,11 @@ pub struct DatabaseArgs {
 }
 
 impl DatabaseArgs {
+    /// Whether either was given on the command line (or the environment).
+    pub fn given(&self) -> bool {
+        self.database_url.is_some() || self.database_pool_size.is_some()
+    }
+
     fn database(self) -> anyhow::Result<Database> {
         let pool_size = self.database_pool_size.unwrap_or(spendguard::storage::postgres::DEFAULT_POOL_SIZE);
         Database::from_url(self.database_url, pool_size)
@@ -128,39 +134,27 @@ fn init_logging() {
         .try_init();
 }
 
-#[derive(Debug, Subcommand)]
-pub enum TokenCommand {
-    /// Mint a new token directly in a data directory (for an operator who
-    /// lost theirs: it needs the files, not the API). Printed once.
-    New(TokenArgs),
+/// A token minted on the data directory: shown once.
+#[derive(Debug)]
+pub struct Minted {
+    pub id: String,
+    pub token: String,
+    pub role: &'static str,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum TokenRole {
-    Operator,
-    Network,
-    Agent,
-}
-
-#[derive(Debug, Args)]
-pub struct TokenArgs {
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR, env = "SPENDGUARD_DATA_DIR")]
-    data_dir: PathBuf,
-    #[command(flatten)]
+/// Mint a token directly in the data directory at `dir` (it needs its
+/// files, not the daemon): the way back in for an operator who lost every
+/// token. Its audit record names the data directory as the actor.
+pub fn mint(
+    dir: &std::path::Path,
     database: DatabaseArgs,
-    #[arg(long, value_enum)]
     role: TokenRole,
-    /// The agent, for `--role agent`.
-    #[arg(long, value_name = "ID")]
     agent: Option<String>,
-    #[arg(long)]
-    json: bool,
-}
-
-pub fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
-    let TokenCommand::New(args) = cmd;
-    let opened = datadir::open(&args.data_dir, &args.database.database()?)?;
-    let role = match (args.role, args.agent) {
+    label: &str,
+) -> anyhow::Result<Minted> {
+    server::token_label(label).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let opened = datadir::open(dir, &database.database()?)?;
+    let role = match (role, agent) {
         (TokenRole::Operator, None) => Role::Operator,
         (TokenRole::Network, None) => Role::Network,
         (TokenRole::Agent, Some(id)) => {
@@ -175,11 +169,6 @@ pub fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
         (_, Some(_)) => bail!("`--agent` goes only with `--role agent`"),
     };
     let token = new_token(&role);
-    opened.storage.add_token(&role, &token_hash(&token), now_ms())?;
-    if args.json {
-        println!("{}", json!({ "token": token, "role": role.name() }));
-    } else {
-        println!("{} token: {token}", role.name());
-    }
-    Ok(ExitCode::SUCCESS)
+    let id = opened.storage.add_token(&role, &token_hash(&token), label, &Actor::DataDirectory, now_ms())?;
+    Ok(Minted { id, token, role: role.name() })
 }

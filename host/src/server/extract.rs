@@ -33,7 +33,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
 fn takes_query(method: &Method, path: &str) -> bool {
     matches!(
         (method, path),
-        (&Method::GET, "/v1/spends" | "/v1/audit")
+        (&Method::GET, "/v1/spends" | "/v1/audit" | "/v1/audit/verify")
             | (&Method::POST, "/v1/policies")
             | (_, "/healthz" | "/metrics")
     )

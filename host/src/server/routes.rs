@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use super::extract::PathId;
 use super::json::{self, parse_bytes};
 use super::{ApiError, AppState, Caller};
+use crate::audit::Checkpoint;
 use crate::cards::AuthorizationRequest;
 use crate::cases::{check_country, check_mcc};
 use crate::datadir::{new_token, now_ms, token_hash};
@@ -26,7 +27,7 @@ use crate::money::Amount;
 use crate::policy::{self, CardTerms, Decision};
 use crate::sandbox::{LoadedPolicy, fault_reason};
 use crate::storage::{
-    AgentRecord, Attachment, Decided, NewSpend, Role, SpendRecord, SpendStatus, Verdict, new_id,
+    AgentRecord, Attachment, Decided, NewSpend, Role, SpendRecord, SpendStatus, TokenRecord, Verdict, new_id,
     new_ordered_id,
 };
 
@@ -251,6 +252,7 @@ pub async fn propose(
     };
     let turn = state.agent_turn(&agent_id).await?;
     let s = Arc::clone(&state);
+    let actor = caller.actor();
     let proposed = blocking(move || {
         let _turn = turn;
         // Revoked since its token was checked: refused before its policies
@@ -270,7 +272,7 @@ pub async fn propose(
         };
         let policies = load_policies(&s, &agent);
         let mut decide = |history: Arc<dyn History>| evaluate_all(&s, &policies, &request, history);
-        Ok(s.backend.propose(&spend, &s.card_issuance(), now_ms(), &mut decide)?)
+        Ok(s.backend.propose(&spend, &s.card_issuance(), &actor, now_ms(), &mut decide)?)
     })
     .await?;
     state.metrics.proposal(if proposed.replayed { "replayed" } else { proposed.spend.status.as_str() });
@@ -441,6 +443,7 @@ pub async fn list_approvals(State(state): State<Arc<AppState>>, caller: Caller) 
 pub async fn approve(State(state): State<Arc<AppState>>, caller: Caller, PathId(id): PathId) -> Reply {
     caller.operator()?;
     let s = Arc::clone(&state);
+    let actor = caller.actor();
     let spend = blocking(move || {
         // Everything the policies need is read first: storage is locked
         // while they run.
@@ -453,7 +456,14 @@ pub async fn approve(State(state): State<Arc<AppState>>, caller: Caller, PathId(
             }
             _ => Verdict::Deny(vec!["the agent was revoked".into()]).into(),
         };
-        Ok(s.backend.approve(&id, s.config.card_ttl_seconds, s.approval_ttl_ms(), now_ms(), &mut decide)?)
+        Ok(s.backend.approve(
+            &id,
+            s.config.card_ttl_seconds,
+            s.approval_ttl_ms(),
+            &actor,
+            now_ms(),
+            &mut decide,
+        )?)
     })
     .await?;
     state.metrics.proposal("approved_by_operator");
@@ -484,7 +494,9 @@ pub async fn deny(
     caller.operator()?;
     let reason = parse_deny(&json::body(body)?)?;
     let s = Arc::clone(&state);
-    let spend = blocking(move || Ok(s.backend.deny(&id, &reason, s.approval_ttl_ms(), now_ms())?)).await?;
+    let actor = caller.actor();
+    let spend =
+        blocking(move || Ok(s.backend.deny(&id, &reason, s.approval_ttl_ms(), &actor, now_ms())?)).await?;
     state.metrics.proposal("denied_by_operator");
     ok(json::spend(&spend, None))
 }
@@ -522,7 +534,8 @@ pub async fn deposit(
     caller.operator()?;
     let Deposit { amount, idempotency_key: key } = parse_deposit(&json::body(body)?, &headers)?;
     let s = Arc::clone(&state);
-    let d = blocking(move || Ok(s.backend.deposit(&amount, key.as_deref(), now_ms())?)).await?;
+    let actor = caller.actor();
+    let d = blocking(move || Ok(s.backend.deposit(&amount, key.as_deref(), &actor, now_ms())?)).await?;
     created(
         json!({ "id": d.id, "amount": d.amount.to_decimal().to_string(), "currency": d.amount.currency() }),
     )
@@ -566,7 +579,8 @@ pub async fn upload_policy(
     query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Reply {
-    caller?.operator()?;
+    let caller = caller?;
+    caller.operator()?;
     let Query(q) =
         query.map_err(|_| ApiError::invalid("invalid_name", "give the policy's name as `?name=NAME`"))?;
     policy_name(&q.name)?;
@@ -578,13 +592,14 @@ pub async fn upload_policy(
         }
     })?;
     let s = Arc::clone(&state);
+    let actor = caller.actor();
     let record = blocking(move || {
         // Compiled (and so checked) before it is stored: a module that does
         // not load is refused and nothing is written.
         let loaded = Arc::new(
             s.sandbox.load(&module).map_err(|e| ApiError::invalid("invalid_policy", e.to_string()))?,
         );
-        let record = s.backend.add_policy(&q.name, &module, loaded.sha256(), now_ms())?;
+        let record = s.backend.add_policy(&q.name, &module, loaded.sha256(), &actor, now_ms())?;
         s.metrics.policy_load(loaded.from_cache());
         s.remember(&record.name, record.version, loaded);
         Ok(record)
@@ -764,6 +779,7 @@ pub async fn create_agent(
     caller.operator()?;
     let body = parse_new_agent(&json::body(body)?, state.config.sandbox.max_config_bytes)?;
     let s = Arc::clone(&state);
+    let actor = caller.actor();
     let (agent, token) = blocking(move || {
         let attachments = resolve_attachments(&s, body.policies)?;
         let id = new_id("ag");
@@ -776,7 +792,7 @@ pub async fn create_agent(
             revoked: false,
             created_at_ms: now_ms(),
         };
-        let agent = s.backend.create_agent(&record, &token_hash(&token), now_ms())?;
+        let agent = s.backend.create_agent(&record, &token_hash(&token), &actor, now_ms())?;
         Ok((agent, token))
     })
     .await?;
@@ -793,7 +809,8 @@ pub async fn list_agents(State(state): State<Arc<AppState>>, caller: Caller) -> 
 pub async fn revoke_agent(State(state): State<Arc<AppState>>, caller: Caller, PathId(id): PathId) -> Reply {
     caller.operator()?;
     let s = Arc::clone(&state);
-    let agent = blocking(move || Ok(s.backend.revoke_agent(&id, now_ms())?)).await?;
+    let actor = caller.actor();
+    let agent = blocking(move || Ok(s.backend.revoke_agent(&id, &actor, now_ms())?)).await?;
     ok(json::agent(&agent))
 }
 
@@ -806,12 +823,13 @@ pub async fn set_policies(
     caller.operator()?;
     let list = parse_attachments(&json::body(body)?, state.config.sandbox.max_config_bytes)?;
     let s = Arc::clone(&state);
+    let actor = caller.actor();
     let agent = blocking(move || {
         if s.backend.agent(&id)?.is_none() {
             return Err(ApiError::not_found(format!("agent `{id}`")));
         }
         let attachments = resolve_attachments(&s, list)?;
-        Ok(s.backend.set_attachments(&id, &attachments, now_ms())?)
+        Ok(s.backend.set_attachments(&id, &attachments, &actor, now_ms())?)
     })
     .await?;
     ok(json::agent(&agent))
@@ -829,7 +847,8 @@ pub async fn list_cards(State(state): State<Arc<AppState>>, caller: Caller) -> R
 pub async fn void_card(State(state): State<Arc<AppState>>, caller: Caller, PathId(id): PathId) -> Reply {
     caller.operator()?;
     let s = Arc::clone(&state);
-    let card = blocking(move || Ok(s.backend.void_card(&id, now_ms())?)).await?;
+    let actor = caller.actor();
+    let card = blocking(move || Ok(s.backend.void_card(&id, &actor, now_ms())?)).await?;
     ok(json::card(&card))
 }
 
@@ -886,15 +905,17 @@ pub async fn authorize(
     let request = parse_authorization(&json::body(body)?, &headers)?;
     // On SQLite the write is queued for its writer thread and awaited here:
     // no thread is held while it waits for the lock and the fsync.
-    let outcome = match state.backend.authorize_queued(request, Arc::clone(&state.key), now_ms()) {
-        Ok(answer) => {
-            answer.await.map_err(|_| ApiError::internal("the authorization's write was lost"))??
-        }
-        Err(request) => {
-            let s = Arc::clone(&state);
-            blocking(move || Ok(s.backend.authorize(&request, &s.key, now_ms())?)).await?
-        }
-    };
+    let actor = caller.actor();
+    let outcome =
+        match state.backend.authorize_queued(request, Arc::clone(&state.key), actor.clone(), now_ms()) {
+            Ok(answer) => {
+                answer.await.map_err(|_| ApiError::internal("the authorization's write was lost"))??
+            }
+            Err(request) => {
+                let s = Arc::clone(&state);
+                blocking(move || Ok(s.backend.authorize(&request, &s.key, &actor, now_ms())?)).await?
+            }
+        };
     let replayed = outcome.replayed;
     state.metrics.authorization(if replayed {
         "replayed"
@@ -941,14 +962,133 @@ pub async fn audit(State(state): State<Arc<AppState>>, caller: Caller, q: QueryR
     ok(json!({ "records": list }))
 }
 
-pub async fn audit_verify(State(state): State<Arc<AppState>>, caller: Caller) -> Reply {
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyQuery {
+    #[serde(default)]
+    checkpoint: Option<String>,
+}
+
+/// A checkpoint as `?checkpoint=SEQ:HASH` gives it.
+pub fn parse_checkpoint(text: &str) -> Result<Checkpoint, ApiError> {
+    text.parse()
+        .map_err(|e: crate::audit::BadCheckpoint| ApiError::invalid("invalid_checkpoint", e.to_string()))
+}
+
+pub async fn audit_verify(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    q: QueryResult<VerifyQuery>,
+) -> Reply {
     caller.operator()?;
+    // Never echoed: a query string may hold anything, a token included.
+    let q = q
+        .map(|Query(q)| q)
+        .map_err(|_| ApiError::invalid("invalid_query", "this route takes only `?checkpoint=SEQ:HASH`"))?;
+    let checkpoint = q.checkpoint.as_deref().map(parse_checkpoint).transpose()?;
     let s = Arc::clone(&state);
-    let result = blocking(move || Ok(s.backend.verify_audit()?)).await?;
+    let result = blocking(move || Ok(s.backend.verify_audit(checkpoint.as_ref())?)).await?;
     ok(match result {
-        Ok(n) => json!({ "ok": true, "records": n }),
+        Ok(head) => json!({
+            "ok": true,
+            "records": head.records,
+            "head": { "seq": head.seq, "hash": head.hash },
+        }),
         Err(broken) => {
             json!({ "ok": false, "seq": broken.seq, "error": format!("record {}: {}", broken.seq, broken.error) })
         }
     })
+}
+
+// ---- tokens ----------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTokenBody {
+    role: String,
+    label: String,
+}
+
+/// A token as `POST /v1/tokens` asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewToken {
+    pub role: Role,
+    pub label: String,
+}
+
+/// Validate the body of `POST /v1/tokens`: an operator or network token
+/// (an agent's token is made by creating the agent), with a label of
+/// 1 to [`MAX_NAME_CHARS`] characters and no control characters.
+pub fn parse_new_token(body: &[u8]) -> Result<NewToken, ApiError> {
+    let body: NewTokenBody = parse_bytes(body)?;
+    let role = match body.role.as_str() {
+        "operator" => Role::Operator,
+        "network" => Role::Network,
+        "agent" => {
+            return Err(ApiError::invalid(
+                "invalid_role",
+                "an agent's token is made by creating the agent (POST /v1/agents)",
+            ));
+        }
+        _ => return Err(ApiError::invalid("invalid_role", "`role` must be `operator` or `network`")),
+    };
+    token_label(&body.label)?;
+    Ok(NewToken { role, label: body.label })
+}
+
+/// A token's label: 1 to [`MAX_NAME_CHARS`] characters, none of them
+/// control, direction override or line separator characters.
+pub fn token_label(label: &str) -> Result<(), ApiError> {
+    text("label", label, MAX_NAME_CHARS, true)
+}
+
+fn token_json(state: &AppState, t: &TokenRecord) -> Value {
+    // This daemon's own uses are shown at once; the database has those of
+    // every daemon, each up to a minute late.
+    let last_used = t.last_used_at_ms.max(state.token_last_used(&t.id));
+    let mut v = json!({
+        "id": t.id,
+        "role": t.role.name(),
+        "label": t.label,
+        "created_at": json::time(t.created_at_ms),
+        "last_used_at": last_used.map(json::time),
+        "revoked_at": t.revoked_at_ms.map(json::time),
+    });
+    if let Role::Agent(agent_id) = &t.role {
+        v["agent_id"] = json!(agent_id);
+    }
+    v
+}
+
+pub async fn list_tokens(State(state): State<Arc<AppState>>, caller: Caller) -> Reply {
+    caller.operator()?;
+    let s = Arc::clone(&state);
+    let tokens = blocking(move || Ok(s.backend.tokens()?)).await?;
+    ok(json!({ "tokens": tokens.iter().map(|t| token_json(&state, t)).collect::<Vec<_>>() }))
+}
+
+pub async fn create_token(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
+    caller.operator()?;
+    let NewToken { role, label } = parse_new_token(&json::body(body)?)?;
+    let s = Arc::clone(&state);
+    let actor = caller.actor();
+    let (id, token) = blocking(move || {
+        let token = new_token(&role);
+        let id = s.backend.add_token(&role, &token_hash(&token), &label, &actor, now_ms())?;
+        Ok((id, token))
+    })
+    .await?;
+    created(json!({ "id": id, "token": token }))
+}
+
+pub async fn revoke_token(State(state): State<Arc<AppState>>, caller: Caller, PathId(id): PathId) -> Reply {
+    caller.operator()?;
+    let s = Arc::clone(&state);
+    let actor = caller.actor();
+    let token = blocking(move || Ok(s.backend.revoke_token(&id, &actor, now_ms())?)).await?;
+    ok(token_json(&state, &token))
 }

@@ -25,7 +25,7 @@
 pub(crate) mod registry;
 mod value;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::json;
@@ -34,10 +34,11 @@ pub(crate) use value::args;
 pub use value::{Arg, FromValue, Row, Value};
 
 use super::{
-    AUDIT_GENESIS, AuditBreak, AuditRecord, AuthorizationOutcome, CardIssuance, CardRecord, Decided,
+    AUDIT_GENESIS, Actor, AuditBreak, AuditRecord, AuthorizationOutcome, CardIssuance, CardRecord, Decided,
     DepositRecord, NewSpend, Proposed, SpendRecord, SpendStatus, Storage, StorageError, Verdict, audit_hash,
     new_id, new_ordered_id, verify_chain,
 };
+use crate::audit::{AuditHead, AuditKey, Checkpoint};
 use crate::cards::{
     AuthorizationRequest, CardKey, CardRequest, CardState, CardView, DeclineCode, IssuedCard, MAX_WRONG_CVV,
     decide,
@@ -63,6 +64,35 @@ pub trait Conn {
     /// The first row; none is an error.
     fn one(&self, sql: &str, args: &[Arg<'_>]) -> Result<Row, StorageError> {
         self.row(sql, args)?.ok_or_else(|| StorageError::Database(format!("no row from `{}`", sql.trim())))
+    }
+
+    /// The key the audit records written on this connection are MAC'd
+    /// under (`None`: plain SHA-256, a store without one). Only a store's
+    /// own write transactions know it ([`Audited`]); anywhere else an audit
+    /// record cannot be written.
+    fn audit_key(&self) -> Result<Option<&AuditKey>, StorageError> {
+        Err(StorageError::Invariant("an audit record written outside a store's write transaction".into()))
+    }
+}
+
+/// A connection inside one of the store's write transactions, with the key
+/// of the audit chain.
+struct Audited<'a> {
+    conn: &'a dyn Conn,
+    key: Option<&'a AuditKey>,
+}
+
+impl Conn for Audited<'_> {
+    fn rows(&self, sql: &str, args: &[Arg<'_>]) -> Result<Vec<Row>, StorageError> {
+        self.conn.rows(sql, args)
+    }
+
+    fn execute(&self, sql: &str, args: &[Arg<'_>]) -> Result<u64, StorageError> {
+        self.conn.execute(sql, args)
+    }
+
+    fn audit_key(&self) -> Result<Option<&AuditKey>, StorageError> {
+        Ok(self.key)
     }
 }
 
@@ -266,6 +296,8 @@ fn stands(conn: &dyn Conn, decided: &Decided, reads: &[HistoryRead]) -> Result<b
 /// [`Registry`](super::Registry) of both backends.
 pub struct SqlStore<E> {
     pub(crate) engine: E,
+    /// The audit chain's key, once the data directory gave it.
+    audit_key: OnceLock<Arc<AuditKey>>,
 }
 
 impl<E: std::fmt::Debug> std::fmt::Debug for SqlStore<E> {
@@ -276,7 +308,21 @@ impl<E: std::fmt::Debug> std::fmt::Debug for SqlStore<E> {
 
 impl<E: Engine> SqlStore<E> {
     pub(crate) fn new(engine: E) -> Self {
-        SqlStore { engine }
+        SqlStore { engine, audit_key: OnceLock::new() }
+    }
+
+    /// See [`Backend::set_audit_key`](super::Backend::set_audit_key).
+    pub(crate) fn set_audit_key(&self, key: Arc<AuditKey>) -> Result<(), StorageError> {
+        let fingerprint = key.fingerprint();
+        let set = self.audit_key.get_or_init(|| key);
+        if set.fingerprint() != fingerprint {
+            return Err(StorageError::Invariant("the store already has another audit key".into()));
+        }
+        Ok(())
+    }
+
+    fn key(&self) -> Option<Arc<AuditKey>> {
+        self.audit_key.get().cloned()
     }
 
     /// Run `f` on one read snapshot.
@@ -295,7 +341,8 @@ impl<E: Engine> SqlStore<E> {
         &self,
         f: impl FnOnce(&dyn Conn) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
-        self.engine.transaction(|lender| f(lender.conn()?).map(Ending::Commit))
+        let key = self.audit_key.get().map(Arc::as_ref);
+        self.engine.transaction(|lender| f(&Audited { conn: lender.conn()?, key }).map(Ending::Commit))
     }
 
     /// [`Storage::authorize`] queued on the engine's writer thread when it
@@ -305,13 +352,16 @@ impl<E: Engine> SqlStore<E> {
         &self,
         request: AuthorizationRequest,
         key: Arc<CardKey>,
+        actor: Actor,
         now_ms: u64,
     ) -> Result<Answer<AuthorizationOutcome>, AuthorizationRequest> {
         if !E::QUEUED_WRITES {
             return Err(request);
         }
+        let audit_key = self.key();
         Ok(self.engine.submit(Box::new(move |lender| {
-            authorize(lender.conn()?, &request, &key, now_ms).map(Ending::Commit)
+            let tx = Audited { conn: lender.conn()?, key: audit_key.as_deref() };
+            authorize(&tx, &request, &key, &actor, now_ms).map(Ending::Commit)
         })))
     }
 
@@ -345,9 +395,9 @@ impl<E: Engine> SqlStore<E> {
                 Ok(evaluation) => evaluation,
                 Err(answer) => return Ok(answer),
             };
-            let (check, commit) = (check.clone(), commit.clone());
+            let (check, commit, audit_key) = (check.clone(), commit.clone(), self.key());
             let committed = self.engine.run(Box::new(move |lender| {
-                let tx = lender.conn()?;
+                let tx = &Audited { conn: lender.conn()?, key: audit_key.as_deref() };
                 let subject = match check(tx)? {
                     Ok(subject) => subject,
                     Err(answer) => return Ok(Ending::Rollback(Some(answer))),
@@ -362,13 +412,14 @@ impl<E: Engine> SqlStore<E> {
             }
         }
         // Contended: evaluate under the write lock, where nothing can change.
+        let key = self.audit_key.get().map(Arc::as_ref);
         self.engine.transaction(|lender| {
-            let subject = match check(lender.conn()?)? {
+            let subject = match check(&Audited { conn: lender.conn()?, key })? {
                 Ok(subject) => subject,
                 Err(answer) => return Ok(Ending::Rollback(answer)),
             };
             let (decided, _) = lender.lend(|history| decide(&subject, history))?;
-            commit(lender.conn()?, &subject, decided).map(Ending::Commit)
+            commit(&Audited { conn: lender.conn()?, key }, &subject, decided).map(Ending::Commit)
         })
     }
 }
@@ -695,6 +746,7 @@ fn commit_verdict(
     spend: &NewSpend,
     decided: Decided,
     cards: &CardIssuance,
+    actor: &Actor,
     now_ms: u64,
 ) -> Result<Proposed, StorageError> {
     let now = ms(now_ms)?;
@@ -752,6 +804,7 @@ fn commit_verdict(
             "reasons": record.reasons,
             "card_id": record.card_id,
         }),
+        actor,
         now,
     )?;
     Ok(Proposed { spend: record, card: issued, replayed: false })
@@ -817,19 +870,39 @@ fn issue_card(
 /// Append one record to the audit chain, inside the caller's transaction
 /// (whose write lock orders the chain; `seq` being the primary key, two
 /// records could never share a place in it anyway).
+///
+/// The record names its `actor` (see [`Actor::to_json`]) and, from where
+/// the store's audit key begins, its hash is that key's MAC.
 pub(crate) fn append_audit(
     conn: &dyn Conn,
     kind: &str,
     record: &serde_json::Value,
+    actor: &Actor,
     now: i64,
 ) -> Result<(), StorageError> {
+    let key = conn.audit_key()?;
     let (seq, prev_hash) = match conn.row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])? {
         Some(last) => (last.get::<i64>(0)? + 1, last.get::<String>(1)?),
         None => (1, AUDIT_GENESIS.to_owned()),
     };
+    let mut record = record.clone();
+    match &mut record {
+        serde_json::Value::Object(fields) => {
+            fields.insert("actor".into(), actor.to_json());
+        }
+        other => {
+            return Err(StorageError::Invariant(format!("an audit record must be an object, not {other}")));
+        }
+    }
     let text = record.to_string();
     let seq_u = u64::try_from(seq).map_err(|_| StorageError::Invariant("audit sequence".into()))?;
-    let hash = audit_hash(&prev_hash, seq_u, from_ms(now), kind, &text);
+    // With a key, every new record is MAC'd, even one placed before where
+    // the key file says keyed records begin (a trail cut back to before
+    // that place): such a record never verifies, so the cut stays visible.
+    let hash = match key {
+        Some(key) => key.record_hash(&prev_hash, seq_u, from_ms(now), kind, &text),
+        None => audit_hash(&prev_hash, seq_u, from_ms(now), kind, &text),
+    };
     conn.execute(
         "INSERT INTO audit (seq, at_ms, kind, record, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         args![seq, now, kind, &text, &prev_hash, &hash],
@@ -880,6 +953,7 @@ fn authorize(
     tx: &dyn Conn,
     request: &AuthorizationRequest,
     key: &CardKey,
+    actor: &Actor,
     now_ms: u64,
 ) -> Result<AuthorizationOutcome, StorageError> {
     let now = ms(now_ms)?;
@@ -968,10 +1042,11 @@ fn authorize(
             "approved": decision.is_ok(),
             "decline_code": code,
         }),
+        actor,
         now,
     )?;
     if let Some(reason) = voided {
-        append_audit(tx, "card_void", &json!({ "card_id": card_id, "reason": reason }), now)?;
+        append_audit(tx, "card_void", &json!({ "card_id": card_id, "reason": reason }), actor, now)?;
     }
     Ok(AuthorizationOutcome {
         approved: decision.is_ok(),
@@ -1020,6 +1095,7 @@ fn resolve_approval(
     spend_id: &str,
     decision: &str,
     reason: &str,
+    actor: &Actor,
     now: i64,
 ) -> Result<(), StorageError> {
     let inserted = conn.execute(
@@ -1034,6 +1110,7 @@ fn resolve_approval(
         conn,
         "approval",
         &json!({ "spend_id": spend_id, "decision": decision, "reason": reason }),
+        actor,
         now,
     )
 }
@@ -1065,6 +1142,7 @@ fn commit_approval(
     spend: &SpendRecord,
     decided: Decided,
     default_ttl_seconds: u32,
+    actor: &Actor,
     now_ms: u64,
 ) -> Result<SpendRecord, StorageError> {
     let now = ms(now_ms)?;
@@ -1092,7 +1170,7 @@ fn commit_approval(
             "{INSUFFICIENT_FUNDS}: spend `{spend_id}` needs {cap}"
         )));
     }
-    resolve_approval(tx, spend_id, "approved", "approved by the operator", now)?;
+    resolve_approval(tx, spend_id, "approved", "approved by the operator", actor, now)?;
     let received = ms(spend.received_at_ms)?;
     let expires = now + i64::from(ttl) * 1000;
     place_hold(tx, spend_id, &spend.agent_id, &cap, &spend.merchant, received, expires, now)?;
@@ -1100,6 +1178,7 @@ fn commit_approval(
         tx,
         "approval_policies",
         &json!({ "spend_id": spend_id, "policies": decided.evaluations }),
+        actor,
         now,
     )?;
     spend_by_id(tx, spend_id)?.ok_or_else(|| StorageError::Invariant("approved spend vanished".into()))
@@ -1110,6 +1189,7 @@ impl<E: Engine> Storage for SqlStore<E> {
         &self,
         amount: &Amount,
         idempotency_key: Option<&str>,
+        actor: &Actor,
         now_ms: u64,
     ) -> Result<DepositRecord, StorageError> {
         self.write(|tx| {
@@ -1143,6 +1223,7 @@ impl<E: Engine> Storage for SqlStore<E> {
                     "amount": amount.to_decimal().to_string(),
                     "currency": amount.currency(),
                 }),
+                actor,
                 now,
             )?;
             Ok(DepositRecord { id, amount: amount.clone(), replayed: false })
@@ -1174,6 +1255,7 @@ impl<E: Engine> Storage for SqlStore<E> {
         &self,
         spend: &NewSpend,
         cards: &CardIssuance,
+        actor: &Actor,
         now_ms: u64,
         decide: &mut dyn FnMut(Arc<dyn History>) -> Decided,
     ) -> Result<Proposed, StorageError> {
@@ -1181,7 +1263,7 @@ impl<E: Engine> Storage for SqlStore<E> {
         // runs the policies again, and never commits twice.
         // One copy of the spend, shared by `check` and `commit` (which are
         // cloned into each attempt's write job).
-        let (spend, cards) = (Arc::new(spend.clone()), cards.clone());
+        let (spend, cards, actor) = (Arc::new(spend.clone()), cards.clone(), actor.clone());
         let again = Arc::clone(&spend);
         self.decide_and_commit(
             // The agent first: a proposal of a revoked agent commits nothing,
@@ -1192,7 +1274,7 @@ impl<E: Engine> Storage for SqlStore<E> {
                 Ok(replay(conn, &spend)?.map_or(Ok(()), Err))
             },
             &mut |(), history| decide(history),
-            move |tx, (), decided| commit_verdict(tx, &again, decided, &cards, now_ms),
+            move |tx, (), decided| commit_verdict(tx, &again, decided, &cards, &actor, now_ms),
         )
     }
 
@@ -1201,12 +1283,13 @@ impl<E: Engine> Storage for SqlStore<E> {
         spend_id: &str,
         default_ttl_seconds: u32,
         approval_ttl_ms: u64,
+        actor: &Actor,
         now_ms: u64,
         decide: &mut dyn FnMut(&SpendRecord, Arc<dyn History>) -> Decided,
     ) -> Result<SpendRecord, StorageError> {
         // As a proposal: the policies run again, and their decision commits
         // only if the spend still waits and what they read still holds.
-        let spend_id = spend_id.to_owned();
+        let (spend_id, actor) = (spend_id.to_owned(), actor.clone());
         self.decide_and_commit(
             move |conn| {
                 let spend = pending_spend(conn, &spend_id, approval_ttl_ms, now_ms)?;
@@ -1218,7 +1301,9 @@ impl<E: Engine> Storage for SqlStore<E> {
                 Ok(Ok(spend))
             },
             decide,
-            move |tx, spend, decided| commit_approval(tx, spend, decided, default_ttl_seconds, now_ms),
+            move |tx, spend, decided| {
+                commit_approval(tx, spend, decided, default_ttl_seconds, &actor, now_ms)
+            },
         )
     }
 
@@ -1227,11 +1312,12 @@ impl<E: Engine> Storage for SqlStore<E> {
         spend_id: &str,
         reason: &str,
         approval_ttl_ms: u64,
+        actor: &Actor,
         now_ms: u64,
     ) -> Result<SpendRecord, StorageError> {
         self.write(|tx| {
             pending_spend(tx, spend_id, approval_ttl_ms, now_ms)?;
-            resolve_approval(tx, spend_id, "denied", reason, ms(now_ms)?)?;
+            resolve_approval(tx, spend_id, "denied", reason, actor, ms(now_ms)?)?;
             spend_by_id(tx, spend_id)?.ok_or_else(|| StorageError::Invariant("denied spend vanished".into()))
         })
     }
@@ -1246,7 +1332,14 @@ impl<E: Engine> Storage for SqlStore<E> {
                 args![cutoff],
             )?;
             for row in &due {
-                resolve_approval(tx, &row.get::<String>(0)?, "expired", "approval expired", now)?;
+                resolve_approval(
+                    tx,
+                    &row.get::<String>(0)?,
+                    "expired",
+                    "approval expired",
+                    &Actor::System,
+                    now,
+                )?;
             }
             Ok(due.len())
         })
@@ -1326,12 +1419,13 @@ impl<E: Engine> Storage for SqlStore<E> {
         &self,
         request: &AuthorizationRequest,
         key: &CardKey,
+        actor: &Actor,
         now_ms: u64,
     ) -> Result<AuthorizationOutcome, StorageError> {
-        self.write(|tx| authorize(tx, request, key, now_ms))
+        self.write(|tx| authorize(tx, request, key, actor, now_ms))
     }
 
-    fn void_card(&self, card_id: &str, now_ms: u64) -> Result<CardRecord, StorageError> {
+    fn void_card(&self, card_id: &str, actor: &Actor, now_ms: u64) -> Result<CardRecord, StorageError> {
         self.write(|tx| {
             let card = find_card(tx, "id", card_id)?
                 .ok_or_else(|| StorageError::NotFound(format!("card `{card_id}`")))?;
@@ -1344,7 +1438,7 @@ impl<E: Engine> Storage for SqlStore<E> {
             let now = ms(now_ms)?;
             let cap = &card.record.cap;
             resolve_hold(tx, card.hold_id, "voided", cap.currency(), cap.units(), 0, now)?;
-            append_audit(tx, "card_void", &json!({ "card_id": card_id }), now)?;
+            append_audit(tx, "card_void", &json!({ "card_id": card_id }), actor, now)?;
             find_card(tx, "id", card_id)?
                 .map(|c| c.record)
                 .ok_or_else(|| StorageError::Invariant("voided card vanished".into()))
@@ -1396,16 +1490,26 @@ impl<E: Engine> Storage for SqlStore<E> {
         })
     }
 
-    fn audit(&self, kind: &str, record: &serde_json::Value, now_ms: u64) -> Result<(), StorageError> {
-        self.write(|tx| append_audit(tx, kind, record, ms(now_ms)?))
+    fn audit(
+        &self,
+        kind: &str,
+        record: &serde_json::Value,
+        actor: &Actor,
+        now_ms: u64,
+    ) -> Result<(), StorageError> {
+        self.write(|tx| append_audit(tx, kind, record, actor, ms(now_ms)?))
     }
 
     fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StorageError> {
         self.read(|conn| read_audit(conn, after, limit))
     }
 
-    fn verify_audit(&self) -> Result<Result<u64, AuditBreak>, StorageError> {
-        self.read(|conn| Ok(verify_chain(&read_audit(conn, 0, usize::MAX)?)))
+    fn verify_audit(
+        &self,
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<Result<AuditHead, AuditBreak>, StorageError> {
+        let key = self.audit_key.get().map(Arc::as_ref);
+        self.read(|conn| Ok(verify_chain(&read_audit(conn, 0, usize::MAX)?, key, checkpoint)))
     }
 
     fn check_invariants(&self) -> Result<(), String> {

@@ -26,6 +26,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("../../migrations/sqlite/0002_daemon.sql")),
         M::up(include_str!("../../migrations/sqlite/0003_history_covering.sql")),
         M::up(include_str!("../../migrations/sqlite/0004_revocation_and_authorizations.sql")),
+        M::up(include_str!("../../migrations/sqlite/0005_token_labels_and_uses.sql")),
     ])
 }
 
@@ -607,7 +608,7 @@ mod tests {
         let durability = &storage.engine.shared.durability;
         // One at a time: an fsync each, covering exactly what was committed.
         for i in 1..=5 {
-            storage.deposit(&usd(100), None, 1_000).unwrap();
+            storage.deposit(&usd(100), None, &crate::storage::Actor::System, 1_000).unwrap();
             assert_eq!(durability.committed.load(Ordering::Acquire), i);
             assert_eq!(*durability.synced.lock().unwrap(), i, "returned before its commit was synced");
             assert_eq!(durability.fsyncs.load(Ordering::Relaxed), i);
@@ -621,7 +622,7 @@ mod tests {
                 let storage = &storage;
                 s.spawn(move || {
                     for _ in 0..20 {
-                        storage.deposit(&usd(1), None, 1_000).unwrap();
+                        storage.deposit(&usd(1), None, &crate::storage::Actor::System, 1_000).unwrap();
                     }
                 });
             }
@@ -700,11 +701,11 @@ mod tests {
         let path = dir.path().join("db");
         let storage = SqliteStorage::open(&path).unwrap();
         let usd = |u| Amount::from_units(u, "USD").unwrap();
-        storage.deposit(&usd(1), None, 1_000).unwrap();
+        storage.deposit(&usd(1), None, &crate::storage::Actor::System, 1_000).unwrap();
         std::thread::sleep(CHECKPOINT_EVERY * 4);
         let before = std::fs::metadata(&path).unwrap().len();
         for _ in 0..300 {
-            storage.deposit(&usd(1), None, 1_000).unwrap();
+            storage.deposit(&usd(1), None, &crate::storage::Actor::System, 1_000).unwrap();
         }
         let wal = std::fs::metadata(dir.path().join("db-wal")).unwrap().len();
         assert!(

@@ -10,7 +10,8 @@ use sha2::{Digest, Sha256};
 
 use super::{Conn, Engine, Row, SqlStore, append_audit, args, from_ms, ms, resolve_approval, resolve_hold};
 use crate::storage::{
-    AgentRecord, Attachment, PolicyRecord, Registry, Role, StorageError, TokenInfo, new_id,
+    Actor, AgentRecord, Attachment, PolicyRecord, Registry, Role, StorageError, TokenInfo, TokenRecord,
+    new_id,
 };
 
 /// A token by its hash (the `UNIQUE` index on `hash`), revoked when the
@@ -66,7 +67,47 @@ pub(crate) const PENDING_OF_AGENT_SQL: &str = "SELECT s.id FROM spends s
 /// Why a revoked agent's spends waiting for approval were denied.
 pub const REVOKED_REASON: &str = "the agent was revoked";
 
-fn insert_token(conn: &dyn Conn, role: &Role, token_hash: &str, now: i64) -> Result<String, StorageError> {
+/// Every token with its label, last recorded use and revocation, oldest first.
+pub(crate) const TOKENS_SQL: &str = "SELECT t.id, t.role, t.agent_id, t.label, t.created_at_ms,
+        (SELECT MAX(u.used_at_ms) FROM token_uses u WHERE u.token_id = t.id),
+        COALESCE((SELECT r.revoked_at_ms FROM token_revocations r WHERE r.token_id = t.id),
+                 (SELECT a.revoked_at_ms FROM agent_revocations a WHERE a.agent_id = t.agent_id))
+     FROM tokens t";
+
+/// Operator tokens neither revoked nor of a revoked agent (operators have none).
+pub(crate) const LIVE_OPERATORS_SQL: &str = "SELECT CAST(COUNT(*) AS BIGINT) FROM tokens t
+     WHERE t.role = 'operator' AND NOT EXISTS (SELECT 1 FROM token_revocations r WHERE r.token_id = t.id)";
+
+/// A use of a token, at most one row per token and millisecond; a token
+/// that does not exist (a use from another wallet's daemon) is skipped.
+pub(crate) const TOKEN_USE_SQL: &str = "INSERT INTO token_uses (token_id, used_at_ms)
+     SELECT CAST(?1 AS TEXT), CAST(?2 AS BIGINT) WHERE EXISTS (SELECT 1 FROM tokens WHERE id = ?1)
+     ON CONFLICT DO NOTHING";
+
+fn token_record(r: &Row) -> Result<TokenRecord, StorageError> {
+    let (id, role): (String, String) = (r.get(0)?, r.get(1)?);
+    let role = parse_role(&id, &role, r.get(2)?)?;
+    Ok(TokenRecord {
+        role,
+        label: r.get(3)?,
+        created_at_ms: from_ms(r.get(4)?),
+        last_used_at_ms: r.get::<Option<i64>>(5)?.map(from_ms),
+        revoked_at_ms: r.get::<Option<i64>>(6)?.map(from_ms),
+        id,
+    })
+}
+
+fn token_by_id(conn: &dyn Conn, id: &str) -> Result<Option<TokenRecord>, StorageError> {
+    conn.row(&format!("{TOKENS_SQL} WHERE t.id = ?1"), args![id])?.as_ref().map(token_record).transpose()
+}
+
+fn insert_token(
+    conn: &dyn Conn,
+    role: &Role,
+    token_hash: &str,
+    label: &str,
+    now: i64,
+) -> Result<String, StorageError> {
     let agent_id = match role {
         Role::Agent(agent_id) => {
             if !agent_exists(conn, agent_id)? {
@@ -78,8 +119,8 @@ fn insert_token(conn: &dyn Conn, role: &Role, token_hash: &str, now: i64) -> Res
     };
     let id = new_id("tok");
     conn.execute(
-        "INSERT INTO tokens (id, role, agent_id, hash, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-        args![&id, role.name(), agent_id, token_hash, now],
+        "INSERT INTO tokens (id, role, agent_id, hash, label, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        args![&id, role.name(), agent_id, token_hash, label, now],
     )?;
     Ok(id)
 }
@@ -174,10 +215,17 @@ fn parse_role(id: &str, role: &str, agent_id: Option<String>) -> Result<Role, St
 }
 
 impl<E: Engine> Registry for SqlStore<E> {
-    fn add_token(&self, role: &Role, token_hash: &str, now_ms: u64) -> Result<String, StorageError> {
+    fn add_token(
+        &self,
+        role: &Role,
+        token_hash: &str,
+        label: &str,
+        actor: &Actor,
+        now_ms: u64,
+    ) -> Result<String, StorageError> {
         let now = ms(now_ms)?;
         self.write(|tx| {
-            let id = insert_token(tx, role, token_hash, now)?;
+            let id = insert_token(tx, role, token_hash, label, now)?;
             let agent = match role {
                 Role::Agent(agent_id) => Some(agent_id.as_str()),
                 _ => None,
@@ -185,10 +233,60 @@ impl<E: Engine> Registry for SqlStore<E> {
             append_audit(
                 tx,
                 "token_created",
-                &json!({ "token_id": id, "role": role.name(), "agent_id": agent }),
+                &json!({ "token_id": id, "role": role.name(), "agent_id": agent, "label": label }),
+                actor,
                 now,
             )?;
             Ok(id)
+        })
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StorageError> {
+        self.read(|conn| {
+            conn.rows(&format!("{TOKENS_SQL} ORDER BY t.created_at_ms, t.id"), &[])?
+                .iter()
+                .map(token_record)
+                .collect()
+        })
+    }
+
+    fn revoke_token(&self, id: &str, actor: &Actor, now_ms: u64) -> Result<TokenRecord, StorageError> {
+        let now = ms(now_ms)?;
+        self.write(|tx| {
+            let token = token_by_id(tx, id)?.ok_or_else(|| StorageError::NotFound(format!("token `{id}`")))?;
+            if token.revoked_at_ms.is_some() {
+                return Err(StorageError::InvalidState(format!("token `{id}` is already revoked")));
+            }
+            // Under the write lock: two revocations racing for the last two
+            // operator tokens cannot both pass this check.
+            if token.role == Role::Operator && tx.one(LIVE_OPERATORS_SQL, &[])?.get::<i64>(0)? <= 1 {
+                return Err(StorageError::LastOperatorToken(id.to_owned()));
+            }
+            tx.execute("INSERT INTO token_revocations (token_id, revoked_at_ms) VALUES (?1, ?2)", args![id, now])?;
+            let agent = match &token.role {
+                Role::Agent(agent_id) => Some(agent_id.as_str()),
+                _ => None,
+            };
+            append_audit(
+                tx,
+                "token_revoked",
+                &json!({ "token_id": id, "role": token.role.name(), "agent_id": agent, "label": token.label }),
+                actor,
+                now,
+            )?;
+            token_by_id(tx, id)?.ok_or_else(|| StorageError::Invariant(format!("token `{id}` vanished")))
+        })
+    }
+
+    fn record_token_uses(&self, uses: &[(String, u64)]) -> Result<(), StorageError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        self.write(|tx| {
+            for (id, at_ms) in uses {
+                tx.execute(TOKEN_USE_SQL, args![id, ms(*at_ms)?])?;
+            }
+            Ok(())
         })
     }
 
@@ -206,6 +304,7 @@ impl<E: Engine> Registry for SqlStore<E> {
         name: &str,
         module: &[u8],
         sha256: &str,
+        actor: &Actor,
         now_ms: u64,
     ) -> Result<PolicyRecord, StorageError> {
         let now = ms(now_ms)?;
@@ -227,6 +326,7 @@ impl<E: Engine> Registry for SqlStore<E> {
                 tx,
                 "policy_uploaded",
                 &json!({ "name": name, "version": version, "sha256": sha256, "size": module.len() }),
+                actor,
                 now,
             )?;
             Ok(record)
@@ -270,6 +370,7 @@ impl<E: Engine> Registry for SqlStore<E> {
         &self,
         agent: &AgentRecord,
         token_hash: &str,
+        actor: &Actor,
         now_ms: u64,
     ) -> Result<AgentRecord, StorageError> {
         let now = ms(now_ms)?;
@@ -284,7 +385,8 @@ impl<E: Engine> Registry for SqlStore<E> {
                 args![&agent.id, &agent.name, &labels, now],
             )?;
             insert_set(tx, &agent.id, &agent.attachments, now)?;
-            insert_token(tx, &Role::Agent(agent.id.clone()), token_hash, now)?;
+            // The agent's token is labelled with its name.
+            insert_token(tx, &Role::Agent(agent.id.clone()), token_hash, &agent.name, now)?;
             // Never the token or its hash: the trail is readable by whoever
             // audits, and a hash of a token is as good as the token to look it up.
             append_audit(
@@ -296,6 +398,7 @@ impl<E: Engine> Registry for SqlStore<E> {
                     "labels": agent.labels,
                     "policies": audit_policies(&agent.attachments),
                 }),
+                actor,
                 now,
             )?;
             agent_by_id(tx, &agent.id)?.ok_or_else(|| {
@@ -312,7 +415,7 @@ impl<E: Engine> Registry for SqlStore<E> {
         self.read(|conn| agent_by_id(conn, id))
     }
 
-    fn revoke_agent(&self, id: &str, now_ms: u64) -> Result<AgentRecord, StorageError> {
+    fn revoke_agent(&self, id: &str, actor: &Actor, now_ms: u64) -> Result<AgentRecord, StorageError> {
         let now = ms(now_ms)?;
         self.write(|tx| {
             let agent =
@@ -341,7 +444,7 @@ impl<E: Engine> Registry for SqlStore<E> {
             }
             let pending = tx.rows(PENDING_OF_AGENT_SQL, args![id])?;
             for spend in &pending {
-                resolve_approval(tx, &spend.get::<String>(0)?, "denied", REVOKED_REASON, now)?;
+                resolve_approval(tx, &spend.get::<String>(0)?, "denied", REVOKED_REASON, actor, now)?;
             }
             append_audit(
                 tx,
@@ -353,6 +456,7 @@ impl<E: Engine> Registry for SqlStore<E> {
                     "holds_released": holds_released,
                     "approvals_denied": pending.len(),
                 }),
+                actor,
                 now,
             )?;
             Ok(AgentRecord { revoked: true, ..agent })
@@ -363,6 +467,7 @@ impl<E: Engine> Registry for SqlStore<E> {
         &self,
         id: &str,
         attachments: &[Attachment],
+        actor: &Actor,
         now_ms: u64,
     ) -> Result<AgentRecord, StorageError> {
         let now = ms(now_ms)?;
@@ -377,6 +482,7 @@ impl<E: Engine> Registry for SqlStore<E> {
                 tx,
                 "attachments_set",
                 &json!({ "agent_id": id, "policies": audit_policies(attachments) }),
+                actor,
                 now,
             )?;
             Ok(AgentRecord { attachments: attachments.to_vec(), ..agent })
