@@ -134,6 +134,19 @@ impl Merchant {
         }
         format!("{} ({})", self.name, details.join(", "))
     }
+
+    /// A warning for whoever reads the merchant's name, when it mixes
+    /// scripts (a Cyrillic letter among Latin ones), as a name imitating
+    /// another merchant's does. Names are free text, so such a name is
+    /// accepted, and flagged here.
+    pub fn warning(&self) -> Option<String> {
+        spendguard::lookalike::mixed_scripts(&self.name).map(|scripts| {
+            format!(
+                "the merchant's name mixes scripts ({}): it may imitate another merchant's",
+                scripts.join(", ")
+            )
+        })
+    }
 }
 
 impl Spend {
@@ -163,8 +176,14 @@ pub fn reason_text(reason: &Value) -> String {
 /// CVV when the daemon sent them, then whatever else it sent.
 pub fn write_spend(out: &mut dyn Write, spend: &Spend) -> anyhow::Result<()> {
     match &spend.card {
-        Some(card) => writeln!(out, "{}  {} card {}", spend.status, spend.id, card.summary())?,
-        None => writeln!(out, "{}  {}", spend.status, spend.id)?,
+        Some(card) => writeln!(
+            out,
+            "{}  {} card {}",
+            render::clean(&spend.status),
+            render::clean(&spend.id),
+            render::clean(&card.summary())
+        )?,
+        None => writeln!(out, "{}  {}", render::clean(&spend.status), render::clean(&spend.id))?,
     }
     if let Some(card) = &spend.card {
         if let Some(pan) = &card.pan {
@@ -188,6 +207,9 @@ pub fn write_spend(out: &mut dyn Write, spend: &Spend) -> anyhow::Result<()> {
     }
     if let Some(merchant) = &spend.merchant {
         render::labelled(out, "merchant", &merchant.describe())?;
+        if let Some(warning) = merchant.warning() {
+            render::labelled(out, "warning", &warning)?;
+        }
     }
     if let Some(purpose) = &spend.purpose {
         render::labelled(out, "purpose", purpose)?;
