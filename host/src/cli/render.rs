@@ -222,6 +222,20 @@ mod tests {
         let mut out = Vec::new();
         labelled(&mut out, "reason", "a\nb").unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "reason:   a\\u{a}b\n");
+
+        // A table cell too (audit details, names, merchants), and the
+        // columns still line up on what is shown.
+        let mut table = Table::new(&["KIND", "DETAIL"]);
+        table.row(vec!["spend".into(), "reason=\u{1b}[2J\r\u{202e}x".into()]);
+        table.row(vec!["deposit".into(), "ok".into()]);
+        let mut out = Vec::new();
+        table.write(&mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "KIND     DETAIL\n\
+             spend    reason=\\u{1b}[2J\\u{d}\\u{202e}x\n\
+             deposit  ok\n"
+        );
     }
 
     #[test]
