@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
     match which % 8 {
         0 => check(parse_proposal(body, &headers), |p| {
             check_amount(&p.amount);
-            check_text(&p.merchant.id, MAX_NAME_CHARS, true);
+            check_merchant_id(&p.merchant.id);
             check_text(&p.merchant.name, MAX_NAME_CHARS, false);
             check_text(&p.purpose, MAX_PURPOSE_CHARS, false);
             assert!(check_mcc("mcc", &p.merchant.mcc).is_ok());
@@ -63,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
             assert!((12..=19).contains(&a.pan.len()) && a.pan.bytes().all(|b| b.is_ascii_digit()));
             assert!((3..=4).contains(&a.cvv.len()) && a.cvv.bytes().all(|b| b.is_ascii_digit()));
             assert!((1..=12).contains(&a.exp_month));
-            check_text(&a.merchant_id, MAX_NAME_CHARS, true);
+            check_merchant_id(&a.merchant_id);
             check_key(a.idempotency_key.as_deref(), &headers);
         }),
         6 => {
@@ -125,6 +125,12 @@ fn check_text(value: &str, max: usize, required: bool) {
     assert!(!required || !value.trim().is_empty(), "{value:?}");
     assert!(value.chars().count() <= max, "{value:?}");
     assert!(!value.chars().any(char::is_control), "{value:?}");
+}
+
+/// An accepted merchant id is text as above, and no lookalike of another.
+fn check_merchant_id(id: &str) {
+    check_text(id, MAX_NAME_CHARS, true);
+    assert!(spendguard::lookalike::check_merchant_id(id).is_ok(), "{id:?}");
 }
 
 fn check_key(key: Option<&str>, headers: &HeaderMap) {

@@ -186,6 +186,15 @@ pub fn check_country(field: &str, country: &str) -> Result<(), InputError> {
     }
 }
 
+/// A merchant id the daemon would take: no lookalike of another id (see
+/// [`crate::lookalike`]), so a case never tests what cannot happen.
+pub fn check_merchant_id(field: &str, id: &str) -> Result<(), InputError> {
+    crate::lookalike::check_merchant_id(id).map_err(|why| InputError::Field {
+        field: field.into(),
+        message: format!("{why}: {}", crate::lookalike::INSTEAD),
+    })
+}
+
 impl RequestDoc {
     pub fn to_request(&self) -> Result<SpendRequest, InputError> {
         let amount = parse_amount("request.amount", &self.amount, &self.currency)?;
@@ -197,6 +206,7 @@ impl RequestDoc {
                 message: "must not be empty".into(),
             });
         }
+        check_merchant_id("request.merchant.id", &self.merchant.id)?;
         let received_at_ms = parse_time_ms("request.at", self.at.as_deref().unwrap_or(DEFAULT_RECEIVED_AT))?;
         let agent = match &self.agent {
             Some(a) => Agent {
@@ -226,6 +236,7 @@ impl RequestDoc {
 pub fn to_history(entries: &[HistoryEntry]) -> Result<StaticHistory, InputError> {
     let mut spends = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
+        check_merchant_id(&format!("history[{i}].merchant_id"), &e.merchant_id)?;
         spends.push(PastSpend {
             amount: parse_amount(&format!("history[{i}].amount"), &e.amount, &e.currency)?,
             merchant_id: e.merchant_id.clone(),

@@ -9,7 +9,7 @@ mod daemon;
 mod input;
 mod network;
 mod policy;
-mod render;
+pub(crate) mod render;
 mod spend;
 mod token;
 mod wallet;
@@ -98,7 +98,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match result {
         Err(err) => match err.downcast::<UsageError>() {
             Ok(usage) => {
-                eprintln!("error: {usage}");
+                eprintln!("error: {}", render::clean(&usage.to_string()));
                 Ok(ExitCode::from(EXIT_INVALID_INPUT))
             }
             Err(err) => Err(err),

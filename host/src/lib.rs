@@ -10,6 +10,7 @@ pub mod config;
 pub mod datadir;
 pub mod history;
 pub mod ledger;
+pub mod lookalike;
 pub mod money;
 pub mod policy;
 pub mod sandbox;

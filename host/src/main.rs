@@ -12,7 +12,9 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // Errors may quote what the daemon or a file said: no raw
+            // control or direction characters reach the terminal.
+            eprintln!("error: {}", cli::render::clean(&format!("{err:#}")));
             ExitCode::from(cli::EXIT_FAILURE)
         }
     }

@@ -10,6 +10,7 @@ mod limits;
 mod v0_1;
 
 pub use cache::ArtifactCache;
+use cache::ArtifactKey;
 pub use layout::{MemoryLayout, RECOMMENDED_STACK_BYTES, memory_layout};
 
 use std::borrow::Cow;
@@ -125,6 +126,38 @@ impl fmt::Display for Fault {
             Fault::HostError(m) => write!(f, "host error: {m}"),
         }
     }
+}
+
+/// The engine's compatibility fingerprint, stable across runs of one build:
+/// wasmtime's own compatibility hash (its version, the target triple, the
+/// compiler's and the ISA's flags, the tunables — fuel metering, epoch
+/// interruption, stack and memory bounds — and the wasm features), and this
+/// host's version and target, hashed with SHA-256.
+fn engine_fingerprint(engine: &Engine) -> String {
+    use std::hash::Hash;
+    /// A `Hasher` that feeds SHA-256 (the standard library's hashers are not
+    /// stable from one build to the next).
+    struct Sha(Sha256);
+    impl std::hash::Hasher for Sha {
+        fn finish(&self) -> u64 {
+            // Never used: the digest is read from the inner SHA-256.
+            0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.update(bytes);
+        }
+    }
+    let mut h = Sha(Sha256::new());
+    engine.precompile_compatibility_hash().hash(&mut h);
+    for part in [env!("CARGO_PKG_VERSION"), std::env::consts::ARCH, std::env::consts::OS] {
+        part.hash(&mut h);
+    }
+    hex::encode(h.0.finalize())
+}
+
+/// Every limit, as one string (they all shape what an artifact may be).
+fn limits_fingerprint(limits: &Limits) -> String {
+    serde_json::to_string(limits).unwrap_or_else(|_| format!("{limits:?}"))
 }
 
 /// The deny reason for a fault of policy `name`.
@@ -305,12 +338,7 @@ impl Sandbox {
             }
         })?;
 
-        let compiled_with = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            engine.precompile_compatibility_hash().hash(&mut h);
-            (format!("{:016x}", h.finish()), format!("{limits:?}"))
-        };
+        let compiled_with = (engine_fingerprint(&engine), limits_fingerprint(&limits));
         Ok(Sandbox { engine, linker, slots: Slots::new(slots), limits, ticker, cache: None, compiled_with })
     }
 
@@ -333,11 +361,12 @@ impl Sandbox {
             return Err(LoadError::TooLarge { size: bytes.len(), max: self.limits.max_module_bytes });
         }
         let sha256 = hex::encode(Sha256::digest(bytes));
-        let cached_as = self
-            .cache
-            .as_ref()
-            .map(|_| ArtifactCache::name(&sha256, &self.compiled_with.0, &self.compiled_with.1));
-        let (component, from_cache) = match self.cached(cached_as.as_deref()) {
+        let key = ArtifactKey {
+            module_sha256: &sha256,
+            engine: &self.compiled_with.0,
+            limits: &self.compiled_with.1,
+        };
+        let (component, from_cache) = match self.cached(&key) {
             Some(component) => (component, true),
             None => (self.compile(bytes)?, false),
         };
@@ -355,9 +384,9 @@ impl Sandbox {
             self.linker.instantiate_pre(&component).map_err(|e| LoadError::WrongExports(format!("{e:#}")))?;
         let pre = v0_1::SpendPolicyPre::new(pre).map_err(|e| LoadError::WrongExports(format!("{e:#}")))?;
         // Stored only once every check has passed.
-        if let (Some(cache), Some(name), false) = (&self.cache, &cached_as, from_cache) {
+        if let (Some(cache), false) = (&self.cache, from_cache) {
             match component.serialize() {
-                Ok(artifact) => cache.put(name, &artifact),
+                Ok(artifact) => cache.put(&key, &artifact),
                 Err(e) => tracing::warn!(error = %e, "cannot serialize a compiled policy"),
             }
         }
@@ -395,14 +424,16 @@ impl Sandbox {
     /// The component compiled earlier from the same module, with the same
     /// engine settings and limits, if the cache holds it and vouches for it.
     #[allow(unsafe_code)]
-    fn cached(&self, name: Option<&str>) -> Option<Component> {
-        let artifact = self.cache.as_ref()?.get(name?)?;
+    fn cached(&self, key: &ArtifactKey<'_>) -> Option<Component> {
+        let artifact = self.cache.as_ref()?.get(key)?;
         // SAFETY: `Component::deserialize` trusts its bytes to be wasmtime's
         // own output. These are: the cache holds only what `load` serialized
         // after every check passed, in the owner-only data directory, and
         // `get` returned them only because their HMAC under the data
-        // directory's secret verified. wasmtime itself refuses an artifact of
-        // another version or configuration.
+        // directory's secret verified for exactly this module's sha256, this
+        // engine's fingerprint and these limits (so they are what this
+        // engine compiled from these very module bytes). wasmtime itself
+        // also refuses an artifact of another version or configuration.
         match unsafe { Component::deserialize(&self.engine, &artifact) } {
             Ok(component) => Some(component),
             Err(e) => {

@@ -12,6 +12,7 @@ mod cluster;
 mod crash;
 mod daemon;
 mod guests;
+mod hardening;
 mod hostile;
 mod policies;
 mod races;

@@ -188,7 +188,7 @@ fn create(conn: &ConnArgs, args: CreateArgs, out: &mut dyn Write) -> anyhow::Res
         return reply.print(out);
     }
     let created: Created = reply.parse()?;
-    writeln!(out, "created agent {} ({})", created.id, created.name)?;
+    writeln!(out, "created agent {} ({})", render::clean(&created.id), render::clean(&created.name))?;
     writeln!(out)?;
     writeln!(out, "    token: {}", created.token)?;
     writeln!(out)?;
@@ -228,7 +228,14 @@ fn list(conn: &ConnArgs, args: ListArgs, out: &mut dyn Write) -> anyhow::Result<
 
 /// `STATE  ID  NAME  policies: …`, after a change.
 fn write_agent(out: &mut dyn Write, agent: &Agent) -> anyhow::Result<()> {
-    writeln!(out, "{}  {}  {}  policies: {}", agent.state(), agent.id, agent.name, agent.policies())?;
+    writeln!(
+        out,
+        "{}  {}  {}  policies: {}",
+        agent.state(),
+        render::clean(&agent.id),
+        render::clean(&agent.name),
+        render::clean(&agent.policies())
+    )?;
     Ok(())
 }
 

@@ -83,17 +83,20 @@ fn list(conn: &ConnArgs, args: ListArgs, out: &mut dyn Write) -> anyhow::Result<
         writeln!(
             out,
             "{}  {}  {}  agent {}  {}",
-            spend.id,
-            spend.amount(),
-            merchant,
-            render::or_missing(spend.agent_id.as_deref()),
-            render::or_missing(spend.received_at.as_deref()),
+            render::clean(&spend.id),
+            render::clean(&spend.amount()),
+            render::clean(&merchant),
+            render::clean(&render::or_missing(spend.agent_id.as_deref())),
+            render::clean(&render::or_missing(spend.received_at.as_deref())),
         )?;
+        if let Some(warning) = spend.merchant.as_ref().and_then(spend::Merchant::warning) {
+            writeln!(out, "  warning: {}", render::clean(&warning))?;
+        }
         if let Some(purpose) = &spend.purpose {
-            writeln!(out, "  purpose: {purpose}")?;
+            writeln!(out, "  purpose: {}", render::clean(purpose))?;
         }
         for reason in &spend.reasons {
-            writeln!(out, "  reason:  {}", spend::reason_text(reason))?;
+            writeln!(out, "  reason:  {}", render::clean(&spend::reason_text(reason)))?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -110,7 +113,11 @@ fn approve(conn: &ConnArgs, args: ApproveArgs, out: &mut dyn Write) -> anyhow::R
     if approved.card.is_none() {
         // The card is made when its agent collects it, so that only the
         // agent ever sees its PAN and CVV.
-        writeln!(out, "the agent collects its card with `spendguard spend show {}`", approved.id)?;
+        writeln!(
+            out,
+            "the agent collects its card with `spendguard spend show {}`",
+            render::clean(&approved.id)
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -175,7 +175,12 @@ fn void(conn: &ConnArgs, args: VoidArgs, out: &mut dyn Write) -> anyhow::Result<
         return reply.print(out);
     }
     let card: Card = reply.parse()?;
-    writeln!(out, "{}  {}", render::or_missing(card.state.as_deref()), card.summary())?;
+    writeln!(
+        out,
+        "{}  {}",
+        render::clean(&render::or_missing(card.state.as_deref())),
+        render::clean(&card.summary())
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -343,7 +343,7 @@ impl Reply {
 
     /// `--json`: the body as the daemon sent it.
     pub fn print(&self, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
-        writeln!(out, "{}", self.body.trim()).context("cannot write to stdout")?;
+        writeln!(out, "{}", super::render::json_safe(self.body.trim())).context("cannot write to stdout")?;
         Ok(ExitCode::SUCCESS)
     }
 }

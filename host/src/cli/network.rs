@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::client::{Client, ConnArgs, OutputArgs};
-use super::input;
+use super::{input, render};
 
 #[derive(Debug, Subcommand)]
 pub enum NetworkCommand {
@@ -105,7 +105,11 @@ fn authorize(conn: &ConnArgs, args: AuthorizeArgs, out: &mut dyn Write) -> anyho
     if answer.approved {
         writeln!(out, "approved")?;
     } else {
-        writeln!(out, "declined: {}", answer.decline_code.as_deref().unwrap_or("unspecified"))?;
+        writeln!(
+            out,
+            "declined: {}",
+            render::clean(answer.decline_code.as_deref().unwrap_or("unspecified"))
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

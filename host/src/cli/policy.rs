@@ -125,9 +125,13 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         Ok(policy) => policy,
         Err(err) => {
             if args.json {
-                println!("{}", json!({ "ok": false, "error": format!("{err:#}") }));
+                println!(
+                    "{}",
+                    render::json_safe(&json!({ "ok": false, "error": format!("{err:#}") }).to_string())
+                );
             } else {
-                eprintln!("error: {err:#}");
+                // The module's own names (a foreign import's) are in it.
+                eprintln!("error: {}", render::clean(&format!("{err:#}")));
             }
             return Ok(ExitCode::from(EXIT_FAILURE));
         }
@@ -155,8 +159,8 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         println!("sha256:  {}", policy.sha256());
         println!("size:    {} bytes", policy.size());
         println!("world:   {}", policy.world());
-        println!("imports: {}", policy.imports().join(", "));
-        println!("exports: {}", policy.exports().join(", "));
+        println!("imports: {}", render::clean(&policy.imports().join(", ")));
+        println!("exports: {}", render::clean(&policy.exports().join(", ")));
         if let Some(layout) = layout {
             let stack = layout.stack_bytes.map_or_else(|| "unknown".into(), |s| format!("{} KiB", s / 1024));
             println!("memory:  {} KiB at start, stack {stack}", layout.initial_bytes / 1024);
@@ -193,9 +197,9 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
         Outcome::Evaluated(run) => (run.fuel_used, run.elapsed, &run.logs, run.outcome.as_ref().err()),
         Outcome::ConfigRefused(run) => (run.fuel_used, run.elapsed, &run.logs, run.outcome.as_ref().err()),
     };
-    println!(
-        "{}",
-        json!({
+    // A policy's reason and log lines are its author's text: the JSON has
+    // no raw control or direction characters (the same value, escaped).
+    let report = json!({
             "decision": decision.kind(),
             "reason": decision.reason(),
             "card_terms": decision.card_terms(),
@@ -203,15 +207,15 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
             "elapsed_us": u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             "logs": logs,
             "fault": fault,
-        })
-    );
+    });
+    println!("{}", render::json_safe(&report.to_string()));
     Ok(ExitCode::SUCCESS)
 }
 
 fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
     let name = policy_name(&args.file, args.name);
     let invalid = |err: anyhow::Error| {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", render::clean(&format!("{err:#}")));
         Ok(ExitCode::from(EXIT_INVALID_INPUT))
     };
     let file: CasesFile = match read_json(&args.cases) {
@@ -240,11 +244,11 @@ fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
         match case.run(&sandbox, &policy, &name) {
             Ok(_) => {
                 passed += 1;
-                println!("ok    {}", case.name);
+                println!("ok    {}", render::clean(&case.name));
             }
             Err(failure) => {
                 failed += 1;
-                println!("FAIL  {}: {failure}", case.name);
+                println!("FAIL  {}: {}", render::clean(&case.name), render::clean(&failure.to_string()));
             }
         }
     }
@@ -295,7 +299,12 @@ fn upload(conn: &ConnArgs, args: UploadArgs, out: &mut dyn Write) -> anyhow::Res
         return reply.print(out);
     }
     let policy: Registered = reply.parse()?;
-    writeln!(out, "uploaded {}@{}", policy.name, version_text(&policy.version))?;
+    writeln!(
+        out,
+        "uploaded {}@{}",
+        render::clean(&policy.name),
+        render::clean(&version_text(&policy.version))
+    )?;
     render::labelled(out, "sha256", &policy.sha256)?;
     Ok(ExitCode::SUCCESS)
 }

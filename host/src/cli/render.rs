@@ -1,6 +1,7 @@
 //! Human output of the daemon verbs: aligned tables, labelled lines, money
 //! and masked card numbers.
 
+use std::borrow::Cow;
 use std::io::Write;
 
 /// Width of a label column (`merchant: `), so the values line up.
@@ -11,6 +12,69 @@ const GAP: &str = "  ";
 
 /// Shown for a value the daemon did not send.
 pub const MISSING: &str = "-";
+
+/// Whether `c` must not reach a terminal as it is: a C0 or C1 control
+/// (ESC starts an escape sequence, CR rewrites the line, LF forges a new
+/// one, BS and DEL erase), or a character that reorders or splits the text
+/// around it unseen — bidirectional marks, embeddings, overrides and
+/// isolates ("Trojan Source"), and the line and paragraph separators.
+pub fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+                | '\u{2028}' | '\u{2029}'
+        )
+}
+
+/// Text written by someone else (a policy's reasons and logs, an agent's
+/// purpose and merchant, names and labels, audit records), made safe to
+/// print on a terminal: every [`is_unsafe`] character is shown as its
+/// escape, `\u{1b}`, so it is seen and does nothing. Everything else,
+/// other scripts and emoji included, is left as it is. Every human output
+/// of the CLI goes through here.
+pub fn clean(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(is_unsafe) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if is_unsafe(c) {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A JSON document made safe to print with the same value: the characters
+/// of [`is_unsafe`] that JSON lets stand raw in a string (DEL, C1 controls,
+/// bidirectional controls, separators) become `\uXXXX` escapes, which every
+/// JSON parser reads back as the same characters. (Raw C0 controls are not
+/// valid JSON in the first place; serde writes them escaped.) Outside strings
+/// valid JSON holds none of these characters, so the rewrite keeps a valid
+/// document valid.
+pub fn json_safe(json: &str) -> Cow<'_, str> {
+    if !json.chars().any(is_unsafe_in_json) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 8);
+    for c in json.chars() {
+        if is_unsafe_in_json(c) {
+            // INVARIANT: every such character is in the BMP (one UTF-16 unit).
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// What [`json_safe`] rewrites: JSON's own whitespace stays.
+fn is_unsafe_in_json(c: char) -> bool {
+    is_unsafe(c) && !matches!(c, '\n' | '\r' | '\t') && u32::from(c) <= 0xffff
+}
 
 /// A table: a header and rows, each cell padded to its column's width.
 #[derive(Debug)]
@@ -24,8 +88,9 @@ impl Table {
         Table { header: header.to_vec(), rows: Vec::new() }
     }
 
+    /// A row; each cell is [`clean`]ed.
     pub fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
+        self.rows.push(cells.into_iter().map(|c| clean(&c).into_owned()).collect());
     }
 
     pub fn write(&self, out: &mut dyn Write) -> anyhow::Result<()> {
@@ -53,10 +118,11 @@ impl Table {
     }
 }
 
-/// `label:   value`, the values of consecutive lines aligned.
+/// `label:   value`, the values of consecutive lines aligned, the value
+/// [`clean`]ed.
 pub fn labelled(out: &mut dyn Write, label: &str, value: &str) -> anyhow::Result<()> {
     let label = format!("{label}:");
-    writeln!(out, "{label:<LABEL_WIDTH$}{value}")?;
+    writeln!(out, "{label:<LABEL_WIDTH$}{}", clean(value))?;
     Ok(())
 }
 
@@ -138,6 +204,48 @@ mod tests {
         labelled(&mut out, "pan", "4000001234561234").unwrap();
         labelled(&mut out, "merchant", "OpenAI").unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "pan:      4000001234561234\nmerchant: OpenAI\n");
+    }
+
+    #[test]
+    fn controls_and_direction_overrides_are_shown_escaped() {
+        let hostile = "\u{1b}[31mred\u{1b}[0m\r\nforged\u{202e}evil\u{2066}\u{7f}\u{9b}\t";
+        let cleaned = clean(hostile);
+        assert!(!cleaned.chars().any(is_unsafe), "{cleaned:?}");
+        assert_eq!(
+            cleaned,
+            "\\u{1b}[31mred\\u{1b}[0m\\u{d}\\u{a}forged\\u{202e}evil\\u{2066}\\u{7f}\\u{9b}\\u{9}"
+        );
+        // Other scripts, accents and emoji are text, not threats.
+        let fine = "Zoë 東京 متجر 👨\u{200d}👩\u{200d}👧";
+        assert!(matches!(clean(fine), Cow::Borrowed(_)));
+
+        let mut out = Vec::new();
+        labelled(&mut out, "reason", "a\nb").unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "reason:   a\\u{a}b\n");
+
+        // A table cell too (audit details, names, merchants), and the
+        // columns still line up on what is shown.
+        let mut table = Table::new(&["KIND", "DETAIL"]);
+        table.row(vec!["spend".into(), "reason=\u{1b}[2J\r\u{202e}x".into()]);
+        table.row(vec!["deposit".into(), "ok".into()]);
+        let mut out = Vec::new();
+        table.write(&mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "KIND     DETAIL\n\
+             spend    reason=\\u{1b}[2J\\u{d}\\u{202e}x\n\
+             deposit  ok\n"
+        );
+    }
+
+    #[test]
+    fn json_stays_the_same_value_without_raw_overrides() {
+        let value = serde_json::json!({"reason": "\u{1b}[31m\r\n\u{202e}x\u{7f}\u{85}", "n": 1});
+        let text = serde_json::to_string_pretty(&value).unwrap();
+        let safe = json_safe(&text);
+        assert!(!safe.chars().any(|c| is_unsafe(c) && c != '\n'), "{safe}");
+        assert!(safe.contains("\\u202e"), "{safe}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&safe).unwrap(), value);
     }
 
     #[test]

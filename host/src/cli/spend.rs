@@ -134,6 +134,24 @@ impl Merchant {
         }
         format!("{} ({})", self.name, details.join(", "))
     }
+
+    /// A warning for whoever decides on the spend: when a word of the
+    /// merchant's name mixes scripts (a Cyrillic letter among Latin ones),
+    /// as a name imitating another merchant's does — names are free text, so
+    /// such a name is accepted, and flagged here — or when the merchant id
+    /// is a lookalike the daemon would refuse now (a record from before it
+    /// checked).
+    pub fn warning(&self) -> Option<String> {
+        if let Err(why) = spendguard::lookalike::check_merchant_id(&self.id) {
+            return Some(format!("the merchant id {why}"));
+        }
+        spendguard::lookalike::mixed_scripts(&self.name).map(|scripts| {
+            format!(
+                "the merchant's name mixes scripts ({}): it may imitate another merchant's",
+                scripts.join(", ")
+            )
+        })
+    }
 }
 
 impl Spend {
@@ -163,8 +181,14 @@ pub fn reason_text(reason: &Value) -> String {
 /// CVV when the daemon sent them, then whatever else it sent.
 pub fn write_spend(out: &mut dyn Write, spend: &Spend) -> anyhow::Result<()> {
     match &spend.card {
-        Some(card) => writeln!(out, "{}  {} card {}", spend.status, spend.id, card.summary())?,
-        None => writeln!(out, "{}  {}", spend.status, spend.id)?,
+        Some(card) => writeln!(
+            out,
+            "{}  {} card {}",
+            render::clean(&spend.status),
+            render::clean(&spend.id),
+            render::clean(&card.summary())
+        )?,
+        None => writeln!(out, "{}  {}", render::clean(&spend.status), render::clean(&spend.id))?,
     }
     if let Some(card) = &spend.card {
         if let Some(pan) = &card.pan {
@@ -188,6 +212,9 @@ pub fn write_spend(out: &mut dyn Write, spend: &Spend) -> anyhow::Result<()> {
     }
     if let Some(merchant) = &spend.merchant {
         render::labelled(out, "merchant", &merchant.describe())?;
+        if let Some(warning) = merchant.warning() {
+            render::labelled(out, "warning", &warning)?;
+        }
     }
     if let Some(purpose) = &spend.purpose {
         render::labelled(out, "purpose", purpose)?;
@@ -377,6 +404,40 @@ mod tests {
              agent:    ag_1\n\
              received: 2026-11-24T12:00:00Z\n"
         );
+    }
+
+    /// What a policy or an agent wrote reaches the terminal escaped, and a
+    /// lookalike merchant id kept from before the daemon checked is flagged.
+    #[test]
+    fn show_escapes_what_others_wrote_and_flags_lookalikes() {
+        let body = json!({"id": "sp_3", "status": "denied", "amount": "10.00", "currency": "USD",
+            "merchant": {"id": "\u{430}pi.openai.com", "name": "OpenAI", "mcc": "5734", "country": "US"},
+            "purpose": "a\u{1b}[2Jb\rc",
+            "reasons": [{"policy": "p@1", "reason": "\u{1b}[31mok\u{1b}[0m\nforged \u{202e}txt"}]});
+        let (url, request) = serve_once(200, &body.to_string());
+        let mut out = Vec::new();
+        show(&conn(&url), ShowArgs { id: "sp_3".into(), output: OutputArgs { json: false } }, &mut out)
+            .unwrap();
+        request.join().unwrap();
+        assert_eq!(
+            text(out),
+            "denied  sp_3\n\
+             amount:   10.00 USD\n\
+             merchant: OpenAI (\u{430}pi.openai.com, mcc 5734, US)\n\
+             warning:  the merchant id mixes the scripts Cyrillic, Latin, as a lookalike of another \
+             merchant's id does\n\
+             purpose:  a\\u{1b}[2Jb\\u{d}c\n\
+             reason:   p@1: \\u{1b}[31mok\\u{1b}[0m\\u{a}forged \\u{202e}txt\n"
+        );
+
+        let (url, request) = serve_once(200, &body.to_string());
+        let mut out = Vec::new();
+        show(&conn(&url), ShowArgs { id: "sp_3".into(), output: OutputArgs { json: true } }, &mut out)
+            .unwrap();
+        request.join().unwrap();
+        let printed = text(out);
+        assert!(!printed.contains('\u{202e}') && printed.contains("\\u202e"), "{printed}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&printed).unwrap(), body);
     }
 
     #[test]

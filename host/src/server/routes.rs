@@ -89,7 +89,9 @@ fn text(field: &str, value: &str, max: usize, required: bool) -> Result<(), ApiE
 /// refuses, no white space and no invisible character (Unicode's default
 /// ignorable code points: zero-width spaces and joiners, soft hyphens, byte
 /// order marks, variation selectors, tags), which make two ids that look the
-/// same differ.
+/// same differ; and no lookalike of another id (mixed scripts, compatibility
+/// forms, letters confusable with ASCII: [`crate::lookalike`]), refused as
+/// `confusable_merchant`.
 fn merchant_id(field: &str, value: &str) -> Result<(), ApiError> {
     /// Default_Ignorable_Code_Point, from Unicode's DerivedCoreProperties.txt.
     const INVISIBLE: [(char, char); 17] = [
@@ -120,7 +122,9 @@ fn merchant_id(field: &str, value: &str) -> Result<(), ApiError> {
             format!("`{field}` contains white space or invisible characters"),
         ));
     }
-    Ok(())
+    crate::lookalike::check_merchant_id(value).map_err(|why| {
+        ApiError::invalid("confusable_merchant", format!("`{field}` {why}: {}", crate::lookalike::INSTEAD))
+    })
 }
 
 fn amount(amount: &str, currency: &str) -> Result<Amount, ApiError> {

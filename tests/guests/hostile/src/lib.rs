@@ -37,7 +37,15 @@ enum Attack {
     /// string and two interleaved vectors by pushes, then check every byte:
     /// allow only if nothing was overwritten.
     BigHeap,
+    /// Deny with a reason, and log lines, that carry terminal escapes, CR/LF
+    /// and a right-to-left override: what would repaint or reorder a
+    /// terminal printing them raw.
+    Escapes,
 }
+
+/// What [`Attack::Escapes`] writes: an ANSI colour, a forged second line,
+/// and U+202E (RIGHT-TO-LEFT OVERRIDE).
+const ESCAPES: &str = "\u{1b}[31mAPPROVED\u{1b}[0m\r\nforged line \u{202e}moc.live";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,6 +144,11 @@ impl Policy for Hostile {
                 Decision::Allow(CardTerms::default().max_amount(Money::new(Decimal::ONE, "EUR")))
             }
             Attack::BigHeap => big_heap(),
+            Attack::Escapes => {
+                log::info(ESCAPES);
+                log::warn(&format!("warn: {ESCAPES}"));
+                Decision::deny(format!("reason: {ESCAPES}"))
+            }
             Attack::Count => {
                 let n = CALLS.fetch_add(1, Ordering::SeqCst) + 1;
                 Decision::deny(format!("call number {n}"))
