@@ -901,6 +901,8 @@ fn authority_matrix() {
     };
     let (to_approve, to_deny) = (pending("to approve"), pending("to deny"));
     w.assert_wallet("980.00", "20.00", "0.00");
+    let spare = w.post("/v1/tokens", &w.operator, json!({"role": "network", "label": "spare"}));
+    let spare = spare.expect(201, "a spare token")["id"].as_str().unwrap().to_owned();
 
     use Who::{Agent, Network, Operator, OtherAgent};
     let operator_only = |ok: u16| vec![(Operator, ok)];
@@ -954,6 +956,14 @@ fn authority_matrix() {
         route("POST", "/v1/network/authorizations", Body::Json(charge), &[(Network, 200)]),
         route("GET", "/v1/audit", Body::None, &operator_only(200)),
         route("GET", "/v1/audit/verify", Body::None, &operator_only(200)),
+        route("GET", "/v1/tokens", Body::None, &operator_only(200)),
+        route(
+            "POST",
+            "/v1/tokens",
+            Body::Json(json!({"role": "network", "label": "made in the matrix"})),
+            &operator_only(201),
+        ),
+        route("POST", format!("/v1/tokens/{spare}/revoke"), Body::None, &operator_only(200)),
     ];
     let unknown = format!("sg_op_{}", "0".repeat(64));
     let mut wrong = Vec::new();

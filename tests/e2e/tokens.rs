@@ -108,6 +108,7 @@ fn stdout(out: &std::process::Output) -> String {
 
 #[test]
 fn operator_and_network_tokens_are_made_listed_and_revoked_at_once() {
+    let started = Instant::now();
     let mut w = Wallet::new();
     let list = tokens(&w, &w.operator);
     assert_eq!(list.len(), 2, "{list:?}");
@@ -214,9 +215,23 @@ fn operator_and_network_tokens_are_made_listed_and_revoked_at_once() {
     let out = w.cli(&ci_token, &["token", "new", "--role", "network"]);
     assert_eq!(out.status.code(), Some(2), "a label is required: {out:?}");
 
+    // A use is no write: many requests, and the database holds at most one
+    // row of the token's uses per minute the daemon has run.
+    for _ in 0..50 {
+        w.get("/v1/wallet", &ci_token).expect(200, "a use");
+    }
+    let db_file = w.data.join(spendguard::datadir::DB_FILE);
+    let uses_of = |id: &str| -> i64 {
+        let db = rusqlite::Connection::open(&db_file).unwrap();
+        db.query_row("SELECT COUNT(*) FROM token_uses WHERE token_id = ?1", [id], |r| r.get(0)).unwrap()
+    };
+    let minutes = i64::try_from(started.elapsed().as_secs() / 60).unwrap();
+    assert!(uses_of(&ci) <= minutes, "{} rows of uses after {minutes} whole minutes", uses_of(&ci));
+
     // Uses are written when the daemon stops (and every minute): after a
     // restart the network token's last use is still known.
     w.stop();
+    assert!(uses_of(&ci) >= 1 && uses_of(&ci) <= minutes + 1, "written once at shutdown: {}", uses_of(&ci));
     w.restart();
     assert_eq!(find(&tokens(&w, &ci_token), &net2)["last_used_at"], used, "written at shutdown");
     w.get("/v1/wallet", &w.operator).refused(401, "revoked_token", "still revoked after a restart");
