@@ -542,7 +542,7 @@ pub trait Backend: Storage + Registry {
         request: AuthorizationRequest,
         key: Arc<CardKey>,
         now_ms: u64,
-    ) -> Result<sql::Answer<AuthorizationOutcome>, AuthorizationRequest>;
+    ) -> Result<sql::Answer<AuthorizationOutcome>, Box<AuthorizationRequest>>;
 }
 
 impl<E: sql::Engine> Backend for sql::SqlStore<E> {
@@ -555,7 +555,7 @@ impl<E: sql::Engine> Backend for sql::SqlStore<E> {
         request: AuthorizationRequest,
         key: Arc<CardKey>,
         now_ms: u64,
-    ) -> Result<sql::Answer<AuthorizationOutcome>, AuthorizationRequest> {
+    ) -> Result<sql::Answer<AuthorizationOutcome>, Box<AuthorizationRequest>> {
         sql::SqlStore::authorize_queued(self, request, key, now_ms)
     }
 }

@@ -306,9 +306,9 @@ impl<E: Engine> SqlStore<E> {
         request: AuthorizationRequest,
         key: Arc<CardKey>,
         now_ms: u64,
-    ) -> Result<Answer<AuthorizationOutcome>, AuthorizationRequest> {
+    ) -> Result<Answer<AuthorizationOutcome>, Box<AuthorizationRequest>> {
         if !E::QUEUED_WRITES {
-            return Err(request);
+            return Err(Box::new(request));
         }
         Ok(self.engine.submit(Box::new(move |lender| {
             authorize(lender.conn()?, &request, &key, now_ms).map(Ending::Commit)
