@@ -504,7 +504,8 @@ pub enum DeclineCode {
 }
 
 impl DeclineCode {
-    /// Every code, in the order [`decide`] checks them.
+    /// Every code, in the order [`decide`] checks them (a locked-out card
+    /// declines `card_voided` before its CVV is checked).
     pub const ALL: [DeclineCode; 8] = [
         DeclineCode::CardNotFound,
         DeclineCode::WrongCvv,

@@ -681,7 +681,7 @@ pub trait Backend: Storage + Registry {
         key: Arc<CardKey>,
         actor: Actor,
         now_ms: u64,
-    ) -> Result<sql::Answer<AuthorizationOutcome>, AuthorizationRequest>;
+    ) -> Result<sql::Answer<AuthorizationOutcome>, Box<AuthorizationRequest>>;
 
     /// Key the audit chain from now on: every record this store appends is
     /// MAC'd with `key`, and [`Storage::verify_audit`] checks records from
@@ -701,7 +701,7 @@ impl<E: sql::Engine> Backend for sql::SqlStore<E> {
         key: Arc<CardKey>,
         actor: Actor,
         now_ms: u64,
-    ) -> Result<sql::Answer<AuthorizationOutcome>, AuthorizationRequest> {
+    ) -> Result<sql::Answer<AuthorizationOutcome>, Box<AuthorizationRequest>> {
         sql::SqlStore::authorize_queued(self, request, key, actor, now_ms)
     }
 

@@ -354,9 +354,9 @@ impl<E: Engine> SqlStore<E> {
         key: Arc<CardKey>,
         actor: Actor,
         now_ms: u64,
-    ) -> Result<Answer<AuthorizationOutcome>, AuthorizationRequest> {
+    ) -> Result<Answer<AuthorizationOutcome>, Box<AuthorizationRequest>> {
         if !E::QUEUED_WRITES {
-            return Err(request);
+            return Err(Box::new(request));
         }
         let audit_key = self.key();
         Ok(self.engine.submit(Box::new(move |lender| {
