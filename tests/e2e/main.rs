@@ -17,3 +17,4 @@ mod races;
 mod registry;
 mod sandbox;
 mod storage;
+mod transport;

@@ -16,15 +16,10 @@ use crate::cards::IssuedCard;
 use crate::money::format_units;
 use crate::storage::{AgentRecord, CardRecord, SpendRecord};
 
-/// A request's body as read: over the limit is 413, unreadable 422.
+/// A request's body as read: over the limit is 413, not in time 408,
+/// unreadable 422.
 pub fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large("request body too large")
-        } else {
-            ApiError::invalid("invalid_body", e.body_text())
-        }
-    })
+    body.map_err(|e| super::transport::body_error(&e, || ApiError::too_large("request body too large")))
 }
 
 /// Parse a JSON body strictly: anything malformed is 422 with serde's
