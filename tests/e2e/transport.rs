@@ -320,6 +320,26 @@ fn the_daemon_serves_https_with_a_configured_certificate() {
     w.deposit("5.00");
     w.assert_wallet("5.00", "0.00", "0.00");
 
+    // The CLI, trusting that certificate.
+    let cli = |ca: Option<&Path>| {
+        let mut cmd = spendguard();
+        cmd.args(["wallet", "show", "--json"])
+            .env("SPENDGUARD_URL", &w.daemon.url)
+            .env("SPENDGUARD_TOKEN", &w.operator)
+            .env_remove("SPENDGUARD_CA_CERT");
+        if let Some(ca) = ca {
+            cmd.env("SPENDGUARD_CA_CERT", ca);
+        }
+        cmd.output().unwrap()
+    };
+    let out = cli(Some(&chain));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["balances"][0]["available"], "5.00", "{shown}");
+    // Not trusting it (the Web PKI roots only): refused, nothing sent.
+    let out = cli(None);
+    assert!(!out.status.success(), "a self-signed certificate was trusted by default");
+
     // Plain HTTP on the TLS port gets no HTTP answer.
     let mut plain = TcpStream::connect(w.daemon.url.trim_start_matches("https://")).unwrap();
     plain.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
