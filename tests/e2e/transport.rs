@@ -372,7 +372,13 @@ fn an_agent_past_its_rate_is_told_when_to_retry_and_nothing_is_recorded() {
     let w = configured("agent_rate_per_second = 1\nagent_burst = 1\n");
     w.deposit("100.00");
     let agent = w.create_agent("eager", json!([]));
-    let audit_before = w.read("/v1/audit?limit=1000")["records"].as_array().unwrap().len();
+    let other = w.create_agent("calm", json!([]));
+    let audit_len = || w.read("/v1/audit?limit=1000")["records"].as_array().unwrap().len();
+    // What one proposal writes to the audit trail.
+    let before = audit_len();
+    assert_eq!(propose(&w, &other.token).0, 201);
+    let per_proposal = audit_len() - before;
+    let audit_before = audit_len();
     let mut admitted = 0;
     let mut refused = None;
     for _ in 0..20 {
@@ -387,13 +393,11 @@ fn an_agent_past_its_rate_is_told_when_to_retry_and_nothing_is_recorded() {
     let (retry_after, body) = refused.expect("20 proposals in a row at 1 a second: one is refused");
     assert_eq!(body["error"]["code"], "rate_limited", "{body}");
     assert!(retry_after.is_some_and(|s| (1..=2).contains(&s)), "Retry-After: {retry_after:?}");
-    assert_eq!(spend_count(&w), admitted, "a refused proposal is not recorded");
-    let audit_after = w.read("/v1/audit?limit=1000")["records"].as_array().unwrap().len();
-    let per_proposal = if admitted == 0 { 0 } else { (audit_after - audit_before) / admitted };
-    assert_eq!(audit_after - audit_before, admitted * per_proposal, "a refusal wrote an audit record");
-    // Another agent has its own rate.
-    let other = w.create_agent("calm", json!([]));
-    assert_eq!(propose(&w, &other.token).0, 201);
+    assert_eq!(spend_count(&w), admitted + 1, "a refused proposal is not recorded");
+    assert_eq!(audit_len() - audit_before, admitted * per_proposal, "a refusal wrote an audit record");
+    // Another agent has its own rate: a fresh one is served at once.
+    let fresh = w.create_agent("fresh", json!([]));
+    assert_eq!(propose(&w, &fresh.token).0, 201);
 }
 
 fn quota_holds_across_restarts(kind: Kind) {
