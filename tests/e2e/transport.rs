@@ -517,6 +517,14 @@ fn errors_do_not_repeat_a_query_or_a_path() {
     let (reply, _) = send_raw(&w, &bad(&w.operator, "GET", &b"/v1/spends/%FFSECRET"[..])).unwrap();
     reply.refused(404, "not_found", "an id that is no UTF-8");
     assert!(!reply.text.contains("SECRET"), "{}", reply.text);
+    // A charge's card data of the wrong type is not quoted back.
+    for (pan, cvv) in [(json!(4000000000000002u64), json!("987")), (json!("4000000000000002"), json!(987))] {
+        let body = json!({"pan": pan, "cvv": cvv, "exp_month": 12, "exp_year": 2030,
+                          "amount": "1.00", "currency": "USD", "merchant_id": "api.openai.com"});
+        let reply = w.post("/v1/network/authorizations", &w.network, body);
+        reply.refused(422, "invalid_json", "card data of the wrong type");
+        assert!(!reply.text.contains("4000000000000002") && !reply.text.contains("987"), "{}", reply.text);
+    }
     // The daemon logged none of it either.
     assert!(!w.daemon.log().contains("SECRET"), "{}", w.daemon.log());
 }

@@ -28,6 +28,31 @@ pub fn parse_bytes<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     parse_json::<Object<T>>(body).map(|Object(value)| value)
 }
 
+/// [`parse_bytes`] for a body that carries card secrets (a PAN, a CVV):
+/// serde's messages quote a value of the wrong type or out of range
+/// (`invalid type: integer `4000…`, expected a string`), so those name the
+/// problem and its place only.
+pub fn parse_secret_bytes<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice::<Object<T>>(body).map(|Object(value)| value).map_err(|e| {
+        let message = e.to_string();
+        let quotes_a_value = ["invalid type", "invalid value", "invalid length", "unknown variant"]
+            .iter()
+            .any(|kind| message.starts_with(kind));
+        if quotes_a_value {
+            ApiError::invalid(
+                "invalid_json",
+                format!(
+                    "a field has the wrong type or an invalid value at line {} column {}",
+                    e.line(),
+                    e.column()
+                ),
+            )
+        } else {
+            ApiError::invalid("invalid_json", message)
+        }
+    })
+}
+
 /// [`parse_bytes`] for a body of any shape (a bare list).
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::invalid("invalid_json", e.to_string()))

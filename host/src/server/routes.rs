@@ -854,7 +854,7 @@ impl std::fmt::Debug for AuthorizeBody {
 
 /// Validate the body of `POST /v1/network/authorizations`.
 pub fn parse_authorization(body: &[u8]) -> Result<AuthorizationRequest, ApiError> {
-    let body: AuthorizeBody = parse_bytes(body)?;
+    let body: AuthorizeBody = json::parse_secret_bytes(body)?;
     let digits = |s: &str, n: std::ops::RangeInclusive<usize>| {
         n.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
     };
