@@ -43,8 +43,10 @@ pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// Connections served at once. Beyond it, new connections wait in the
 /// listen backlog until one closes (never an unbounded number of tasks and
-/// buffers): each costs a task and its buffers, a few tens of KiB.
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+/// buffers): each costs a task and its buffers, a few tens of KiB, and a
+/// file descriptor. Half the usual soft limit of 1024 descriptors, so the
+/// database and the cache still get theirs.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 512;
 /// After SIGINT or SIGTERM, how long requests in flight get to finish
 /// before the daemon exits anyway: longer than a policy evaluation and a
 /// commit, short enough for a service manager's stop timeout (systemd's
@@ -82,7 +84,7 @@ pub const DEFAULT_AGENT_QUOTA_WINDOW_SECONDS: u64 = 86_400;
 /// header_read_timeout_ms = 10000
 /// body_timeout_ms = 60000
 /// idle_timeout_ms = 60000
-/// max_connections = 1024
+/// max_connections = 512
 /// shutdown_timeout_ms = 10000
 /// agent_rate_per_second = 200
 /// agent_burst = 400
