@@ -111,6 +111,31 @@ pub struct InitTokens {
     pub network_token: String,
 }
 
+/// Create `dir` (and its missing parents) owner-only (0700) from the
+/// start, and make it 0700 if it was there.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        builder.mode(0o700).create(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    }
+    #[cfg(not(unix))]
+    builder.create(dir)
+}
+
+/// Create a new file, owner read and write only (0600) from its creation
+/// (not created open, then restricted), whatever the umask.
+pub fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
 /// Create a data directory: refuses one that exists. With
 /// [`Database::Postgres`] the wallet is made in that database, which must
 /// not hold one already.
@@ -133,24 +158,17 @@ pub fn init(dir: &Path, database: &Database, now_ms: u64) -> anyhow::Result<Init
             Some(storage)
         }
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot restrict `{}` to its owner", dir.display()))?;
-    }
+    private_dir(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
     let key = CardKey::load_or_create(&dir.join(CARD_KEY_FILE)).context("cannot create the card key")?;
     let audit_key =
         Arc::new(AuditKey::create(&dir.join(AUDIT_KEY_FILE), 1).context("cannot create the audit key")?);
     let storage: Box<dyn Backend> = match postgres {
         None => Box::new(SqliteStorage::open(&dir.join(DB_FILE)).context("cannot create the database")?),
         Some(storage) => {
-            std::fs::write(
-                dir.join(POSTGRES_MARKER),
-                "the wallet's database is PostgreSQL (--database-url)\n",
-            )
-            .with_context(|| format!("cannot write `{}`", dir.display()))?;
+            use std::io::Write as _;
+            private_file(&dir.join(POSTGRES_MARKER))
+                .and_then(|mut f| f.write_all(b"the wallet's database is PostgreSQL (--database-url)\n"))
+                .with_context(|| format!("cannot write `{}`", dir.display()))?;
             Box::new(storage)
         }
     };

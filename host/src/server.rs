@@ -1,8 +1,9 @@
 //! The daemon: wallet control and spend access over HTTP (SPEC §9).
 //!
 //! `app(state)` builds the router, so tests can drive it without a socket;
-//! `serve` binds it, runs the expiry sweeper, and shuts down gracefully on
-//! SIGINT/SIGTERM, finishing requests in flight.
+//! `serve` serves it (over TLS when configured, with the timeouts and the
+//! connection cap of [`transport`]), runs the expiry sweeper, and shuts down
+//! gracefully on SIGINT/SIGTERM, giving requests in flight a deadline.
 
 mod auth;
 mod error;
@@ -10,6 +11,7 @@ mod extract;
 mod json;
 mod metrics;
 mod routes;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -57,6 +59,11 @@ pub struct AppState {
     /// When each token was last used, by token id, and how much of that is
     /// written (see [`AppState::token_used`]).
     token_uses: Mutex<HashMap<String, TokenUse>>,
+    /// Each agent's proposal rate (see [`AppState::admit_proposal`]).
+    rates: AgentRates,
+    /// Agents found at their quota, and when (ms) the oldest spend of their
+    /// window ages out: refused until then without counting again.
+    quota_full: Mutex<HashMap<String, u64>>,
 }
 
 /// How often the tokens' uses are written to the database: a token's
@@ -70,6 +77,12 @@ struct TokenUse {
     last_ms: u64,
     written_ms: u64,
 }
+
+type AgentRates = governor::RateLimiter<
+    String,
+    governor::state::keyed::DefaultKeyedStateStore<String>,
+    governor::clock::DefaultClock,
+>;
 
 /// A compiled policy in memory, with when it was last used.
 struct Cached {
@@ -99,6 +112,14 @@ impl std::fmt::Debug for AppState {
     }
 }
 
+/// One agent's proposal rate, as governor counts it.
+fn agent_rate(config: &ServeConfig) -> governor::Quota {
+    let one = std::num::NonZeroU32::MIN;
+    let rate = std::num::NonZeroU32::new(config.agent_rate_per_second).unwrap_or(one);
+    let burst = std::num::NonZeroU32::new(config.agent_burst).unwrap_or(one);
+    governor::Quota::per_second(rate).allow_burst(burst)
+}
+
 impl AppState {
     pub fn new(backend: Arc<dyn Backend>, key: Arc<CardKey>, config: ServeConfig) -> anyhow::Result<Self> {
         let mut sandbox = Sandbox::new(config.sandbox.clone())?;
@@ -109,6 +130,7 @@ impl AppState {
             Ok(cache) => sandbox = sandbox.with_cache(cache),
             Err(e) => tracing::warn!(dir = %cache_dir.display(), error = %e, "no compiled-policy cache"),
         }
+        let rates = governor::RateLimiter::keyed(agent_rate(&config));
         Ok(AppState {
             backend,
             sandbox: Arc::new(sandbox),
@@ -120,6 +142,8 @@ impl AppState {
             uses: AtomicU64::new(0),
             turns: Mutex::new(HashMap::new()),
             token_uses: Mutex::new(HashMap::new()),
+            rates,
+            quota_full: Mutex::new(HashMap::new()),
         })
     }
 
@@ -171,6 +195,67 @@ impl AppState {
         uses.retain(|_, u| u.last_ms > u.written_ms || now.saturating_sub(u.last_ms) < 3_600_000);
     }
 
+    /// Whether `agent_id` may propose now: within its rate
+    /// (`agent_rate_per_second`, `agent_burst`), else 429 `rate_limited`;
+    /// within its quota (`agent_quota` spends on record in the last
+    /// `agent_quota_window_seconds`, counted in storage so it holds across
+    /// restarts and daemons), else 429 `quota_exceeded`. Both with
+    /// `Retry-After`. Checked before the body is read or a policy runs;
+    /// a refusal records nothing.
+    pub async fn admit_proposal(&self, agent_id: &str) -> Result<(), ApiError> {
+        let clock = governor::clock::DefaultClock::default();
+        if let Err(not_until) = self.rates.check_key(&agent_id.to_owned()) {
+            use governor::clock::Clock as _;
+            let wait = not_until.wait_time_from(clock.now());
+            self.metrics.proposal("rate_limited");
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "this agent may propose {} times a second (bursts of {}); retry later",
+                    self.config.agent_rate_per_second, self.config.agent_burst
+                ),
+            )
+            .retry_after(wait));
+        }
+        let now = now_ms();
+        let quota = self.config.agent_quota;
+        let refuse = |free_at: u64| {
+            self.metrics.proposal("quota_exceeded");
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                format!(
+                    "this agent has made its {quota} proposals of the last {} seconds; retry later",
+                    self.config.agent_quota_window_seconds
+                ),
+            )
+            .retry_after(Duration::from_millis(free_at.saturating_sub(now)))
+        };
+        // Spends only leave the window by ageing out: an agent found full
+        // stays full at least until its oldest one does.
+        let full_until = self.quota_full.lock().unwrap_or_else(|p| p.into_inner()).get(agent_id).copied();
+        if let Some(free_at) = full_until.filter(|&free_at| now < free_at) {
+            return Err(refuse(free_at));
+        }
+        let window_ms = self.config.agent_quota_window_seconds.saturating_mul(1000);
+        let since = now.saturating_sub(window_ms);
+        let backend = Arc::clone(&self.backend);
+        let agent = agent_id.to_owned();
+        let (count, oldest) = if backend.quick_reads() {
+            backend.spends_since(&agent, since, quota)?
+        } else {
+            tokio::task::spawn_blocking(move || backend.spends_since(&agent, since, quota)).await??
+        };
+        if count >= quota {
+            // Once the oldest spend in the window ages out, one more fits.
+            let free_at = oldest.unwrap_or(now).saturating_add(window_ms);
+            self.quota_full.lock().unwrap_or_else(|p| p.into_inner()).insert(agent_id.to_owned(), free_at);
+            return Err(refuse(free_at));
+        }
+        Ok(())
+    }
+
     /// Wait for `agent_id`'s turn to have a proposal evaluated: at most
     /// `agent_concurrency` of an agent's proposals run at once, so an agent
     /// whose policies burn their whole budget (or that floods the daemon)
@@ -199,7 +284,8 @@ impl AppState {
                     "{} proposals of this agent are already waiting; retry when earlier ones are answered",
                     self.config.agent_queue
                 ),
-            ));
+            )
+            .retry_after(Duration::from_secs(1)));
         }
         // Counted out however the wait ends, a client hanging up included.
         let _waiting = Waiting(&turns.waiting);
@@ -295,7 +381,10 @@ pub fn app(state: Arc<AppState>) -> Router {
 
 /// Release expired cards and approvals once.
 pub fn sweep(state: &AppState) {
+    // Agents whose rate is back to full burst need no state.
+    state.rates.retain_recent();
     let now = now_ms();
+    state.quota_full.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, free_at| *free_at > now);
     match state.backend.expire_cards(now) {
         Ok(0) => {}
         Ok(n) => tracing::info!(cards = n, "released the holds of expired cards"),
@@ -308,9 +397,21 @@ pub fn sweep(state: &AppState) {
     }
 }
 
-/// Serve until SIGINT or SIGTERM, then finish what is in flight.
+/// Serve until SIGINT or SIGTERM, then give requests in flight
+/// `shutdown_timeout_ms` to finish.
 pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
+    let tls = state.config.tls.as_ref().map(transport::tls_acceptor).transpose()?;
+    if tls.is_none() && !addr.ip().is_loopback() {
+        // Only with `allow_insecure_http` (the config's check refuses it
+        // otherwise).
+        state.config.check_transport()?;
+        tracing::warn!(
+            %addr,
+            "serving plain HTTP beyond loopback (`allow_insecure_http`): tokens, card numbers and CVVs \
+             cross the network in clear unless a TLS proxy fronts this address"
+        );
+    }
     // Whatever expired while nothing ran is released before the first request.
     let first = Arc::clone(&state);
     tokio::task::spawn_blocking(move || sweep(&first)).await?;
@@ -339,15 +440,14 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> a
         }
     });
     let stopped = shutdown_signal()?;
-    tracing::info!(%addr, "spendguard listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, "spendguard listening");
     // On stdout too, for scripts and tests that asked for port 0.
-    println!("spendguard listening on http://{addr}");
+    println!("spendguard listening on {scheme}://{addr}");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    // The client's address reaches the handlers (and the audit trail)
-    // through `ConnectInfo`; see `ClientAddr`.
-    let service = app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, service).with_graceful_shutdown(stopped).await?;
+    let limits = transport::Limits::of(&state.config);
+    transport::serve_connections(listener, app(Arc::clone(&state)), tls, limits, stopped).await;
     sweeper.abort();
     flusher.abort();
     // The uses of the last minute, before the process ends.
@@ -376,8 +476,5 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let stopped = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    Ok(async move {
-        stopped.await;
-        tracing::info!("shutting down: finishing requests in flight");
-    })
+    Ok(stopped)
 }

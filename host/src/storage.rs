@@ -312,6 +312,17 @@ pub trait Storage: Send + Sync {
     /// Spends, newest first; only `agent_id`'s when given.
     fn spends(&self, agent_id: Option<&str>, limit: usize) -> Result<Vec<SpendRecord>, StorageError>;
 
+    /// How many spends `agent_id` has on record since `since_ms`, counting
+    /// no further than `at_most` (an index range of that length at most:
+    /// what a proposal quota needs to know), and when the oldest of them
+    /// was recorded.
+    fn spends_since(
+        &self,
+        agent_id: &str,
+        since_ms: u64,
+        at_most: u64,
+    ) -> Result<(u64, Option<u64>), StorageError>;
+
     /// Append a record to the audit trail, in its own transaction.
     fn audit(
         &self,

@@ -1204,7 +1204,7 @@ pub(crate) fn db_diff(before: &BTreeMap<String, String>, after: &BTreeMap<String
 
 /// One malformed request, and the refusal it must get.
 #[derive(Debug, Clone)]
-struct Bad {
+pub(crate) struct Bad {
     token: String,
     method: &'static str,
     /// The request target, as sent: it may be anything but a space.
@@ -1218,7 +1218,7 @@ struct Bad {
     code: &'static str,
 }
 
-fn bad(token: &str, method: &'static str, path: impl Into<Vec<u8>>) -> Bad {
+pub(crate) fn bad(token: &str, method: &'static str, path: impl Into<Vec<u8>>) -> Bad {
     Bad {
         token: token.to_owned(),
         method,
@@ -1233,7 +1233,7 @@ fn bad(token: &str, method: &'static str, path: impl Into<Vec<u8>>) -> Bad {
 }
 
 impl Bad {
-    fn json(self, body: &Value) -> Bad {
+    pub(crate) fn json(self, body: &Value) -> Bad {
         self.text(body.to_string())
     }
 
@@ -1254,7 +1254,7 @@ impl Bad {
         self
     }
 
-    fn header(mut self, name: &'static str, value: impl Into<Vec<u8>>) -> Bad {
+    pub(crate) fn header(mut self, name: &'static str, value: impl Into<Vec<u8>>) -> Bad {
         self.headers.push((name, value.into()));
         self
     }
@@ -1289,7 +1289,7 @@ impl Bad {
 /// Send `bad` on a connection of its own, written byte for byte: an HTTP
 /// client library refuses some of what the tables send (a method of any name,
 /// bytes beyond ASCII in a header). Its reply, and its Content-Type.
-fn send_raw(w: &Wallet, bad: &Bad) -> Result<(Reply, String), String> {
+pub(crate) fn send_raw(w: &Wallet, bad: &Bad) -> Result<(Reply, String), String> {
     use std::io::{Read, Write};
     let addr = w.daemon.url.trim_start_matches("http://").to_owned();
     let mut stream = std::net::TcpStream::connect(&addr).map_err(|e| format!("cannot connect: {e}"))?;

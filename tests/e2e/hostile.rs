@@ -40,7 +40,7 @@ const ATTACKS: &[(&str, &str)] = &[
 ];
 
 /// The daemon's resident memory, from `/proc`.
-fn rss_bytes(pid: &str) -> u64 {
+pub(crate) fn rss_bytes(pid: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
     let kib: u64 = status
         .lines()

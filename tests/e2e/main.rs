@@ -21,3 +21,4 @@ mod revocation;
 mod sandbox;
 mod storage;
 mod tokens;
+mod transport;

@@ -46,7 +46,7 @@ const MAX_QUOTED_CHARS: usize = 200;
 /// given before or after the subcommand.
 #[derive(Clone, Args)]
 pub struct ConnArgs {
-    /// The daemon's base URL (plain http).
+    /// The daemon's base URL: http:// (on loopback) or https://.
     #[arg(
         long,
         global = true,
@@ -67,12 +67,23 @@ pub struct ConnArgs {
         help_heading = "Daemon connection"
     )]
     token: Option<String>,
+    /// For an https:// daemon: the PEM file of the certificate(s) to trust
+    /// (a self-signed daemon's own, or a private CA's). Without it, the
+    /// public Web PKI roots are trusted.
+    #[arg(
+        long,
+        global = true,
+        env = "SPENDGUARD_CA_CERT",
+        value_name = "FILE",
+        help_heading = "Daemon connection"
+    )]
+    ca_cert: Option<std::path::PathBuf>,
 }
 
 impl ConnArgs {
     #[cfg(test)]
     pub fn new(url: &str, token: Option<&str>) -> ConnArgs {
-        ConnArgs { url: url.to_owned(), token: token.map(str::to_owned) }
+        ConnArgs { url: url.to_owned(), token: token.map(str::to_owned), ca_cert: None }
     }
 }
 
@@ -82,6 +93,7 @@ impl fmt::Debug for ConnArgs {
         f.debug_struct("ConnArgs")
             .field("url", &self.url)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ca_cert", &self.ca_cert)
             .finish()
     }
 }
@@ -113,22 +125,39 @@ impl Client {
     /// (exit 2), found before anything is sent.
     pub fn new(conn: &ConnArgs) -> anyhow::Result<Client> {
         let base = conn.url.trim().trim_end_matches('/');
-        if base.starts_with("https://") {
+        let Some(authority) = base.strip_prefix("http://").or_else(|| base.strip_prefix("https://")) else {
             return Err(UsageError(format!(
-                "`{base}`: this client speaks plain http only; use http://HOST:PORT"
-            ))
-            .into());
-        }
-        let Some(authority) = base.strip_prefix("http://") else {
-            return Err(UsageError(format!(
-                "`{base}` is not a daemon URL: expected http://HOST:PORT (set `SPENDGUARD_URL` or \
-                 pass `--url`)"
+                "`{base}` is not a daemon URL: expected http://HOST:PORT or https://HOST:PORT (set \
+                 `SPENDGUARD_URL` or pass `--url`)"
             ))
             .into());
         };
         if authority.is_empty() || authority.contains(['?', '#']) {
             return Err(UsageError(format!("`{base}` is not a daemon URL: expected http://HOST:PORT")).into());
         }
+        let roots = match &conn.ca_cert {
+            None => ureq::tls::RootCerts::WebPki,
+            Some(file) => {
+                let pem = std::fs::read(file)
+                    .with_context(|| format!("cannot read the CA certificate `{}`", file.display()))?;
+                let certs = ureq::tls::parse_pem(&pem)
+                    .filter_map(|item| match item {
+                        Ok(ureq::tls::PemItem::Certificate(cert)) => Some(Ok(cert)),
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e)),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| UsageError(format!("`{}` is not a PEM certificate: {e}", file.display())))?;
+                if certs.is_empty() {
+                    return Err(UsageError(format!("`{}` holds no PEM certificate", file.display())).into());
+                }
+                ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs))
+            }
+        };
+        let tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .root_certs(roots)
+            .build();
         // Without a token the request still goes out: the daemon (or its
         // absence) says what is wrong, and a 401 gets a hint below.
         let token = conn.token.as_deref().map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned);
@@ -138,12 +167,13 @@ impl Client {
             // The daemon never redirects; following one would hand the
             // bearer token to wherever it points.
             .max_redirects(0)
-            // The same reason for ignoring HTTP_PROXY: the token travels in
-            // plain http and should go straight to the daemon.
+            // The same reason for ignoring HTTP_PROXY: the token should go
+            // straight to the daemon.
             .proxy(None)
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .timeout_global(Some(REQUEST_TIMEOUT))
             .user_agent(concat!("spendguard/", env!("CARGO_PKG_VERSION")))
+            .tls_config(tls)
             .build()
             .new_agent();
         Ok(Client { agent, base: base.to_owned(), token })
@@ -550,7 +580,7 @@ mod tests {
     #[test]
     fn a_bad_url_is_a_usage_error() {
         for conn in [
-            ConnArgs::new("https://example.com", Some("t")),
+            ConnArgs::new("ftp://example.com", Some("t")),
             ConnArgs::new("127.0.0.1:7420", Some("t")),
             ConnArgs::new("http://", Some("t")),
         ] {

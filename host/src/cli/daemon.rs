@@ -113,12 +113,17 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on `{}`", config.listen))?;
         server::serve(state, listener).await
-    })?;
+    });
+    // Past the shutdown deadline, connections still open are dropped here;
+    // a storage call under way gets a moment to end (SQLite and PostgreSQL
+    // keep a commit cut short out anyway).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 

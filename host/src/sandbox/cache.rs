@@ -68,12 +68,7 @@ impl ArtifactCache {
     /// The cache in `dir` (created, owner-only), its MAC key derived from
     /// `secret` (the data directory's key; a label keeps the two uses apart).
     pub fn open(dir: &Path, secret: &[u8]) -> std::io::Result<Self> {
-        fs::create_dir_all(dir)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-        }
+        crate::datadir::private_dir(dir)?;
         let mut mac = HmacSha256::new_from_slice(secret)
             .map_err(|e| std::io::Error::other(format!("cache key: {e}")))?;
         mac.update(b"spendguard compiled-policy cache v1");
@@ -134,7 +129,10 @@ impl ArtifactCache {
         let path = self.dir.join(name);
         let tmp = self.dir.join(format!("{name}.{}.tmp", std::process::id()));
         let written = (|| {
-            let mut f = fs::File::create(&tmp)?;
+            // Owner-only from its creation, as every file of the data
+            // directory; a stale one of a crashed run is replaced.
+            let _ = fs::remove_file(&tmp);
+            let mut f = crate::datadir::private_file(&tmp)?;
             f.write_all(artifact)?;
             f.write_all(&self.mac(key, artifact))?;
             f.sync_all()?;

@@ -96,10 +96,20 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
+        let mut headers = parts.headers.get_all(AUTHORIZATION).iter();
+        let header = headers
+            .next()
             .ok_or_else(|| ApiError::unauthorized("missing_token", "send `Authorization: Bearer TOKEN`"))?;
+        // Two credentials are one too many: which one would count depends
+        // on who reads the request (a proxy may check one, the daemon use
+        // the other).
+        if headers.next().is_some() {
+            return Err(ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "duplicate_authorization",
+                "send exactly one `Authorization` header",
+            ));
+        }
         let token = header
             .to_str()
             .ok()

@@ -20,38 +20,58 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match Path::<String>::from_request_parts(parts, state).await {
             Ok(Path(id)) => Ok(PathId(id)),
-            Err(e) => Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no such id: {}", e.body_text()),
-            )),
+            // Not the parser's message: it repeats the path.
+            Err(_) => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such id")),
         }
     }
 }
 
-/// The routes that read a query string.
-fn takes_query(method: &Method, path: &str) -> bool {
-    matches!(
-        (method, path),
-        (&Method::GET, "/v1/spends" | "/v1/audit" | "/v1/audit/verify")
-            | (&Method::POST, "/v1/policies")
-            | (_, "/healthz" | "/metrics")
-    )
+/// What a route accepts in its query string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takes {
+    Nothing,
+    /// These parameters only (their values are the handler's to check).
+    Params(&'static [&'static str]),
+    Anything,
 }
 
-/// Middleware: every other route refuses a query string, as a body with an
-/// unknown field is refused: `/v1/cards?limit=5` is not five cards, and
-/// `POST /v1/wallet/deposits?dry_run=true` is not a dry run.
+/// The routes that read a query string, and which parameters. A route opts
+/// in by its method and path here.
+fn takes(method: &Method, path: &str) -> Takes {
+    match (method, path) {
+        (&Method::GET, "/v1/spends") => Takes::Params(&["limit"]),
+        (&Method::GET, "/v1/audit") => Takes::Params(&["after", "limit"]),
+        (&Method::GET, "/v1/audit/verify") => Takes::Params(&["checkpoint"]),
+        // Its handler refuses anything but `?name=NAME` itself
+        // (`invalid_name`, without repeating the query).
+        (&Method::POST, "/v1/policies") | (_, "/healthz" | "/metrics") => Takes::Anything,
+        _ => Takes::Nothing,
+    }
+}
+
+/// Middleware: a route refuses a query string, or any parameter it does
+/// not name, as a body with an unknown field is refused: `/v1/cards?limit=5`
+/// is not five cards, and `POST /v1/wallet/deposits?dry_run=true` is not a
+/// dry run. The refusal never repeats the query: it may hold a secret
+/// (`?token=…`, sent where a header belongs).
 pub async fn no_query(request: Request, next: Next) -> Response {
     let query = request.uri().query().unwrap_or_default();
     if !query.is_empty() {
         let path = request.extensions().get::<MatchedPath>().map_or("", MatchedPath::as_str);
-        if !takes_query(request.method(), path) {
-            return ApiError::invalid(
-                "invalid_query",
-                format!("{} {path} takes no query string, got `?{query}`", request.method()),
-            )
-            .into_response();
+        let method = request.method();
+        let refusal = match takes(method, path) {
+            Takes::Anything => None,
+            Takes::Nothing => Some(format!("{method} {path} takes no query string")),
+            Takes::Params(names) => {
+                let named = |pair: &str| names.contains(&pair.split_once('=').map_or(pair, |(k, _)| k));
+                (!query.split('&').filter(|p| !p.is_empty()).all(named)).then(|| {
+                    let names: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+                    format!("{method} {path} takes only {} in its query string", names.join(", "))
+                })
+            }
+        };
+        if let Some(message) = refusal {
+            return ApiError::invalid("invalid_query", message).into_response();
         }
     }
     next.run(request).await

@@ -16,21 +16,41 @@ use crate::cards::IssuedCard;
 use crate::money::format_units;
 use crate::storage::{AgentRecord, CardRecord, SpendRecord};
 
-/// A request's body as read: over the limit is 413, unreadable 422.
+/// A request's body as read: over the limit is 413, not in time 408,
+/// unreadable 422.
 pub fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large("request body too large")
-        } else {
-            ApiError::invalid("invalid_body", e.body_text())
-        }
-    })
+    body.map_err(|e| super::transport::body_error(&e, || ApiError::too_large("request body too large")))
 }
 
 /// Parse a JSON body strictly: anything malformed is 422 with serde's
 /// message (which names the field). The body is an object: see [`Object`].
 pub fn parse_bytes<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     parse_json::<Object<T>>(body).map(|Object(value)| value)
+}
+
+/// [`parse_bytes`] for a body that carries card secrets (a PAN, a CVV):
+/// serde's messages quote a value of the wrong type or out of range
+/// (`invalid type: integer `4000…`, expected a string`), so those name the
+/// problem and its place only.
+pub fn parse_secret_bytes<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice::<Object<T>>(body).map(|Object(value)| value).map_err(|e| {
+        let message = e.to_string();
+        let quotes_a_value = ["invalid type", "invalid value", "invalid length", "unknown variant"]
+            .iter()
+            .any(|kind| message.starts_with(kind));
+        if quotes_a_value {
+            ApiError::invalid(
+                "invalid_json",
+                format!(
+                    "a field has the wrong type or an invalid value at line {} column {}",
+                    e.line(),
+                    e.column()
+                ),
+            )
+        } else {
+            ApiError::invalid("invalid_json", message)
+        }
+    })
 }
 
 /// [`parse_bytes`] for a body of any shape (a bare list).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Query, State};
+use axum::extract::{FromRequest, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Deserialize;
@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::extract::PathId;
 use super::json::{self, parse_bytes};
+use super::transport::body_error;
 use super::{ApiError, AppState, Caller};
 use crate::audit::Checkpoint;
 use crate::cards::AuthorizationRequest;
@@ -149,7 +150,13 @@ type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>
 
 /// A query string, or a 422 saying what is wrong with it.
 fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
-    q.map(|Query(q)| q).map_err(|e| ApiError::invalid("invalid_query", e.body_text()))
+    // Not the parser's message: it may repeat what the query held.
+    q.map(|Query(q)| q).map_err(|_| {
+        ApiError::invalid(
+            "invalid_query",
+            "the query string has a parameter this route does not take, or an invalid value",
+        )
+    })
 }
 
 pub async fn method_not_allowed() -> ApiError {
@@ -243,6 +250,7 @@ pub async fn propose(
     body: Result<Bytes, BytesRejection>,
 ) -> Reply {
     let agent_id = caller.agent()?.to_owned();
+    state.admit_proposal(&agent_id).await?;
     let proposal = parse_proposal(&json::body(body)?, &headers)?;
     let received_at_ms = now_ms();
     let spend = NewSpend {
@@ -577,24 +585,20 @@ pub fn policy_name(name: &str) -> Result<(), ApiError> {
 
 pub async fn upload_policy(
     State(state): State<Arc<AppState>>,
-    // Taken as a result so the body is read before a refusal: a client still
-    // sending its module then gets the 401 instead of a broken pipe.
-    caller: Result<Caller, ApiError>,
+    caller: Caller,
     query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    // Read only once the caller and the name are checked: a refusal comes
+    // from the head alone, before a byte of the module is taken in.
+    request: axum::extract::Request,
 ) -> Reply {
-    let caller = caller?;
     caller.operator()?;
     let Query(q) =
         query.map_err(|_| ApiError::invalid("invalid_name", "give the policy's name as `?name=NAME`"))?;
     policy_name(&q.name)?;
-    let module = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(format!("policy module over {} bytes", state.config.sandbox.max_module_bytes))
-        } else {
-            ApiError::invalid("invalid_body", e.body_text())
-        }
-    })?;
+    let max = state.config.sandbox.max_module_bytes;
+    let module = Bytes::from_request(request, &state)
+        .await
+        .map_err(|e| body_error(&e, || ApiError::too_large(format!("policy module over {max} bytes"))))?;
     let s = Arc::clone(&state);
     let actor = caller.actor();
     let record = blocking(move || {
@@ -879,7 +883,7 @@ impl std::fmt::Debug for AuthorizeBody {
 /// Validate the body and `Idempotency-Key` header of
 /// `POST /v1/network/authorizations`.
 pub fn parse_authorization(body: &[u8], headers: &HeaderMap) -> Result<AuthorizationRequest, ApiError> {
-    let body: AuthorizeBody = parse_bytes(body)?;
+    let body: AuthorizeBody = json::parse_secret_bytes(body)?;
     let digits = |s: &str, n: std::ops::RangeInclusive<usize>| {
         n.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
     };

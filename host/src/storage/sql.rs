@@ -1415,6 +1415,28 @@ impl<E: Engine> Storage for SqlStore<E> {
         })
     }
 
+    fn spends_since(
+        &self,
+        agent_id: &str,
+        since_ms: u64,
+        at_most: u64,
+    ) -> Result<(u64, Option<u64>), StorageError> {
+        let since = ms(since_ms)?;
+        let at_most = i64::try_from(at_most).unwrap_or(i64::MAX);
+        self.read(|conn| {
+            // Walks the `spends_agent` index from `since` on, `at_most`
+            // entries at most.
+            let row = conn.one(
+                "SELECT COUNT(*), MIN(created_at_ms) FROM (
+                     SELECT created_at_ms FROM spends WHERE agent_id = ?1 AND created_at_ms >= ?2
+                     ORDER BY created_at_ms LIMIT ?3
+                 ) AS recent",
+                args![agent_id, since, at_most],
+            )?;
+            Ok((row.get(0)?, row.get(1)?))
+        })
+    }
+
     fn authorize(
         &self,
         request: &AuthorizationRequest,

@@ -43,6 +43,15 @@ impl SqliteStorage {
     /// Open (creating if needed) the database at `path` and apply every
     /// migration not yet applied.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
+        // Created owner-only (0600) before SQLite opens it: SQLite gives its
+        // `-wal` and `-shm` files the database file's permissions.
+        match crate::datadir::private_file(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(StorageError::Database(format!("cannot create `{}`: {e}", path.display())));
+            }
+        }
         let conn = Shared::connect(path)?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
