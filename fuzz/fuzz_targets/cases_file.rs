@@ -1,4 +1,4 @@
-//! The documents of `spendguard policy test` and `policy eval` (SPEC §8),
+//! The documents of `spendguard policy test` and `policy eval` (docs/contract.md, "File formats"),
 //! read as the CLI reads them (UTF-8 text, then `serde_json`) and checked by
 //! the same library functions: a cases file, a lone request, a history.
 //! Nothing may panic; what is accepted meets the documented rules.

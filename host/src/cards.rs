@@ -481,7 +481,7 @@ fn expiry_month_year(at_ms: u64) -> Result<(u8, u16), CardError> {
 // Authorizing
 
 /// Why an authorization was declined. The strings are a stable contract
-/// with merchants (SPEC §5).
+/// with merchants (docs/contract.md, "Cards and the card network").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeclineCode {

@@ -251,7 +251,7 @@ pub trait Storage: Send + Sync {
     /// check the funds, place the hold and issue the card.
     ///
     /// The decision commits as if the policies had run inside the commit's
-    /// transaction (SPEC §4): no other proposal can commit between what the
+    /// transaction (docs/contract.md, "Decisions and money"): no other proposal can commit between what the
     /// policies saw and this commit. A backend may run `decide` outside its
     /// write lock against a snapshot, provided it commits only when every
     /// history query the policies made still has the same answer (policies

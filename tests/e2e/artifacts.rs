@@ -6,8 +6,8 @@ use serde_json::json;
 
 use crate::daemon::Wallet;
 
-/// `spendguard_policy_loads_total` by source, from `/metrics`.
-fn loads(w: &Wallet) -> (u64, u64) {
+/// `spendguard_policy_loads_total` by source, from `/metrics`: (compiled, cache).
+pub(crate) fn loads(w: &Wallet) -> (u64, u64) {
     let text = w.send("GET", "/metrics", None, &[], crate::daemon::Body::None).text;
     let count = |source: &str| {
         text.lines()

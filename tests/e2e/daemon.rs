@@ -862,7 +862,7 @@ const CALLERS: [Who; 8] = [
     Who::Operator,
 ];
 
-/// One route of SPEC §9, and who gets what from it (every other caller with a
+/// One route of the API (docs/contract.md), and who gets what from it (every other caller with a
 /// valid token gets 403).
 struct Route {
     method: &'static str,
@@ -2621,7 +2621,7 @@ fn expired_cards_release_their_hold() {
     assert_eq!(w.read("/v1/cards")["cards"][0]["state"], "expired");
 }
 
-/// SPEC §4: concurrent proposals against one limit never commit more than it.
+/// Concurrent proposals against one limit never commit more than it.
 #[test]
 fn concurrent_proposals_stay_within_the_limit() {
     let w = Wallet::new();

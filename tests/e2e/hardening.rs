@@ -9,22 +9,11 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::artifacts::loads;
 use crate::daemon::{Body, Wallet, bearer, proposal};
 use crate::guests;
 
 // ---- the compiled-policy cache ----------------------------------------------------
-
-/// `spendguard_policy_loads_total` by source, from `/metrics`: (compiled, cache).
-fn loads(w: &Wallet) -> (u64, u64) {
-    let text = w.send("GET", "/metrics", None, &[], Body::None).text;
-    let count = |source: &str| {
-        text.lines()
-            .find(|l| l.starts_with(&format!("spendguard_policy_loads_total{{source=\"{source}\"}}")))
-            .and_then(|l| l.rsplit(' ').next())
-            .map_or(0, |v| v.parse::<f64>().unwrap() as u64)
-    };
-    (count("compiled"), count("cache"))
-}
 
 /// The compiled artifacts in the data directory's cache.
 fn artifacts(data: &Path) -> BTreeSet<PathBuf> {

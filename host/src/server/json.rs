@@ -117,7 +117,7 @@ pub fn card(card: &CardRecord) -> Value {
     })
 }
 
-/// A card just issued, with its PAN and CVV, in the shape of SPEC §9's
+/// A card just issued, with its PAN and CVV, in the shape of the contract's
 /// proposal response: the one time they are shown.
 pub fn new_card(issued: &IssuedCard) -> Value {
     json!({
