@@ -10,7 +10,7 @@ use crate as sdk;
 use crate::{Agent, CardTerms, Merchant, Money, Policy};
 
 wit_bindgen::generate!({
-    path: "../wit",
+    path: "../wit/v0.1.0",
     world: "spend-policy",
     runtime_path: "::spendguard_sdk::__private::wit_bindgen::rt",
     default_bindings_module: "::spendguard_sdk::__private::bindings",

@@ -8,7 +8,7 @@ use super::{Fault, GuestState, LogLevel, LogLine};
 use crate::policy as domain;
 
 wasmtime::component::bindgen!({
-    path: "../wit/policy.wit",
+    path: "../wit/v0.1.0/policy.wit",
     world: "spend-policy",
     imports: { default: trappable },
 });
