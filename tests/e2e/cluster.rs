@@ -19,7 +19,8 @@ use crate::sandbox::{XorShift, seed};
 fn two_daemons() -> (Wallet, Wallet) {
     let mut a = Wallet::on(Kind::Postgres);
     let config = a.data.with_file_name("serve.toml");
-    std::fs::write(&config, "[sandbox]\ndeadline = 10000\n").unwrap();
+    std::fs::write(&config, format!("{}[sandbox]\ndeadline = 10000\n", crate::daemon::NO_RATE_LIMIT))
+        .unwrap();
     a.stop();
     a.restart_with(&["--config", config.to_str().unwrap()]);
     let b = a.sibling(&["--config", config.to_str().unwrap()]);

@@ -527,7 +527,10 @@ fn crash_run(kind: Kind, run: u64, seed: u64) -> String {
     let config = w.log.with_file_name("serve.toml");
     std::fs::write(
         &config,
-        format!("card_ttl_seconds = {CARD_TTL_SECONDS}\nsweep_interval_ms = {SWEEP_INTERVAL_MS}\n"),
+        format!(
+            "card_ttl_seconds = {CARD_TTL_SECONDS}\nsweep_interval_ms = {SWEEP_INTERVAL_MS}\n{}",
+            crate::daemon::NO_RATE_LIMIT
+        ),
     )
     .unwrap();
     let config = path(&config).to_owned();

@@ -37,6 +37,12 @@ pub(crate) fn path(p: &Path) -> &str {
 
 // ---- the daemon process -----------------------------------------------------
 
+/// Config lines that take the per-agent rate out of a load test's way: the
+/// crash, race and cluster tests drive agents far faster than the default
+/// rate allows, to test durability and atomicity, not the limiter
+/// (`transport::an_agent_past_its_rate_is_told_when_to_retry_and_nothing_is_recorded` does).
+pub(crate) const NO_RATE_LIMIT: &str = "agent_rate_per_second = 1000000\nagent_burst = 1000000\n";
+
 /// A running `spendguard serve`, killed and reaped when dropped, so a failing
 /// test leaves no daemon behind.
 pub(crate) struct Daemon {

@@ -134,7 +134,8 @@ fn hostile_policies_do_not_hurt_other_agents() {
     // A fuel budget no loop exhausts within the deadline: the loop attack
     // then runs for the whole 100 ms, the worst an agent can make it cost.
     let config = w.data.with_file_name("serve.toml");
-    std::fs::write(&config, "[sandbox]\nfuel = 4000000000\n").unwrap();
+    std::fs::write(&config, format!("{}[sandbox]\nfuel = 4000000000\n", crate::daemon::NO_RATE_LIMIT))
+        .unwrap();
     w.stop();
     w.restart_with(&["--config", config.to_str().unwrap()]);
 
@@ -244,8 +245,14 @@ fn a_flooding_agent_waits_its_turn_or_is_told_to_retry() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut w = Wallet::new();
     let config = w.data.with_file_name("serve.toml");
-    std::fs::write(&config, "agent_concurrency = 1\nagent_queue = 2\n[sandbox]\nfuel = 4000000000\n")
-        .unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "agent_concurrency = 1\nagent_queue = 2\n{}[sandbox]\nfuel = 4000000000\n",
+            crate::daemon::NO_RATE_LIMIT
+        ),
+    )
+    .unwrap();
     w.stop();
     w.restart_with(&["--config", config.to_str().unwrap()]);
     w.deposit("100.00");

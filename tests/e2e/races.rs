@@ -426,7 +426,8 @@ fn through_the_daemon_racing_proposals_never_pass_a_limit_or_the_balance() {
     let mut w = crate::daemon::Wallet::new();
     // As in the in-process races: a deadline no descheduling reaches.
     let config = w.data.with_file_name("serve.toml");
-    std::fs::write(&config, "[sandbox]\ndeadline = 10000\n").unwrap();
+    std::fs::write(&config, format!("{}[sandbox]\ndeadline = 10000\n", crate::daemon::NO_RATE_LIMIT))
+        .unwrap();
     w.stop();
     w.restart_with(&["--config", config.to_str().unwrap()]);
     w.upload("spend-limit", "spend-limit");
