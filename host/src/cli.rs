@@ -7,12 +7,14 @@ mod card;
 mod client;
 mod daemon;
 mod input;
+mod mcp;
 mod network;
 mod policy;
 pub(crate) mod render;
 mod spend;
 mod token;
 mod wallet;
+mod whoami;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -76,13 +78,23 @@ enum Command {
     /// Act as the card network: authorize a merchant's charge (network token).
     #[command(subcommand)]
     Network(network::NetworkCommand),
+    /// Which role the token has (operator, agent or network), and which agent.
+    Whoami(whoami::WhoamiArgs),
+    /// Serve the agent's tools over MCP on stdio (agent token only), for MCP
+    /// clients that start their tools as processes.
+    Mcp(mcp::McpArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let conn = &cli.conn;
+    // MCP writes stdout from the runtime's threads: it must not be locked here.
+    let command = match cli.command {
+        Command::Mcp(args) => return usage_exit(mcp::run(args, conn)),
+        command => command,
+    };
     let mut stdout = std::io::stdout().lock();
     let out: &mut dyn Write = &mut stdout;
-    let conn = &cli.conn;
-    let result = match cli.command {
+    let result = match command {
         Command::Init(args) => daemon::init(args),
         Command::Serve(args) => daemon::serve(args),
         Command::Token(cmd) => token::run(cmd, conn, out),
@@ -94,7 +106,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Card(cmd) => card::run(cmd, conn, out),
         Command::Audit(cmd) => audit::run(cmd, conn, out),
         Command::Network(cmd) => network::run(cmd, conn, out),
+        Command::Whoami(args) => whoami::run(args, conn, out),
+        Command::Mcp(args) => mcp::run(args, conn),
     };
+    usage_exit(result)
+}
+
+/// A [`UsageError`] is exit 2, with its message on stderr.
+fn usage_exit(result: anyhow::Result<ExitCode>) -> anyhow::Result<ExitCode> {
     match result {
         Err(err) => match err.downcast::<UsageError>() {
             Ok(usage) => {

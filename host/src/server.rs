@@ -10,8 +10,10 @@ mod error;
 mod extract;
 mod json;
 mod metrics;
+mod preview;
 mod routes;
 pub mod transport;
+mod whoami;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -381,17 +383,18 @@ impl AppState {
     }
 }
 
-/// The router of every route in docs/contract.md.
+/// The router of every route in docs/contract.md, and MCP at `/mcp`.
 pub fn app(state: Arc<AppState>) -> Router {
     let max_module = state.config.sandbox.max_module_bytes;
     let max_body = state.config.max_body_bytes;
     let uploads = Router::new()
         .route("/v1/policies", post(routes::upload_policy).get(routes::list_policies))
         .layer(DefaultBodyLimit::max(max_module));
-    Router::new()
+    let api = Router::new()
         .route("/healthz", get(routes::healthz))
         .route("/metrics", get(routes::metrics))
         .route("/v1/spends", post(routes::propose).get(routes::list_spends))
+        .route("/v1/spends/preview", post(preview::preview))
         .route("/v1/spends/{id}", get(routes::get_spend))
         .route("/v1/approvals", get(routes::list_approvals))
         .route("/v1/approvals/{id}/approve", post(routes::approve))
@@ -408,12 +411,15 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/audit/verify", get(routes::audit_verify))
         .route("/v1/tokens", get(routes::list_tokens).post(routes::create_token))
         .route("/v1/tokens/{id}/revoke", post(routes::revoke_token))
+        .route("/v1/whoami", get(whoami::whoami))
         .layer(DefaultBodyLimit::max(max_body))
         .merge(uploads)
         .route_layer(axum::middleware::from_fn(extract::no_query))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
-        .with_state(state)
+        .with_state(Arc::clone(&state));
+    // MCP for agents: each tool call is a request of `api` itself.
+    api.clone().merge(crate::mcp::http::route(state, api))
 }
 
 /// Release expired cards and approvals once.

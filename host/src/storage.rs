@@ -266,6 +266,11 @@ pub trait Storage: Send + Sync {
         decide: &mut dyn FnMut(Arc<dyn History>) -> Decided,
     ) -> Result<Proposed, StorageError>;
 
+    /// What `decide` (the policies) says on one read snapshot of history,
+    /// with nothing written: a spend's preview. Nothing is held and no
+    /// spend is recorded; the caller appends the preview's audit record.
+    fn preview(&self, decide: &mut dyn FnMut(Arc<dyn History>) -> Decided) -> Result<Decided, StorageError>;
+
     /// The operator approves a spend waiting for approval: `decide` runs the
     /// agent's policies again, as for [`Storage::propose`] (a deny still wins, a
     /// require-approval is what the operator just answered), funds are

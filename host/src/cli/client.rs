@@ -179,6 +179,11 @@ impl Client {
         Ok(Client { agent, base: base.to_owned(), token })
     }
 
+    /// Whether a token is sent.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
     /// `GET path?query`.
     pub fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Reply> {
         let request = self.prepare(self.agent.get(self.url(path)), query, None);

@@ -127,10 +127,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Structured logs on stderr; `SPENDGUARD_LOG` filters (default `info`).
+/// Structured logs on stderr; `SPENDGUARD_LOG` filters (default `info`,
+/// the MCP library's own only from warnings: it would log every request).
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPENDGUARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmcp=warn"));
     use std::io::IsTerminal as _;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -27,6 +27,10 @@ pub enum SpendCommand {
     Show(ShowArgs),
     /// Spends: every agent's (operator) or your own (agent).
     List(ListArgs),
+    /// What the policies would decide on a spend now (agent token), with
+    /// nothing held, no card made and no spend recorded; the same flags as
+    /// `propose`. Exit 0 whatever the decision.
+    Preview(ProposeArgs),
 }
 
 pub fn run(cmd: SpendCommand, conn: &ConnArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
@@ -34,6 +38,7 @@ pub fn run(cmd: SpendCommand, conn: &ConnArgs, out: &mut dyn Write) -> anyhow::R
         SpendCommand::Propose(args) => propose(conn, args, out),
         SpendCommand::Show(args) => show(conn, args, out),
         SpendCommand::List(args) => list(conn, args, out),
+        SpendCommand::Preview(args) => preview(conn, args, out),
     }
 }
 
@@ -447,4 +452,42 @@ mod tests {
         let err = proposal(&a).unwrap_err();
         assert_eq!(err.to_string(), "amount `0` must be positive");
     }
+}
+
+/// `POST /v1/spends/preview`.
+#[derive(Debug, Deserialize)]
+struct Preview {
+    decision: String,
+    #[serde(default)]
+    reasons: Vec<Value>,
+    #[serde(default)]
+    card_terms: Option<Value>,
+}
+
+fn preview(conn: &ConnArgs, args: ProposeArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    if args.idempotency_key.is_some() {
+        return Err(super::UsageError(
+            "a preview commits nothing: `--idempotency-key` goes only with `spend propose`".into(),
+        )
+        .into());
+    }
+    let body = proposal(&args)?;
+    let reply = Client::new(conn)?.post("/v1/spends/preview", Some(&body), None)?;
+    if args.output.json {
+        return reply.print(out);
+    }
+    let preview: Preview = reply.parse()?;
+    writeln!(out, "{}  (a preview: nothing held, no card made)", render::clean(&preview.decision))?;
+    if let Some(terms) = preview.card_terms.as_ref().filter(|t| t.is_object()) {
+        if let Some(ttl) = terms["ttl_seconds"].as_u64() {
+            render::labelled(out, "card ttl", &format!("{ttl} s"))?;
+        }
+        if let Some(max) = terms["max_amount"].as_str() {
+            render::labelled(out, "card cap", max)?;
+        }
+    }
+    for reason in &preview.reasons {
+        render::labelled(out, "reason", &reason_text(reason))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -55,7 +55,7 @@ fn created(value: Value) -> Reply {
 }
 
 /// Run blocking work (storage, policies) off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await?
@@ -302,7 +302,7 @@ pub async fn propose(
     created(v)
 }
 
-fn policy_agent(agent: &AgentRecord) -> policy::Agent {
+pub(super) fn policy_agent(agent: &AgentRecord) -> policy::Agent {
     policy::Agent {
         id: agent.id.clone(),
         name: agent.name.clone(),
@@ -328,9 +328,9 @@ fn policy_request(spend: &SpendRecord, agent: &AgentRecord) -> policy::SpendRequ
 /// An agent's attachments with their compiled modules, or why one cannot
 /// be loaded. Resolved before the storage transaction: the evaluation runs
 /// while storage is write-locked, and must not ask storage for anything else.
-type Loaded = Vec<(Attachment, Result<Arc<LoadedPolicy>, String>)>;
+pub(super) type Loaded = Vec<(Attachment, Result<Arc<LoadedPolicy>, String>)>;
 
-fn load_policies(state: &AppState, agent: &AgentRecord) -> Loaded {
+pub(super) fn load_policies(state: &AppState, agent: &AgentRecord) -> Loaded {
     agent
         .attachments
         .iter()
@@ -338,7 +338,7 @@ fn load_policies(state: &AppState, agent: &AgentRecord) -> Loaded {
         .collect()
 }
 
-fn evaluate_all(
+pub(super) fn evaluate_all(
     state: &AppState,
     policies: &Loaded,
     request: &policy::SpendRequest,

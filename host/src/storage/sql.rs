@@ -1278,6 +1278,15 @@ impl<E: Engine> Storage for SqlStore<E> {
         )
     }
 
+    fn preview(&self, decide: &mut dyn FnMut(Arc<dyn History>) -> Decided) -> Result<Decided, StorageError> {
+        let mut lender = Lender::new(self.engine.begin_read()?);
+        let decided = lender.lend(|history| decide(history)).map(|(decided, _)| decided);
+        if let Some(conn) = lender.into_inner() {
+            self.engine.end_read(conn);
+        }
+        decided
+    }
+
     fn approve(
         &self,
         spend_id: &str,
