@@ -92,7 +92,12 @@ impl<A: Api> SpendTools<A> {
 
     /// Answer one tool call: its result, or a tool error (`isError: true`)
     /// whose text carries the error's code and message.
-    pub async fn answer(&self, name: &str, arguments: Value, context: &RequestContext<RoleServer>) -> CallToolResult {
+    pub async fn answer(
+        &self,
+        name: &str,
+        arguments: Value,
+        context: &RequestContext<RoleServer>,
+    ) -> CallToolResult {
         let call = match tools::request(name, arguments) {
             Ok(call) => call,
             Err(refusal) => return tool_error(&refusal),

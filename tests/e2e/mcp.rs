@@ -38,8 +38,9 @@ impl Mcp {
         let (client, child) = rt.block_on(async {
             match over {
                 Over::Http => {
-                    let config = StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", w.daemon.url))
-                        .auth_header(token);
+                    let config =
+                        StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", w.daemon.url))
+                            .auth_header(token);
                     let transport = StreamableHttpClientTransport::from_config(config);
                     (().serve(transport).await.expect("the MCP client connects over HTTP"), None)
                 }
@@ -150,9 +151,18 @@ fn the_agent_spends_through_mcp(kind: Kind, over: Over) {
     let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
     assert_eq!(
         names,
-        ["propose_spend", "check_spend", "get_spend", "list_spends", "request_mandate", "list_mandates", "get_mandate"]
+        [
+            "propose_spend",
+            "check_spend",
+            "get_spend",
+            "list_spends",
+            "request_mandate",
+            "list_mandates",
+            "get_mandate"
+        ]
     );
-    let schema = |name: &str| Value::Object((*tools.iter().find(|t| t.name == name).unwrap().input_schema).clone());
+    let schema =
+        |name: &str| Value::Object((*tools.iter().find(|t| t.name == name).unwrap().input_schema).clone());
     let propose = schema("propose_spend");
     assert_eq!(propose["required"], json!(["amount", "currency", "merchant", "purpose"]), "{propose}");
     for field in ["amount", "currency", "merchant", "purpose", "mandate_id", "idempotency_key"] {
@@ -265,7 +275,13 @@ fn post_mcp(w: &Wallet, authorization: Option<&str>) -> crate::daemon::Reply {
         "jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
     });
-    w.send("POST", "/mcp", authorization, &[("accept", "application/json, text/event-stream")], Body::Json(init))
+    w.send(
+        "POST",
+        "/mcp",
+        authorization,
+        &[("accept", "application/json, text/event-stream")],
+        Body::Json(init),
+    )
 }
 
 #[test]
@@ -280,8 +296,10 @@ fn only_an_agent_token_reaches_mcp_over_http() {
     // The SDK's client is refused too.
     let rt = runtime();
     for token in [&w.operator, &w.network] {
-        let config = StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", w.daemon.url)).auth_header(token);
-        let connected = rt.block_on(().serve(StreamableHttpClientTransport::from_config(config)));
+        let config =
+            StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", w.daemon.url)).auth_header(token);
+        let connected =
+            rt.block_on(async { ().serve(StreamableHttpClientTransport::from_config(config)).await });
         assert!(connected.is_err(), "an MCP client with a non-agent token cannot connect");
     }
     // A revoked agent's next call is refused.
@@ -304,7 +322,11 @@ fn spendguard_mcp_refuses_to_start_without_an_agent_token() {
             cmd.env("SPENDGUARD_TOKEN", token);
         }
         let out = cmd.output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let url = w.daemon.url.clone();
     for (token, says) in [
@@ -352,7 +374,11 @@ fn whoami_names_the_role_and_the_agent() {
         .env("SPENDGUARD_TOKEN", &w.operator)
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("operator"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("operator"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// The audit records of `kind`, oldest first.
@@ -385,28 +411,53 @@ fn a_preview_holds_nothing_makes_no_card_and_is_in_the_trail() {
     let recorded = audit_of(&w, "spend_preview");
     assert_eq!(recorded.len(), 3, "{recorded:?}");
     let text = recorded[1].to_string();
-    assert!(text.contains("bets.example.com") && text.contains("merchant-rules") && text.contains("\"deny\""), "{text}");
+    assert!(
+        text.contains("bets.example.com") && text.contains("merchant-rules") && text.contains("\"deny\""),
+        "{text}"
+    );
     assert!(w.read("/v1/audit/verify")["ok"] == true, "the chain holds");
 
     // Bad input: a clear 4xx, nothing recorded.
     preview(spend("0", "api.openai.com", "5734")).refused(422, "invalid_amount", "a zero amount");
     preview(spend("1.001", "api.openai.com", "5734")).refused(422, "invalid_amount", "too many decimals");
-    preview(spend("1.00", "api.openai\u{200b}.com", "5734")).refused(422, "invalid_field", "an invisible character");
+    preview(spend("1.00", "api.openai\u{200b}.com", "5734")).refused(
+        422,
+        "invalid_field",
+        "an invisible character",
+    );
     let mut extra = spend("1.00", "api.openai.com", "5734");
     extra["approved"] = json!(true);
     assert_eq!(preview(extra).status, 422, "an unknown field");
-    w.post("/v1/spends/preview", &w.operator, spend("1.00", "api.openai.com", "5734"))
-        .refused(403, "forbidden", "the operator may not preview");
-    w.post("/v1/spends/preview", &w.network, spend("1.00", "api.openai.com", "5734"))
-        .refused(403, "forbidden", "the network may not preview");
-    w.send("POST", "/v1/spends/preview", None, &[], Body::Json(spend("1.00", "a.example", "5734")))
-        .refused(401, "missing_token", "no token");
+    w.post("/v1/spends/preview", &w.operator, spend("1.00", "api.openai.com", "5734")).refused(
+        403,
+        "forbidden",
+        "the operator may not preview",
+    );
+    w.post("/v1/spends/preview", &w.network, spend("1.00", "api.openai.com", "5734")).refused(
+        403,
+        "forbidden",
+        "the network may not preview",
+    );
+    w.send("POST", "/v1/spends/preview", None, &[], Body::Json(spend("1.00", "a.example", "5734"))).refused(
+        401,
+        "missing_token",
+        "no token",
+    );
     assert_eq!(audit_of(&w, "spend_preview").len(), 3, "refused previews record nothing");
     w.assert_wallet("100.00", "0.00", "0.00");
 
     // The CLI previews with the same flags as `spend propose`.
     let out = spendguard()
-        .args(["spend", "preview", "--amount", "60.00", "--currency", "USD", "--merchant-id", "api.openai.com"])
+        .args([
+            "spend",
+            "preview",
+            "--amount",
+            "60.00",
+            "--currency",
+            "USD",
+            "--merchant-id",
+            "api.openai.com",
+        ])
         .args(["--merchant-name", "OpenAI", "--mcc", "5734", "--purpose", "credits", "--json"])
         .env("SPENDGUARD_URL", &w.daemon.url)
         .env("SPENDGUARD_TOKEN", &agent.token)

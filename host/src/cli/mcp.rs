@@ -31,7 +31,9 @@ impl Api for Remote {
         let sent = tokio::task::spawn_blocking(move || {
             let reply = match call.method {
                 Method::Get => client.get(&call.path, &call.query)?,
-                Method::Post => client.post(&call.path, call.body.as_ref(), call.idempotency_key.as_deref())?,
+                Method::Post => {
+                    client.post(&call.path, call.body.as_ref(), call.idempotency_key.as_deref())?
+                }
             };
             reply.parse::<Value>()
         })
@@ -57,7 +59,9 @@ pub fn run(_args: McpArgs, conn: &ConnArgs) -> anyhow::Result<ExitCode> {
     init_logging();
     let client = Client::new(conn)?;
     if !client.has_token() {
-        return refuse("`spendguard mcp` needs an agent's token: set `SPENDGUARD_TOKEN` to the token printed when the agent was created");
+        return refuse(
+            "`spendguard mcp` needs an agent's token: set `SPENDGUARD_TOKEN` to the token printed when the agent was created",
+        );
     }
     // Which token this is, before anything is served: only an agent's.
     let me: Identity = match client.get("/v1/whoami", &[]) {
@@ -102,5 +106,9 @@ pub fn run(_args: McpArgs, conn: &ConnArgs) -> anyhow::Result<ExitCode> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPENDGUARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

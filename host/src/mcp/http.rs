@@ -45,10 +45,9 @@ impl std::fmt::Debug for InProcess {
 fn refused_by_api(body: &[u8]) -> Refusal {
     let error = serde_json::from_slice::<Value>(body).ok().map(|v| v["error"].clone());
     match error {
-        Some(e) if e["code"].is_string() => Refusal::new(
-            e["code"].as_str().unwrap_or_default(),
-            e["message"].as_str().unwrap_or_default(),
-        ),
+        Some(e) if e["code"].is_string() => {
+            Refusal::new(e["code"].as_str().unwrap_or_default(), e["message"].as_str().unwrap_or_default())
+        }
         _ => Refusal::new("internal", "the daemon's answer could not be read"),
     }
 }
@@ -97,7 +96,8 @@ impl Api for InProcess {
         if !status.is_success() {
             return Err(refused_by_api(&bytes));
         }
-        serde_json::from_slice(&bytes).map_err(|_| Refusal::new("internal", "the daemon's answer is not JSON"))
+        serde_json::from_slice(&bytes)
+            .map_err(|_| Refusal::new("internal", "the daemon's answer is not JSON"))
     }
 }
 

@@ -11,8 +11,15 @@ use serde_json::{Map, Value, json};
 use super::{ApiCall, Method, Refusal};
 
 /// Every tool, in the order they are listed.
-pub const TOOL_NAMES: [&str; 7] =
-    ["propose_spend", "check_spend", "get_spend", "list_spends", "request_mandate", "list_mandates", "get_mandate"];
+pub const TOOL_NAMES: [&str; 7] = [
+    "propose_spend",
+    "check_spend",
+    "get_spend",
+    "list_spends",
+    "request_mandate",
+    "list_mandates",
+    "get_mandate",
+];
 
 /// Most spends the API lists at once; `list_spends` with a `status` reads
 /// this many and keeps those in that status.
@@ -286,12 +293,19 @@ fn nonempty_id(what: &str, id: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn spend_body(amount: String, currency: String, merchant: Merchant, purpose: String, mandate: Option<String>) -> Value {
+fn spend_body(
+    amount: String,
+    currency: String,
+    merchant: Merchant,
+    purpose: String,
+    mandate: Option<String>,
+) -> Value {
     let mut merchant_json = json!({ "id": merchant.id, "name": merchant.name, "mcc": merchant.mcc });
     if let Some(country) = merchant.country {
         merchant_json["country"] = json!(country);
     }
-    let mut body = json!({ "amount": amount, "currency": currency, "merchant": merchant_json, "purpose": purpose });
+    let mut body =
+        json!({ "amount": amount, "currency": currency, "merchant": merchant_json, "purpose": purpose });
     if let Some(mandate) = mandate {
         body["mandate_id"] = json!(mandate);
     }
@@ -303,7 +317,13 @@ fn get(path: String, query: Vec<(&'static str, String)>) -> ApiCall {
 }
 
 fn post(path: &str, body: Value, idempotency_key: Option<String>) -> ApiCall {
-    ApiCall { method: Method::Post, path: path.to_owned(), query: Vec::new(), body: Some(body), idempotency_key }
+    ApiCall {
+        method: Method::Post,
+        path: path.to_owned(),
+        query: Vec::new(),
+        body: Some(body),
+        idempotency_key,
+    }
 }
 
 /// The API call a tool's arguments make, or `invalid_arguments`.
@@ -326,7 +346,11 @@ pub fn request(tool: &str, arguments: Value) -> Result<ToolCall, Refusal> {
         }
         "check_spend" => {
             let a: Check = args(tool, arguments)?;
-            post("/v1/spends/preview", spend_body(a.amount, a.currency, a.merchant, a.purpose, a.mandate_id), None)
+            post(
+                "/v1/spends/preview",
+                spend_body(a.amount, a.currency, a.merchant, a.purpose, a.mandate_id),
+                None,
+            )
         }
         "get_spend" => {
             let a: ById = args(tool, arguments)?;
@@ -483,9 +507,18 @@ mod tests {
     #[test]
     fn arguments_that_do_not_fit_are_refused_before_any_call() {
         let bad = [
-            ("propose_spend", json!({"amount": 12.5, "currency": "USD", "merchant": {"id": "a", "name": "A", "mcc": "5734"}, "purpose": "p"})),
-            ("propose_spend", json!({"amount": "1", "currency": "USD", "merchant": {"id": "a", "name": "A", "mcc": "5734"}, "purpose": "p", "approve": true})),
-            ("check_spend", json!({"amount": "1", "currency": "USD", "merchant": {"id": "a", "name": "A", "mcc": "5734"}, "purpose": "p", "idempotency_key": "k"})),
+            (
+                "propose_spend",
+                json!({"amount": 12.5, "currency": "USD", "merchant": {"id": "a", "name": "A", "mcc": "5734"}, "purpose": "p"}),
+            ),
+            (
+                "propose_spend",
+                json!({"amount": "1", "currency": "USD", "merchant": {"id": "a", "name": "A", "mcc": "5734"}, "purpose": "p", "approve": true}),
+            ),
+            (
+                "check_spend",
+                json!({"amount": "1", "currency": "USD", "merchant": {"id": "a", "name": "A", "mcc": "5734"}, "purpose": "p", "idempotency_key": "k"}),
+            ),
             ("get_spend", json!({})),
             ("get_spend", json!({"id": " "})),
             ("list_spends", json!({"limit": 0})),
