@@ -526,7 +526,7 @@ mod tests {
             ("list_mandates", json!({"agent_id": "other"})),
         ];
         for (tool, arguments) in bad {
-            let err = request(tool, arguments.clone()).expect_err(&format!("{tool} {arguments}"));
+            let Err(err) = request(tool, arguments.clone()) else { panic!("{tool} {arguments} is refused") };
             assert_eq!(err.code, "invalid_arguments", "{tool} {arguments}: {err:?}");
         }
     }

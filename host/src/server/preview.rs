@@ -53,6 +53,8 @@ pub async fn preview(
             merchant: proposal.merchant.clone(),
             purpose: proposal.purpose.clone(),
             received_at_ms,
+            // The mandate's own check and view come with mandates.
+            mandate: None,
         };
         let policies = load_policies(&s, &agent);
         let decided = s.backend.preview(&mut |history| evaluate_all(&s, &policies, &request, history))?;
