@@ -12,6 +12,7 @@ mod bad_input;
 mod cards;
 mod cli;
 mod cluster;
+mod contract;
 mod crash;
 mod flow;
 mod hardening;
