@@ -35,7 +35,7 @@ fn check_describes_a_policy_or_says_why_it_is_refused() {
     assert!(text.contains("spendguard:policy/history@0.2.0"), "{text}");
     assert!(text.contains("spendguard:policy@0.2.0"), "{text}");
     assert!(text.contains("evaluate"), "{text}");
-    let old = spendguard(&["policy", "check", path(&guests::wasm("guest-v0-1-rules"))]);
+    let old = run(&["policy", "check", path(&guests::wasm("guest-v0-1-rules"))]);
     assert_eq!(old.status.code(), Some(0), "{}", stderr(&old));
     assert!(stdout(&old).contains("spendguard:policy@0.1.0"), "{}", stdout(&old));
 
