@@ -11,8 +11,7 @@ use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig
 use rmcp::{RoleClient, ServiceExt as _};
 use serde_json::{Value, json};
 
-use crate::backends::{Kind, on_each_backend};
-use crate::daemon::{Body, Wallet, bearer, spendguard};
+use crate::support::{AgentToken, Body, Kind, Reply, Wallet, approved, bearer, on_each_backend, spendguard};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Over {
@@ -127,7 +126,7 @@ fn spend(amount: &str, merchant: &str, mcc: &str) -> Value {
 
 /// A wallet with 100.00 USD and an agent whose policies block gambling
 /// (MCC 7995) and send spends above 50.00 USD to a human.
-fn wallet_with_agent(kind: Kind) -> (Wallet, crate::daemon::AgentToken) {
+fn wallet_with_agent(kind: Kind) -> (Wallet, AgentToken) {
     let w = Wallet::on(kind);
     w.deposit("100.00");
     w.upload("merchant-rules", "merchant-rules");
@@ -189,7 +188,7 @@ fn the_agent_spends_through_mcp(kind: Kind, over: Over) {
     assert_eq!((&card["limit"], &card["merchant_id"]), (&json!("10.00"), &json!("api.openai.com")));
     w.assert_wallet("90.00", "10.00", "0.00");
     // The card works once, at that merchant.
-    assert_eq!(w.charge(card, "10.00", "api.openai.com"), crate::daemon::approved());
+    assert_eq!(w.charge(card, "10.00", "api.openai.com"), approved());
     w.assert_wallet("90.00", "0.00", "10.00");
     // Read again: the card without its secrets.
     let again = mcp.ok("get_spend", json!({"id": approved["id"]}));
@@ -270,7 +269,7 @@ fn over_http(kind: Kind) {
 on_each_backend!(over_stdio, over_http);
 
 /// `POST /mcp` with an MCP initialize request and `authorization`.
-fn post_mcp(w: &Wallet, authorization: Option<&str>) -> crate::daemon::Reply {
+fn post_mcp(w: &Wallet, authorization: Option<&str>) -> Reply {
     let init = json!({
         "jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
