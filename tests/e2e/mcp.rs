@@ -11,7 +11,7 @@ use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig
 use rmcp::{RoleClient, ServiceExt as _};
 use serde_json::{Value, json};
 
-use crate::support::{AgentToken, Body, Kind, Reply, Wallet, approved, bearer, on_each_backend, spendguard};
+use crate::support::{self, AgentToken, Body, Kind, Reply, Wallet, bearer, on_each_backend, spendguard};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Over {
@@ -188,7 +188,7 @@ fn the_agent_spends_through_mcp(kind: Kind, over: Over) {
     assert_eq!((&card["limit"], &card["merchant_id"]), (&json!("10.00"), &json!("api.openai.com")));
     w.assert_wallet("90.00", "10.00", "0.00");
     // The card works once, at that merchant.
-    assert_eq!(w.charge(card, "10.00", "api.openai.com"), approved());
+    assert_eq!(w.charge(card, "10.00", "api.openai.com"), support::approved());
     w.assert_wallet("90.00", "0.00", "10.00");
     // Read again: the card without its secrets.
     let again = mcp.ok("get_spend", json!({"id": approved["id"]}));
