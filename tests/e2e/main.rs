@@ -14,6 +14,7 @@ mod daemon;
 mod guests;
 mod hardening;
 mod hostile;
+mod mandates;
 mod policies;
 mod races;
 mod registry;
