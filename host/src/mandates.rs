@@ -267,11 +267,7 @@ impl MandateRecord {
         }
         let m = &self.mandate;
         if amount.currency() != m.amount.currency() {
-            return refuse(format!(
-                "`{id}` is in {}, not {}",
-                m.amount.currency(),
-                amount.currency()
-            ));
+            return refuse(format!("`{id}` is in {}, not {}", m.amount.currency(), amount.currency()));
         }
         if !m.merchant_ids.is_empty() && !m.merchant_ids.contains(&merchant.id) {
             return refuse(format!("merchant `{}` is not one of `{id}`'s merchants", merchant.id));
@@ -300,8 +296,12 @@ impl MandateRecord {
 pub trait Mandates: Send + Sync {
     /// Store a new mandate: `created` by the operator, `requested` by its
     /// agent. Refused (nothing written) when the agent is unknown or revoked.
-    fn create_mandate(&self, mandate: &NewMandate, actor: &Actor, now_ms: u64)
-    -> Result<MandateRecord, StorageError>;
+    fn create_mandate(
+        &self,
+        mandate: &NewMandate,
+        actor: &Actor,
+        now_ms: u64,
+    ) -> Result<MandateRecord, StorageError>;
 
     fn mandate(&self, id: &str) -> Result<Option<MandateRecord>, StorageError>;
 

@@ -27,7 +27,8 @@ fn open_policies() -> Value {
 fn fast_wallet(kind: Kind) -> Wallet {
     let mut w = Wallet::on(kind);
     let config = w.data.with_file_name("serve.toml");
-    std::fs::write(&config, format!("{}[sandbox]\ndeadline = 10000\n", crate::daemon::NO_RATE_LIMIT)).unwrap();
+    std::fs::write(&config, format!("{}[sandbox]\ndeadline = 10000\n", crate::daemon::NO_RATE_LIMIT))
+        .unwrap();
     w.stop();
     w.restart_with(&["--config", config.to_str().unwrap()]);
     w.upload("spend-limit", "spend-limit");
@@ -59,7 +60,9 @@ fn denied_by_mandate(reply: &Value, says: &str) {
     assert_eq!(reply["status"], "denied", "{reply}");
     let reasons = reply["reasons"].as_array().unwrap();
     assert!(
-        reasons.iter().any(|r| r.as_str().unwrap().starts_with("mandate:") && r.as_str().unwrap().contains(says)),
+        reasons
+            .iter()
+            .any(|r| r.as_str().unwrap().starts_with("mandate:") && r.as_str().unwrap().contains(says)),
         "a reason beginning `mandate:` that says `{says}`: {reply}"
     );
     assert!(reply.get("card").is_none_or(Value::is_null), "{reply}");
@@ -103,8 +106,16 @@ fn mandate_flow(kind: Kind) {
     let ok = w.post(&format!("/v1/mandates/{id}/approve"), &w.operator, json!({})).expect(200, "approve");
     assert_eq!(ok["status"], "active", "{ok}");
     assert!(ok["approved_at"].is_string(), "{ok}");
-    w.post(&format!("/v1/mandates/{id}/approve"), &w.operator, json!({})).refused(409, "conflict", "approve twice");
-    w.post(&format!("/v1/mandates/{id}/approve"), &bot.token, json!({})).refused(403, "forbidden", "self-approval");
+    w.post(&format!("/v1/mandates/{id}/approve"), &w.operator, json!({})).refused(
+        409,
+        "conflict",
+        "approve twice",
+    );
+    w.post(&format!("/v1/mandates/{id}/approve"), &bot.token, json!({})).refused(
+        403,
+        "forbidden",
+        "self-approval",
+    );
 
     // Inside the lane: a card that never outlives the mandate.
     let first = propose_under(&w, &bot, "12.00", "books.example", &id);
@@ -118,7 +129,11 @@ fn mandate_flow(kind: Kind) {
     );
     assert_eq!(w.charge(&first["card"], "10.00", "books.example"), approved());
     let m = mandate(&w, &id);
-    assert_eq!((&m["spent"], &m["held"], &m["remaining"]), (&json!("10.00"), &json!("0.00"), &json!("10.00")), "{m}");
+    assert_eq!(
+        (&m["spent"], &m["held"], &m["remaining"]),
+        (&json!("10.00"), &json!("0.00"), &json!("10.00")),
+        "{m}"
+    );
 
     // Outside it: too much, another merchant, another currency.
     denied_by_mandate(&propose_under(&w, &bot, "10.01", "books.example", &id), "10.00 USD left");
@@ -132,10 +147,14 @@ fn mandate_flow(kind: Kind) {
     let last = propose_under(&w, &bot, "10.00", "books.example", &id);
     assert_eq!(last["status"], "approved", "{last}");
     let m = mandate(&w, &id);
-    assert_eq!((&m["status"], &m["remaining"], &m["spend_count"]), (&json!("exhausted"), &json!("0.00"), &json!(2)));
+    assert_eq!(
+        (&m["status"], &m["remaining"], &m["spend_count"]),
+        (&json!("exhausted"), &json!("0.00"), &json!(2))
+    );
     denied_by_mandate(&propose_under(&w, &bot, "0.01", "books.example", &id), "2 spends");
     // Its spend shows the mandate; the agent sees its own mandates only.
-    let spend = w.get(&format!("/v1/spends/{}", last["id"].as_str().unwrap()), &bot.token).expect(200, "spend");
+    let spend =
+        w.get(&format!("/v1/spends/{}", last["id"].as_str().unwrap()), &bot.token).expect(200, "spend");
     assert_eq!(spend["mandate_id"], id, "{spend}");
     let own = w.get("/v1/mandates", &bot.token).expect(200, "the agent lists its mandates");
     assert_eq!(own["mandates"].as_array().unwrap().len(), 1, "{own}");
@@ -145,7 +164,11 @@ fn mandate_flow(kind: Kind) {
     assert_eq!((&revoked["status"], &revoked["held"]), (&json!("revoked"), &json!("0.00")), "{revoked}");
     assert_eq!(w.charge(&last["card"], "10.00", "books.example"), declined("card_voided"));
     w.assert_wallet("990.00", "0.00", "10.00");
-    w.post(&format!("/v1/mandates/{id}/revoke"), &w.operator, json!({})).refused(409, "conflict", "revoke twice");
+    w.post(&format!("/v1/mandates/{id}/revoke"), &w.operator, json!({})).refused(
+        409,
+        "conflict",
+        "revoke twice",
+    );
 
     let events: Vec<String> = mandate_events(&w, &id).into_iter().map(|(e, _)| e).collect();
     assert_eq!(events, ["requested", "approved", "revoked"]);
@@ -162,7 +185,8 @@ fn mandate_flow(kind: Kind) {
         .expect(201, "ask again");
     let no = w.post(&format!("/v1/mandates/{}/deny", asked["id"].as_str().unwrap()), &w.operator, json!({}));
     assert_eq!(no.expect(200, "deny")["status"], "denied");
-    let given = create(&w, json!({"agent_id": bot.id, "amount": "30.00", "currency": "USD", "purpose": "tools"}));
+    let given =
+        create(&w, json!({"agent_id": bot.id, "amount": "30.00", "currency": "USD", "purpose": "tools"}));
     assert_eq!((&given["status"], &given["created_by"]), (&json!("active"), &json!("operator")), "{given}");
     let given_id = given["id"].as_str().unwrap().to_owned();
     let card = propose_under(&w, &bot, "7.00", "tools.example", &given_id);
@@ -193,7 +217,11 @@ fn bad_mandates_are_refused_and_change_nothing(kind: Kind) {
         ("too many decimals", with("amount", json!("1.001")), "invalid_amount"),
         ("an unknown currency", with("currency", json!("XYZ")), "invalid_amount"),
         ("no purpose", with("purpose", json!("  ")), "invalid_field"),
-        ("a merchant id with a zero-width space", with("merchant_ids", json!(["shop\u{200b}.example"])), "invalid_field"),
+        (
+            "a merchant id with a zero-width space",
+            with("merchant_ids", json!(["shop\u{200b}.example"])),
+            "invalid_field",
+        ),
         ("a lookalike merchant id", with("merchant_ids", json!(["shоp.example"])), "confusable_merchant"),
         ("a three-digit category", with("mccs", json!(["594"])), "invalid_field"),
         ("max_spends of zero", with("max_spends", json!(0)), "invalid_field"),
@@ -206,10 +234,18 @@ fn bad_mandates_are_refused_and_change_nothing(kind: Kind) {
     }
     let mut no_agent = base.clone();
     no_agent.as_object_mut().unwrap().remove("agent_id");
-    w.post("/v1/mandates", &w.operator, no_agent.clone()).refused(422, "invalid_field", "the operator names no agent");
+    w.post("/v1/mandates", &w.operator, no_agent.clone()).refused(
+        422,
+        "invalid_field",
+        "the operator names no agent",
+    );
     w.post("/v1/mandates", &bot.token, base.clone()).refused(422, "invalid_field", "an agent names an agent");
     w.post("/v1/mandates", &w.network, no_agent).refused(403, "forbidden", "the network token");
-    w.post("/v1/mandates", &w.operator, with("agent_id", json!("ag_nobody"))).refused(404, "not_found", "unknown agent");
+    w.post("/v1/mandates", &w.operator, with("agent_id", json!("ag_nobody"))).refused(
+        404,
+        "not_found",
+        "unknown agent",
+    );
     assert_eq!(w.read("/v1/mandates"), json!({"mandates": []}));
     assert_eq!(w.read("/v1/audit/verify")["records"], before, "a refused mandate writes nothing");
 
@@ -217,11 +253,27 @@ fn bad_mandates_are_refused_and_change_nothing(kind: Kind) {
     let theirs = create(&w, with("agent_id", json!(other.id)));
     let id = theirs["id"].as_str().unwrap();
     let before = w.read("/v1/audit/verify")["records"].clone();
-    w.post("/v1/spends", &bot.token, under("1.00", "shop.example", "5942", id)).refused(404, "not_found", "spend under another's");
+    w.post("/v1/spends", &bot.token, under("1.00", "shop.example", "5942", id)).refused(
+        404,
+        "not_found",
+        "spend under another's",
+    );
     w.get(&format!("/v1/mandates/{id}"), &bot.token).refused(404, "not_found", "read another's");
-    w.post(&format!("/v1/mandates/{id}/revoke"), &bot.token, json!({})).refused(404, "not_found", "revoke another's");
-    w.get(&format!("/v1/mandates?agent_id={}", other.id), &bot.token).refused(403, "forbidden", "list another's");
-    w.post("/v1/spends", &bot.token, under("1.00", "shop.example", "5942", "md_unknown")).refused(404, "not_found", "unknown mandate");
+    w.post(&format!("/v1/mandates/{id}/revoke"), &bot.token, json!({})).refused(
+        404,
+        "not_found",
+        "revoke another's",
+    );
+    w.get(&format!("/v1/mandates?agent_id={}", other.id), &bot.token).refused(
+        403,
+        "forbidden",
+        "list another's",
+    );
+    w.post("/v1/spends", &bot.token, under("1.00", "shop.example", "5942", "md_unknown")).refused(
+        404,
+        "not_found",
+        "unknown mandate",
+    );
     assert_eq!(w.read("/v1/audit/verify")["records"], before, "nothing recorded");
     assert_eq!(w.get("/v1/spends", &bot.token).expect(200, "spends"), json!({"spends": []}));
     assert_eq!(mandate(&w, id)["status"], "active");
@@ -232,8 +284,11 @@ fn bad_mandates_are_refused_and_change_nothing(kind: Kind) {
 fn a_mandate_ends_when_its_time_does_and_its_cards_with_it() {
     let w = fast_wallet(Kind::Sqlite);
     let bot = w.create_agent("bot", open_policies());
-    let m = create(&w, json!({"agent_id": bot.id, "amount": "20.00", "currency": "USD", "purpose": "quick",
-                              "expires_in_seconds": 3}));
+    let m = create(
+        &w,
+        json!({"agent_id": bot.id, "amount": "20.00", "currency": "USD", "purpose": "quick",
+                              "expires_in_seconds": 3}),
+    );
     let id = m["id"].as_str().unwrap().to_owned();
     let spend = propose_under(&w, &bot, "5.00", "shop.example", &id);
     assert_eq!(spend["status"], "approved", "{spend}");
@@ -257,7 +312,13 @@ fn a_mandate_ends_when_its_time_does_and_its_cards_with_it() {
 /// `n` proposals of seeded amounts under one mandate from many connections
 /// at once, proposal `i` through `daemons[i % len]`; each amount in cents
 /// with its reply.
-fn race_mandate(daemons: &[&Wallet], agent: &AgentToken, id: &str, rng: &mut XorShift, n: usize) -> Vec<(i64, Value)> {
+fn race_mandate(
+    daemons: &[&Wallet],
+    agent: &AgentToken,
+    id: &str,
+    rng: &mut XorShift,
+    n: usize,
+) -> Vec<(i64, Value)> {
     const CONNECTIONS: usize = 16;
     let amounts: Vec<i64> = (0..n).map(|_| 1 + (rng.next() % 400) as i64).collect();
     let barrier = Barrier::new(CONNECTIONS);
@@ -292,7 +353,8 @@ fn check_mandate_races(daemons: &[&Wallet], what: &str) {
     let bot = w.create_agent("racer", open_policies());
 
     let budget = 2_000 + (rng.next() % 3_000) as i64;
-    let m = create(w, json!({"agent_id": bot.id, "amount": cents(budget), "currency": "USD", "purpose": "race"}));
+    let m =
+        create(w, json!({"agent_id": bot.id, "amount": cents(budget), "currency": "USD", "purpose": "race"}));
     let id = m["id"].as_str().unwrap().to_owned();
     let results = race_mandate(daemons, &bot, &id, &mut rng, 200);
     let total: i64 = results.iter().filter(|(_, r)| r["status"] == "approved").map(|(c, _)| c).sum();
@@ -304,11 +366,18 @@ fn check_mandate_races(daemons: &[&Wallet], what: &str) {
         assert!(*c > budget - total, "{what} (seed {seed}): {c} denied with {} left: {r}", budget - total);
     }
     let shown = mandate(w, &id);
-    assert_eq!((&shown["held"], &shown["remaining"]), (&json!(cents(total)), &json!(cents(budget - total))), "{shown}");
+    assert_eq!(
+        (&shown["held"], &shown["remaining"]),
+        (&json!(cents(total)), &json!(cents(budget - total))),
+        "{shown}"
+    );
 
     let max = 3 + (rng.next() % 5) as usize;
-    let m = create(w, json!({"agent_id": bot.id, "amount": "1000.00", "currency": "USD", "purpose": "count",
-                             "max_spends": max}));
+    let m = create(
+        w,
+        json!({"agent_id": bot.id, "amount": "1000.00", "currency": "USD", "purpose": "count",
+                             "max_spends": max}),
+    );
     let id = m["id"].as_str().unwrap().to_owned();
     let results = race_mandate(daemons, &bot, &id, &mut rng, 60);
     let approved = results.iter().filter(|(_, r)| r["status"] == "approved").count();
@@ -339,7 +408,8 @@ fn revocation_racing_proposals_leaves_no_open_card(kind: Kind) {
     let w = fast_wallet(kind);
     let bot = w.create_agent("racer", open_policies());
     for round in 0..3 {
-        let m = create(&w, json!({"agent_id": bot.id, "amount": "100.00", "currency": "USD", "purpose": "race"}));
+        let m =
+            create(&w, json!({"agent_id": bot.id, "amount": "100.00", "currency": "USD", "purpose": "race"}));
         let id = m["id"].as_str().unwrap().to_owned();
         let barrier = Barrier::new(9);
         let (replies, revoked) = std::thread::scope(|s| {
@@ -366,7 +436,10 @@ fn revocation_racing_proposals_leaves_no_open_card(kind: Kind) {
         let cards = w.read("/v1/cards");
         for card in cards["cards"].as_array().unwrap() {
             if spends.contains(card["spend_id"].as_str().unwrap()) {
-                assert_eq!(card["state"], "voided", "round {round}: a card left open under a revoked mandate: {card}");
+                assert_eq!(
+                    card["state"], "voided",
+                    "round {round}: a card left open under a revoked mandate: {card}"
+                );
             }
         }
         for r in replies.iter().filter(|r| r["status"] == "denied") {
@@ -386,8 +459,25 @@ fn the_cli_grants_lists_and_spends_under_a_mandate() {
     let bot = w.create_agent("bot", open_policies());
     let out = w.cli(
         &w.operator,
-        &["mandate", "create", "--agent", &bot.id, "--amount", "15.00", "--currency", "usd", "--purpose", "books",
-          "--merchant-id", "books.example", "--max-spends", "2", "--expires-in", "1h", "--json"],
+        &[
+            "mandate",
+            "create",
+            "--agent",
+            &bot.id,
+            "--amount",
+            "15.00",
+            "--currency",
+            "usd",
+            "--purpose",
+            "books",
+            "--merchant-id",
+            "books.example",
+            "--max-spends",
+            "2",
+            "--expires-in",
+            "1h",
+            "--json",
+        ],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let m: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -395,8 +485,25 @@ fn the_cli_grants_lists_and_spends_under_a_mandate() {
     assert_eq!((&m["status"], &m["max_spends"]), (&json!("active"), &json!(2)), "{m}");
     let out = w.cli(
         &bot.token,
-        &["spend", "propose", "--amount", "5.00", "--currency", "USD", "--merchant-id", "books.example",
-          "--merchant-name", "Books", "--mcc", "5942", "--purpose", "a book", "--mandate", id, "--json"],
+        &[
+            "spend",
+            "propose",
+            "--amount",
+            "5.00",
+            "--currency",
+            "USD",
+            "--merchant-id",
+            "books.example",
+            "--merchant-name",
+            "Books",
+            "--mcc",
+            "5942",
+            "--purpose",
+            "a book",
+            "--mandate",
+            id,
+            "--json",
+        ],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let spend: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -407,15 +514,37 @@ fn the_cli_grants_lists_and_spends_under_a_mandate() {
     assert!(text.contains("10.00 USD") && text.contains("1 of 2"), "{text}");
     let out = w.cli(&w.operator, &["mandate", "list", "--agent", &bot.id]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(id));
-    let out = w.cli(&bot.token, &["mandate", "request", "--amount", "3.00", "--currency", "USD", "--purpose", "pens", "--json"]);
+    let out = w.cli(
+        &bot.token,
+        &["mandate", "request", "--amount", "3.00", "--currency", "USD", "--purpose", "pens", "--json"],
+    );
     let asked: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(asked["status"], "pending_approval", "{asked}");
     let out = w.cli(&w.operator, &["mandate", "approve", asked["id"].as_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("active  "), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("active  "),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let out = w.cli(&w.operator, &["mandate", "revoke", id]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("revoked  "));
-    let out = w.cli(&w.operator, &["mandate", "create", "--agent", &bot.id, "--amount", "1.00", "--currency", "USD",
-                                   "--purpose", "x", "--expires-in", "1w"]);
+    let out = w.cli(
+        &w.operator,
+        &[
+            "mandate",
+            "create",
+            "--agent",
+            &bot.id,
+            "--amount",
+            "1.00",
+            "--currency",
+            "USD",
+            "--purpose",
+            "x",
+            "--expires-in",
+            "1w",
+        ],
+    );
     assert_eq!(out.status.code(), Some(2), "a bad duration is a usage error");
 }
 

@@ -46,7 +46,8 @@ pub fn run(cmd: MandateCommand, conn: &ConnArgs, out: &mut dyn Write) -> anyhow:
         }
         MandateCommand::List(args) => list(conn, args, out),
         MandateCommand::Show(args) => {
-            let reply = Client::new(conn)?.get(&format!("/v1/mandates/{}", client::segment(&args.id)), &[])?;
+            let reply =
+                Client::new(conn)?.get(&format!("/v1/mandates/{}", client::segment(&args.id)), &[])?;
             if args.output.json {
                 return reply.print(out);
             }
@@ -159,7 +160,9 @@ fn duration_seconds(arg: &str) -> Result<u64, String> {
         "d" => 86_400,
         _ => return Err(format!("`{arg}` is not a duration: expected `90s`, `30m`, `1h` or `7d`")),
     };
-    let n: u64 = digits.parse().map_err(|_| format!("`{arg}` is not a duration: expected `90s`, `30m`, `1h` or `7d`"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{arg}` is not a duration: expected `90s`, `30m`, `1h` or `7d`"))?;
     match n.checked_mul(scale) {
         Some(seconds) if seconds > 0 => Ok(seconds),
         _ => Err(format!("`{arg}` must be at least one second")),

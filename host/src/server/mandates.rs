@@ -14,7 +14,9 @@ use serde_json::{Value, json};
 
 use super::extract::PathId;
 use super::json::{self, parse_bytes};
-use super::routes::{MAX_NAME_CHARS, MAX_PURPOSE_CHARS, QueryResult, amount, blocking, merchant_id, query, text};
+use super::routes::{
+    MAX_NAME_CHARS, MAX_PURPOSE_CHARS, QueryResult, amount, blocking, merchant_id, query, text,
+};
 use super::{ApiError, AppState, Caller};
 use crate::cases::check_mcc;
 use crate::datadir::now_ms;
@@ -80,10 +82,14 @@ pub fn parse_new_mandate(body: &[u8]) -> Result<MandateRequest, ApiError> {
         merchant_id(&format!("merchant_ids[{i}]"), id)?;
     }
     for (i, mcc) in body.mccs.iter().enumerate() {
-        check_mcc(&format!("mccs[{i}]"), mcc).map_err(|e| ApiError::invalid("invalid_field", e.to_string()))?;
+        check_mcc(&format!("mccs[{i}]"), mcc)
+            .map_err(|e| ApiError::invalid("invalid_field", e.to_string()))?;
     }
     if body.max_spends == Some(0) {
-        return Err(ApiError::invalid("invalid_field", "`max_spends` must be at least 1 (leave it out for no limit)"));
+        return Err(ApiError::invalid(
+            "invalid_field",
+            "`max_spends` must be at least 1 (leave it out for no limit)",
+        ));
     }
     let expires_in_seconds = body.expires_in_seconds.unwrap_or(DEFAULT_MANDATE_SECONDS);
     if !(1..=MAX_MANDATE_SECONDS).contains(&expires_in_seconds) {
@@ -209,7 +215,10 @@ pub async fn list(State(state): State<Arc<AppState>>, caller: Caller, q: QueryRe
     let s = Arc::clone(&state);
     let list = blocking(move || Ok(s.backend.mandates(agent_id.as_deref())?)).await?;
     let (now, ttl) = (now_ms(), state.approval_ttl_ms());
-    Ok((StatusCode::OK, Json(json!({ "mandates": list.iter().map(|m| mandate_json(m, now, ttl)).collect::<Vec<_>>() }))))
+    Ok((
+        StatusCode::OK,
+        Json(json!({ "mandates": list.iter().map(|m| mandate_json(m, now, ttl)).collect::<Vec<_>>() })),
+    ))
 }
 
 pub async fn get(State(state): State<Arc<AppState>>, caller: Caller, PathId(id): PathId) -> Reply {
@@ -222,9 +231,10 @@ async fn answer(state: Arc<AppState>, caller: Caller, id: String, approve: bool)
     caller.operator()?;
     let s = Arc::clone(&state);
     let actor = caller.actor();
-    let record =
-        blocking(move || Ok(s.backend.answer_mandate(&id, approve, s.approval_ttl_ms(), &actor, now_ms())?))
-            .await?;
+    let record = blocking(move || {
+        Ok(s.backend.answer_mandate(&id, approve, s.approval_ttl_ms(), &actor, now_ms())?)
+    })
+    .await?;
     reply(&state, StatusCode::OK, &record)
 }
 

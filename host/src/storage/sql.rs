@@ -1207,7 +1207,9 @@ fn commit_approval(
     let ttl = match mandate {
         Ok(left) => left.map_or(ttl, |left| ttl.min(left)),
         Err(reason) => {
-            return Err(StorageError::InvalidState(format!("spend `{spend_id}` no longer fits its {reason}")));
+            return Err(StorageError::InvalidState(format!(
+                "spend `{spend_id}` no longer fits its {reason}"
+            )));
         }
     };
     if balance(tx, cap.currency(), AccountKind::Available)? < cap.units() {

@@ -15,7 +15,8 @@ use crate::mandates::{Answer, Creator, End, MandateRecord, Mandates, NewMandate}
 use crate::money::Amount;
 use crate::storage::{Actor, StorageError};
 
-const MANDATE_SELECT: &str = "SELECT m.id, m.agent_id, m.units, m.currency, m.purpose, m.merchant_ids, m.mccs,
+const MANDATE_SELECT: &str =
+    "SELECT m.id, m.agent_id, m.units, m.currency, m.purpose, m.merchant_ids, m.mccs,
         m.max_spends, m.expires_at_ms, m.created_by, m.created_at_ms, a.decision, a.answered_at_ms, e.kind,
         e.ended_at_ms
      FROM mandates m
@@ -227,7 +228,8 @@ impl<E: Engine> Mandates for SqlStore<E> {
             if super::agent_revoked(tx, agent_id)? {
                 return Err(StorageError::InvalidState(format!("agent `{agent_id}` is revoked")));
             }
-            let list = |l: &[String]| serde_json::to_string(l).map_err(|e| StorageError::Invariant(e.to_string()));
+            let list =
+                |l: &[String]| serde_json::to_string(l).map_err(|e| StorageError::Invariant(e.to_string()));
             tx.execute(
                 "INSERT INTO mandates (id, agent_id, units, currency, purpose, merchant_ids, mccs, max_spends,
                                        expires_at_ms, created_by, created_at_ms)
@@ -299,7 +301,8 @@ impl<E: Engine> Mandates for SqlStore<E> {
     ) -> Result<MandateRecord, StorageError> {
         let now = ms(now_ms)?;
         self.write(|tx| {
-            let m = mandate_by_id(tx, id)?.ok_or_else(|| StorageError::NotFound(format!("mandate `{id}`")))?;
+            let m =
+                mandate_by_id(tx, id)?.ok_or_else(|| StorageError::NotFound(format!("mandate `{id}`")))?;
             let status = m.status(now_ms, approval_ttl_ms);
             if status != crate::mandates::MandateStatus::PendingApproval {
                 return Err(StorageError::InvalidState(format!(
@@ -327,13 +330,17 @@ impl<E: Engine> Mandates for SqlStore<E> {
     fn revoke_mandate(&self, id: &str, actor: &Actor, now_ms: u64) -> Result<MandateRecord, StorageError> {
         let now = ms(now_ms)?;
         self.write(|tx| {
-            let m = mandate_by_id(tx, id)?.ok_or_else(|| StorageError::NotFound(format!("mandate `{id}`")))?;
+            let m =
+                mandate_by_id(tx, id)?.ok_or_else(|| StorageError::NotFound(format!("mandate `{id}`")))?;
             // Giving authority up is always allowed while there is any to
             // give up: in force, exhausted, or waiting for the operator.
             let status = m.status(now_ms, u64::MAX);
             use crate::mandates::MandateStatus as S;
             if !matches!(status, S::Active | S::Exhausted | S::PendingApproval) {
-                return Err(StorageError::InvalidState(format!("mandate `{id}` is already {}", status.as_str())));
+                return Err(StorageError::InvalidState(format!(
+                    "mandate `{id}` is already {}",
+                    status.as_str()
+                )));
             }
             let by = match actor {
                 Actor::Token { role: crate::storage::Role::Agent(_), .. } => "revoked by its agent",
