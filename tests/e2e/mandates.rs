@@ -246,6 +246,7 @@ fn bad_mandates_are_refused_and_change_nothing(kind: Kind) {
         "not_found",
         "unknown agent",
     );
+    w.get("/v1/mandates", &w.network).refused(403, "forbidden", "the network token lists");
     assert_eq!(w.read("/v1/mandates"), json!({"mandates": []}));
     assert_eq!(w.read("/v1/audit/verify")["records"], before, "a refused mandate writes nothing");
 
@@ -263,6 +264,16 @@ fn bad_mandates_are_refused_and_change_nothing(kind: Kind) {
         404,
         "not_found",
         "revoke another's",
+    );
+    w.post(&format!("/v1/mandates/{id}/deny"), &bot.token, json!({})).refused(
+        403,
+        "forbidden",
+        "an agent denies",
+    );
+    w.post(&format!("/v1/mandates/{id}/revoke"), &w.network, json!({})).refused(
+        403,
+        "forbidden",
+        "the network revokes",
     );
     w.get(&format!("/v1/mandates?agent_id={}", other.id), &bot.token).refused(
         403,

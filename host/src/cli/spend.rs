@@ -113,6 +113,9 @@ pub struct Spend {
     pub received_at: Option<String>,
     #[serde(default)]
     pub card: Option<Card>,
+    /// The mandate it was proposed under.
+    #[serde(default)]
+    pub mandate_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,6 +228,9 @@ pub fn write_spend(out: &mut dyn Write, spend: &Spend) -> anyhow::Result<()> {
     }
     if let Some(agent) = &spend.agent_id {
         render::labelled(out, "agent", agent)?;
+    }
+    if let Some(mandate) = &spend.mandate_id {
+        render::labelled(out, "mandate", mandate)?;
     }
     if let Some(at) = &spend.received_at {
         render::labelled(out, "received", at)?;
