@@ -353,17 +353,15 @@ impl<E: Engine> Mandates for SqlStore<E> {
 
     fn expire_mandates(&self, approval_ttl_ms: u64, now_ms: u64) -> Result<usize, StorageError> {
         let now = ms(now_ms)?;
+        let cutoff = ms(now_ms.saturating_sub(approval_ttl_ms))?;
+        // Looked for on a snapshot first: the write lock is taken only when
+        // something is due, not on every sweep.
+        let (unanswered, ended) = self.read(|conn| due_mandates(conn, cutoff, now))?;
+        if unanswered.is_empty() && ended.is_empty() {
+            return Ok(0);
+        }
         self.write(|tx| {
-            let mut n = 0;
-            // Requests nobody answered in time.
-            let cutoff = ms(now_ms.saturating_sub(approval_ttl_ms))?;
-            let unanswered = tx.rows(
-                &format!(
-                    "{MANDATE_SELECT} WHERE m.created_by = 'agent' AND a.mandate_id IS NULL AND e.mandate_id IS NULL
-                     AND (m.created_at_ms <= ?1 OR m.expires_at_ms <= ?2)"
-                ),
-                args![cutoff, now],
-            )?;
+            let (unanswered, ended) = due_mandates(tx, cutoff, now)?;
             for row in &unanswered {
                 let m = mandate_row(tx, row)?;
                 tx.execute(
@@ -371,24 +369,39 @@ impl<E: Engine> Mandates for SqlStore<E> {
                     args![m.id(), now],
                 )?;
                 audit_mandate(tx, "expired", &m, json!({ "reason": "not answered in time" }), &Actor::System, now)?;
-                n += 1;
             }
-            // Mandates in force whose end came. Their cards never outlive
-            // them, so nothing of theirs is still open; any hold left (an
-            // approved spend's card never collected) is released here.
-            let ended = tx.rows(
-                &format!(
-                    "{MANDATE_SELECT} WHERE m.expires_at_ms <= ?1 AND e.mandate_id IS NULL
-                     AND (m.created_by = 'operator' OR a.decision = 'approved')"
-                ),
-                args![now],
-            )?;
+            // Their cards never outlive them, so nothing of theirs is still
+            // open; a hold left (an approved spend's card never collected)
+            // is released here.
             for row in &ended {
                 let m = mandate_row(tx, row)?;
                 end_mandate(tx, &m, End::Expired, "its time ran out", &Actor::System, now)?;
-                n += 1;
             }
-            Ok(n)
+            Ok(unanswered.len() + ended.len())
         })
     }
+}
+
+/// Requests nobody answered by `cutoff` (or before their end), and
+/// mandates in force whose end came by `now`.
+fn due_mandates(
+    conn: &dyn Conn,
+    cutoff: i64,
+    now: i64,
+) -> Result<(Vec<super::Row>, Vec<super::Row>), StorageError> {
+    let unanswered = conn.rows(
+        &format!(
+            "{MANDATE_SELECT} WHERE m.created_by = 'agent' AND a.mandate_id IS NULL AND e.mandate_id IS NULL
+             AND (m.created_at_ms <= ?1 OR m.expires_at_ms <= ?2)"
+        ),
+        args![cutoff, now],
+    )?;
+    let ended = conn.rows(
+        &format!(
+            "{MANDATE_SELECT} WHERE m.expires_at_ms <= ?1 AND e.mandate_id IS NULL
+             AND (m.created_by = 'operator' OR a.decision = 'approved')"
+        ),
+        args![now],
+    )?;
+    Ok((unanswered, ended))
 }
