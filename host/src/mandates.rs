@@ -290,6 +290,26 @@ impl MandateRecord {
     }
 }
 
+impl MandateRecord {
+    /// The mandate as a policy sees it (contract 0.2.0 on), before the
+    /// spend being decided: `None` when nothing of it remains (the host's
+    /// own check denies such a spend whatever the policies say).
+    pub fn for_policy(&self) -> Option<crate::policy::RequestMandate> {
+        let m = &self.mandate;
+        let remaining = Amount::from_units(self.remaining_units(), m.amount.currency()).ok()?;
+        Some(crate::policy::RequestMandate {
+            id: m.id.clone(),
+            purpose: m.purpose.clone(),
+            budget: m.amount.clone(),
+            remaining,
+            max_spends: m.max_spends,
+            spend_count: self.spend_count,
+            expires_at_ms: m.expires_at_ms,
+            created_by_operator: m.created_by == Creator::Operator,
+        })
+    }
+}
+
 /// Mandates in storage. Every method is one transaction; every change
 /// appends its audit record (kind `mandate`, with the `event` and the actor)
 /// in the same transaction.

@@ -564,3 +564,42 @@ crate::backends::on_each_backend!(
     bad_mandates_are_refused_and_change_nothing,
     revocation_racing_proposals_leaves_no_open_card,
 );
+
+#[test]
+fn a_policy_of_contract_0_2_0_sees_the_mandate() {
+    let w = fast_wallet(Kind::Sqlite);
+    w.upload("approval-threshold", "approval-threshold");
+    let bot = w.create_agent(
+        "bot",
+        json!([{"policy": "spend-limit", "config": {"limit": "100000.00", "currency": "USD"}},
+               {"policy": "approval-threshold", "config": {"threshold": "100.00", "currency": "USD"}}]),
+    );
+    // Without a mandate, above the threshold: a human is asked.
+    let alone = w.propose(&bot, "150.00", "shop.example", "5942").expect(201, "propose 150.00");
+    assert_eq!(alone["status"], "pending_approval", "{alone}");
+    // Inside a mandate the operator made: the policy sees it and asks no one.
+    let given =
+        create(&w, json!({"agent_id": bot.id, "amount": "500.00", "currency": "USD", "purpose": "hardware"}));
+    let given_id = given["id"].as_str().unwrap();
+    let inside = propose_under(&w, &bot, "150.00", "shop.example", given_id);
+    assert_eq!(inside["status"], "approved", "{inside}");
+    // More than is left of it: the host denies it, whatever the policies say.
+    let beyond = propose_under(&w, &bot, "360.00", "shop.example", given_id);
+    assert_eq!(beyond["status"], "denied", "the host's check denies what the mandate cannot cover: {beyond}");
+    // A mandate the agent asked for does not skip the human.
+    let asked = w
+        .post("/v1/mandates", &bot.token, json!({"amount": "500.00", "currency": "USD", "purpose": "more"}))
+        .expect(201, "ask");
+    let asked_id = asked["id"].as_str().unwrap();
+    w.post(&format!("/v1/mandates/{asked_id}/approve"), &w.operator, json!({})).expect(200, "approve");
+    let requested = propose_under(&w, &bot, "150.00", "shop.example", asked_id);
+    assert_eq!(requested["status"], "pending_approval", "{requested}");
+    // Its approval is checked against the mandate again, and its card does
+    // not outlive it.
+    let spend_id = requested["id"].as_str().unwrap();
+    w.post(&format!("/v1/approvals/{spend_id}/approve"), &w.operator, json!({}))
+        .expect(200, "approve the spend");
+    let collected = w.get(&format!("/v1/spends/{spend_id}"), &bot.token).expect(200, "collect");
+    assert!(time_ms(&collected["card"]["expires_at"]) <= time_ms(&asked["expires_at"]), "{collected}");
+    assert_eq!(mandate(&w, asked_id)["held"], "150.00");
+}

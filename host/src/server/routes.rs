@@ -24,6 +24,7 @@ use crate::cards::AuthorizationRequest;
 use crate::cases::{check_country, check_mcc};
 use crate::datadir::{new_token, now_ms, token_hash};
 use crate::history::History;
+use crate::mandates::MandateRecord;
 use crate::money::Amount;
 use crate::policy::{self, CardTerms, Decision};
 use crate::sandbox::{LoadedPolicy, fault_reason};
@@ -285,11 +286,16 @@ pub async fn propose(
             .ok_or_else(|| ApiError::unauthorized("revoked_token", "this agent was revoked"))?;
         // A mandate that is not the agent's own is not found, and nothing
         // is recorded (storage checks again in the committing transaction).
-        if let Some(mandate_id) = &spend.mandate_id
-            && s.backend.mandate(mandate_id)?.is_none_or(|m| m.mandate.agent_id != agent_id)
-        {
-            return Err(ApiError::not_found(format!("mandate `{mandate_id}`")));
-        }
+        // The policies see the mandate as it stands now (contract 0.2.0).
+        let mandate = match &spend.mandate_id {
+            Some(mandate_id) => Some(
+                s.backend
+                    .mandate(mandate_id)?
+                    .filter(|m| m.mandate.agent_id == agent_id)
+                    .ok_or_else(|| ApiError::not_found(format!("mandate `{mandate_id}`")))?,
+            ),
+            None => None,
+        };
         let request = policy::SpendRequest {
             id: spend.id.clone(),
             agent: policy_agent(&agent),
@@ -297,7 +303,7 @@ pub async fn propose(
             merchant: spend.merchant.clone(),
             purpose: spend.purpose.clone(),
             received_at_ms,
-            mandate: None,
+            mandate: mandate.as_ref().and_then(MandateRecord::for_policy),
         };
         let policies = load_policies(&s, &agent);
         let mut decide = |history: Arc<dyn History>| evaluate_all(&s, &policies, &request, history);
@@ -328,8 +334,13 @@ fn policy_agent(agent: &AgentRecord) -> policy::Agent {
 }
 
 /// The request the policies saw when the spend was proposed, rebuilt from
-/// the record (same id, amount, merchant, purpose and time).
-fn policy_request(spend: &SpendRecord, agent: &AgentRecord) -> policy::SpendRequest {
+/// the record (same id, amount, merchant, purpose and time), with its
+/// mandate as it stands now.
+fn policy_request(
+    spend: &SpendRecord,
+    agent: &AgentRecord,
+    mandate: Option<policy::RequestMandate>,
+) -> policy::SpendRequest {
     policy::SpendRequest {
         id: spend.id.clone(),
         agent: policy_agent(agent),
@@ -337,7 +348,7 @@ fn policy_request(spend: &SpendRecord, agent: &AgentRecord) -> policy::SpendRequ
         merchant: spend.merchant.clone(),
         purpose: spend.purpose.clone(),
         received_at_ms: spend.received_at_ms,
-        mandate: None,
+        mandate,
     }
 }
 
@@ -485,9 +496,13 @@ pub async fn approve(State(state): State<Arc<AppState>>, caller: Caller, PathId(
         let pending = s.backend.spend(&id)?.ok_or_else(|| ApiError::not_found(format!("spend `{id}`")))?;
         let agent = s.backend.agent(&pending.agent_id)?.filter(|a| !a.revoked);
         let policies = agent.as_ref().map(|a| load_policies(&s, a));
+        let mandate = match &pending.mandate_id {
+            Some(mandate_id) => s.backend.mandate(mandate_id)?.as_ref().and_then(MandateRecord::for_policy),
+            None => None,
+        };
         let mut decide = |spend: &SpendRecord, history: Arc<dyn History>| match (&agent, &policies) {
             (Some(agent), Some(policies)) if agent.id == spend.agent_id => {
-                evaluate_all(&s, policies, &policy_request(spend, agent), history)
+                evaluate_all(&s, policies, &policy_request(spend, agent, mandate.clone()), history)
             }
             _ => Verdict::Deny(vec!["the agent was revoked".into()]).into(),
         };
