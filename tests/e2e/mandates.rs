@@ -12,10 +12,10 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::backends::Kind;
-use crate::daemon::{AgentToken, Wallet, approved, declined};
-use crate::races::cents;
-use crate::sandbox::{XorShift, seed};
+use crate::support::Kind;
+use crate::support::from_cents as cents;
+use crate::support::{AgentToken, Wallet, approved, declined};
+use crate::support::{XorShift, seed};
 
 /// Policies that let everything through: a mandate is what binds.
 fn open_policies() -> Value {
@@ -27,7 +27,7 @@ fn open_policies() -> Value {
 fn fast_wallet(kind: Kind) -> Wallet {
     let mut w = Wallet::on(kind);
     let config = w.data.with_file_name("serve.toml");
-    std::fs::write(&config, format!("{}[sandbox]\ndeadline = 10000\n", crate::daemon::NO_RATE_LIMIT))
+    std::fs::write(&config, format!("{}[sandbox]\ndeadline = 10000\n", crate::support::NO_RATE_LIMIT))
         .unwrap();
     w.stop();
     w.restart_with(&["--config", config.to_str().unwrap()]);
@@ -37,7 +37,7 @@ fn fast_wallet(kind: Kind) -> Wallet {
 }
 
 fn under(amount: &str, merchant: &str, mcc: &str, mandate_id: &str) -> Value {
-    let mut p = crate::daemon::proposal(amount, merchant, mcc);
+    let mut p = crate::support::proposal(amount, merchant, mcc);
     p["mandate_id"] = json!(mandate_id);
     p
 }
@@ -559,7 +559,7 @@ fn the_cli_grants_lists_and_spends_under_a_mandate() {
     assert_eq!(out.status.code(), Some(2), "a bad duration is a usage error");
 }
 
-crate::backends::on_each_backend!(
+crate::support::on_each_backend!(
     mandate_flow,
     bad_mandates_are_refused_and_change_nothing,
     revocation_racing_proposals_leaves_no_open_card,
