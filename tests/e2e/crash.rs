@@ -1,4 +1,4 @@
-//! Crashes (issue 5): the daemon is killed with SIGKILL at random points
+//! Crashes: the daemon is killed with SIGKILL at random points
 //! while clients propose spends, charge and void cards and fund the wallet,
 //! then restarted on the same data directory. After every crash, with the
 //! daemon dead, the database is opened directly and checked:

@@ -1,4 +1,4 @@
-//! Attacks from the security review, reproduced against the real daemon and
+//! Known attacks, reproduced against the real daemon and
 //! the real CLI, each of which must now fail: a compiled policy swapped in
 //! for another, merchant ids that imitate others, and policy or agent text
 //! that would rewrite the terminal printing it.
