@@ -1,4 +1,4 @@
-//! Mandates: task-scoped spend authority (docs/contract.md, "Mandates").
+//! Mandates: task-scoped spend authority (docs/contract/api.md, "Mandates").
 //!
 //! An agent token is standing authority, bounded by policies. A mandate is a
 //! narrower lane for one task: a budget in one currency, optionally a list of

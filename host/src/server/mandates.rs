@@ -1,4 +1,4 @@
-//! The mandate routes (docs/contract.md, "Mandates"): the operator creates
+//! The mandate routes (docs/contract/api.md, "Mandates"): the operator creates
 //! a mandate for an agent, or answers one the agent asked for; the agent
 //! asks, reads its own, and may give one up; either may revoke.
 
