@@ -17,6 +17,7 @@ mod crash;
 mod flow;
 mod hardening;
 mod hostile;
+mod mandates;
 mod mcp;
 mod operations;
 mod policies;
