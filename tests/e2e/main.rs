@@ -17,6 +17,7 @@ mod crash;
 mod flow;
 mod hardening;
 mod hostile;
+mod mandates;
 mod operations;
 mod policies;
 mod races;

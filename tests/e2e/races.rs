@@ -115,6 +115,7 @@ fn propose(
         merchant: merchant(),
         purpose: "race".into(),
         received_at_ms: at,
+        mandate_id: None,
     };
     let req = request(&spend.id, agent, &spend.amount, &spend.merchant, at);
     let mut decide = |history: Arc<dyn History>| decide(attached, &req, history);

@@ -36,6 +36,7 @@ fn spend(agent: &str, amount: Amount, merchant_id: &str, key: Option<&str>, at: 
         merchant: merchant(merchant_id),
         purpose: "test".into(),
         received_at_ms: at,
+        mandate_id: None,
     }
 }
 

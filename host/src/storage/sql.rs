@@ -22,6 +22,7 @@
 //! So a slow or hostile policy holds the lock only while its own agent's
 //! proposals keep conflicting, and a faulting one never does.
 
+mod mandates;
 pub(crate) mod registry;
 mod value;
 
@@ -266,14 +267,6 @@ impl<C: Conn + Send> History for LentHistory<C> {
     fn summarize(&self, scope: &HistoryScope, filter: &SpendFilter) -> Result<SpendSummary, HistoryError> {
         let guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let conn = guard.as_ref().ok_or_else(|| HistoryError("the evaluation has ended".into()))?;
-        // The ledger does not record which mandate a spend was made under:
-        // a question it cannot answer denies rather than answer wrongly.
-        if filter.mandate_id.is_some() {
-            return Err(HistoryError(
-                "the ledger does not record spends by mandate: a history query by mandate cannot be answered"
-                    .into(),
-            ));
-        }
         let answer = summarize(conn, scope, filter).map_err(|e| HistoryError(e.to_string()))?;
         self.reads.lock().unwrap_or_else(|p| p.into_inner()).push((scope.clone(), filter.clone(), answer));
         Ok(answer)
@@ -477,6 +470,14 @@ pub(crate) fn summarize_query<'a>(
         args.push(Arg::Text(mcc));
         sql.push_str(&format!(" AND h.mcc = ?{}", args.len()));
     }
+    // Only the spends made under one mandate: found by `spends_mandate`.
+    if let Some(mandate_id) = &filter.mandate_id {
+        args.push(Arg::Text(mandate_id));
+        sql.push_str(&format!(
+            " AND h.spend_id IN (SELECT id FROM spends WHERE mandate_id = ?{})",
+            args.len()
+        ));
+    }
     (sql, args)
 }
 
@@ -549,7 +550,7 @@ fn transfer(
 
 /// Resolve a hold exactly once: the primary key of `hold_resolutions` makes
 /// a second resolution fail, whatever raced.
-fn resolve_hold(
+pub(crate) fn resolve_hold(
     conn: &dyn Conn,
     hold_id: i64,
     kind: &str,
@@ -631,7 +632,7 @@ fn find_card(conn: &dyn Conn, column: &str, value: &str) -> Result<Option<CardRo
 /// by the operator's for a spend that waited for approval.
 const SPEND_SELECT: &str =
     "SELECT s.id, s.agent_id, s.units, s.currency, s.merchant_id, s.merchant_name, s.mcc,
-        s.country, s.purpose, s.received_at_ms, s.status, s.reasons, c.id, a.decision, a.reason
+        s.country, s.purpose, s.received_at_ms, s.status, s.reasons, c.id, a.decision, a.reason, s.mandate_id
      FROM spends s
      LEFT JOIN cards c ON c.spend_id = s.id
      LEFT JOIN approval_resolutions a ON a.spend_id = s.id";
@@ -662,6 +663,7 @@ fn spend_record(r: &Row) -> Result<SpendRecord, StorageError> {
         status,
         reasons,
         card_id: r.get(12)?,
+        mandate_id: r.get(15)?,
     })
 }
 
@@ -682,8 +684,8 @@ fn insert_spend(
     conn.execute(
         "INSERT INTO spends (id, agent_id, idempotency_key, fingerprint, units, currency, merchant_id, merchant_name,
                              mcc, country, purpose, received_at_ms, status, reasons, card_ttl_seconds,
-                             card_cap_units, created_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                             card_cap_units, created_at_ms, mandate_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
         args![
             &spend.id,
             &spend.agent_id,
@@ -702,6 +704,7 @@ fn insert_spend(
             pending_terms.map(|(ttl, _)| ttl),
             pending_terms.map(|(_, cap)| cap),
             now_ms,
+            &spend.mandate_id,
         ],
     )?;
     Ok(())
@@ -763,14 +766,40 @@ fn commit_verdict(
     now_ms: u64,
 ) -> Result<Proposed, StorageError> {
     let now = ms(now_ms)?;
-    let (status, reasons, approved, pending) = match &decided.verdict {
+    // The mandate, checked here, under the write lock: what it has left is
+    // what the spends committed before this one left. A card under it lives
+    // no longer than it does.
+    let mandate = mandates::check_mandate(
+        conn,
+        spend.mandate_id.as_deref(),
+        &spend.agent_id,
+        &spend.amount,
+        &spend.merchant,
+        now_ms,
+    )?;
+    let (mandate_ttl, verdict) = match mandate {
+        Ok(left) => (left, decided.verdict.clone()),
+        Err(reason) => {
+            let mut reasons = match &decided.verdict {
+                Verdict::Deny(reasons) => reasons.clone(),
+                _ => Vec::new(),
+            };
+            reasons.push(reason);
+            (None, Verdict::Deny(reasons))
+        }
+    };
+    let ttl_of = |terms: &CardTerms| {
+        let (cap, ttl) = card_terms(&spend.amount, terms, cards.default_ttl_seconds);
+        (cap, mandate_ttl.map_or(ttl, |left| ttl.min(left)))
+    };
+    let (status, reasons, approved, pending) = match &verdict {
         Verdict::Deny(reasons) => (SpendStatus::Denied, reasons.clone(), None, None),
         Verdict::RequireApproval { reasons, terms } => {
-            let (cap, ttl) = card_terms(&spend.amount, terms, cards.default_ttl_seconds);
+            let (cap, ttl) = ttl_of(terms);
             (SpendStatus::PendingApproval, reasons.clone(), None, Some((ttl, cap.units())))
         }
         Verdict::Approve(terms) => {
-            let (cap, ttl) = card_terms(&spend.amount, terms, cards.default_ttl_seconds);
+            let (cap, ttl) = ttl_of(terms);
             if balance(conn, cap.currency(), AccountKind::Available)? < cap.units() {
                 (SpendStatus::Denied, vec![INSUFFICIENT_FUNDS.to_owned()], None, None)
             } else {
@@ -1103,7 +1132,7 @@ fn pending_spend(
     Ok(spend)
 }
 
-fn resolve_approval(
+pub(crate) fn resolve_approval(
     conn: &dyn Conn,
     spend_id: &str,
     decision: &str,
@@ -1178,6 +1207,24 @@ fn commit_approval(
         max_amount: cap_units.map(|u| amount(u, spend.amount.currency())).transpose()?,
     };
     let (cap, ttl) = card_terms(&spend.amount, &recorded.narrowest(terms), default_ttl_seconds);
+    // The mandate is checked again, as of now: it may have been spent,
+    // revoked or run out while the spend waited.
+    let mandate = mandates::check_mandate(
+        tx,
+        spend.mandate_id.as_deref(),
+        &spend.agent_id,
+        &spend.amount,
+        &spend.merchant,
+        now_ms,
+    )?;
+    let ttl = match mandate {
+        Ok(left) => left.map_or(ttl, |left| ttl.min(left)),
+        Err(reason) => {
+            return Err(StorageError::InvalidState(format!(
+                "spend `{spend_id}` no longer fits its {reason}"
+            )));
+        }
+    };
     if balance(tx, cap.currency(), AccountKind::Available)? < cap.units() {
         return Err(StorageError::InvalidState(format!(
             "{INSUFFICIENT_FUNDS}: spend `{spend_id}` needs {cap}"
