@@ -22,29 +22,25 @@
 //! So a slow or hostile policy holds the lock only while its own agent's
 //! proposals keep conflicting, and a faulting one never does.
 
-
 mod audit;
-mod cards;
-mod history;
+pub(crate) mod cards;
+pub(crate) mod history;
 mod invariants;
-mod ledger;
+pub(crate) mod ledger;
 mod optimistic;
 pub(crate) mod registry;
-mod spends;
+pub(crate) mod spends;
 mod store;
 mod value;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-pub(crate) use history::summarize_query;
-pub(crate) use ledger::BALANCE_SQL;
-pub(crate) use spends::IDEMPOTENT_SPEND_SQL;
-pub(crate) use cards::{CARD_COLUMNS, CARD_STANDING_SQL, IDEMPOTENT_AUTHORIZATION_SQL};
-pub(crate) use spends::agent_revoked;
+pub use optimistic::Lender;
 pub(crate) use value::args;
 pub use value::{Arg, FromValue, Row, Value};
-pub use optimistic::Lender;
+
+use cards::authorize;
 
 use super::{Actor, AuthorizationOutcome, StorageError};
 use crate::audit::AuditKey;
@@ -262,5 +258,4 @@ impl<E: Engine> SqlStore<E> {
             authorize(&tx, &request, &key, &actor, now_ms).map(Ending::Commit)
         })))
     }
-
 }

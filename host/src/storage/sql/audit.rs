@@ -47,7 +47,11 @@ pub(crate) fn append_audit(
     Ok(())
 }
 
-pub(super) fn read_audit(conn: &dyn Conn, after: u64, limit: usize) -> Result<Vec<AuditRecord>, StorageError> {
+pub(super) fn read_audit(
+    conn: &dyn Conn,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<AuditRecord>, StorageError> {
     let after = i64::try_from(after).unwrap_or(i64::MAX);
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     conn.rows(

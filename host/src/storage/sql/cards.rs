@@ -1,6 +1,8 @@
 //! Cards in SQL: the card rows with their hold's state, issuing a card for
 //! a hold (hashes only), and a merchant's charge against one.
 
+use serde_json::json;
+
 use super::audit::append_audit;
 use super::ledger::resolve_hold;
 use super::{Conn, Row, amount, args, from_ms, ms};
@@ -75,7 +77,7 @@ pub(super) fn issue_card(
     agent_id: &str,
     merchant_id: &str,
     cards: &CardIssuance,
-    pub(super) hold_id: i64,
+    hold_id: i64,
     cap: &Amount,
     ttl_seconds: u32,
     now_ms: u64,

@@ -7,7 +7,11 @@ use crate::money::Amount;
 use crate::policy::Merchant;
 use crate::storage::StorageError;
 
-pub(super) fn account_id(conn: &dyn Conn, currency: &str, kind: AccountKind) -> Result<Option<i64>, StorageError> {
+pub(super) fn account_id(
+    conn: &dyn Conn,
+    currency: &str,
+    kind: AccountKind,
+) -> Result<Option<i64>, StorageError> {
     conn.row("SELECT id FROM accounts WHERE currency = ?1 AND kind = ?2", args![currency, kind.as_str()])?
         .map(|r| r.get(0))
         .transpose()

@@ -107,7 +107,11 @@ pub(super) fn still_true(conn: &dyn Conn, reads: &[HistoryRead]) -> Result<bool,
 /// Whether a decision made on a snapshot may commit now: a deny always (it
 /// moves no money, and stands as of its snapshot); anything else only if
 /// every history query it made still has the same answer.
-pub(super) fn stands(conn: &dyn Conn, decided: &Decided, reads: &[HistoryRead]) -> Result<bool, StorageError> {
+pub(super) fn stands(
+    conn: &dyn Conn,
+    decided: &Decided,
+    reads: &[HistoryRead],
+) -> Result<bool, StorageError> {
     Ok(matches!(decided.verdict, Verdict::Deny(_)) || still_true(conn, reads)?)
 }
 
@@ -120,7 +124,7 @@ impl<E: Engine> SqlStore<E> {
     /// own what they use: the optimistic commit is a [`WriteJob`] for
     /// [`Engine::run`] (on SQLite, queued for the writer thread while other
     /// writes are under way).
-    fn decide_and_commit<S, T: Send + 'static>(
+    pub(super) fn decide_and_commit<S, T: Send + 'static>(
         &self,
         check: impl Fn(&dyn Conn) -> Result<Result<S, T>, StorageError> + Clone + Send + 'static,
         decide: &mut dyn FnMut(&S, Arc<dyn History>) -> Decided,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::audit::{append_audit, read_audit};
-use super::cards::{authorize, find_card, card_row, issue_card, CARD_COLUMNS};
+use super::cards::{CARD_COLUMNS, authorize, card_row, find_card, issue_card};
 use super::invariants::check_invariants;
 use super::ledger::{balance, ensure_accounts, resolve_hold, transfer};
 use super::spends::{
