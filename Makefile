@@ -8,7 +8,11 @@ POLICIES    := $(notdir $(wildcard policies/*))
 BIN         := target/release/spendguard
 WASM_DIR    := target/$(WASM_TARGET)/release
 
-.PHONY: run test wasm-target build policies policy-cases fuzz clean
+.PHONY: run test wasm-target build policies policy-cases links fuzz clean
+
+# Every relative link of the Markdown files resolves inside the repository.
+links:
+	scripts/check-links.sh
 
 # rustup does not install targets named in a toolchain file on these
 # machines, so add the Wasm target here when it is missing.
@@ -31,7 +35,7 @@ policy-cases: build policies
 		$(BIN) policy test $(WASM_DIR)/$$(echo $$p | tr - _).wasm policies/$$p/cases.json; \
 	done
 
-test: wasm-target policy-cases
+test: wasm-target links policy-cases
 	scripts/with-postgres.sh $(CARGO) test --release
 	$(MAKE) fuzz
 

@@ -78,7 +78,7 @@ pub struct ServeArgs {
     /// Address to listen on (default 127.0.0.1:7420).
     #[arg(long, value_name = "ADDR", env = "SPENDGUARD_LISTEN")]
     listen: Option<std::net::SocketAddr>,
-    /// A TOML config file (see the README).
+    /// A TOML config file (every key: docs/contract/configuration.md).
     #[arg(long, value_name = "FILE", env = "SPENDGUARD_CONFIG")]
     config: Option<PathBuf>,
     #[command(flatten)]

@@ -9,7 +9,7 @@
 //!   closes. Taken first, in READ COMMITTED, every later statement of the
 //!   transaction sees every write committed before it: the transaction
 //!   runs as if alone, exactly as SQLite's `BEGIN IMMEDIATE`. So the
-//!   atomicity of a policy's view of history with its commit (docs/contract.md),
+//!   atomicity of a policy's view of history with its commit (docs/contract/money.md),
 //!   exactly-once holds, idempotency keys and the audit chain hold across
 //!   daemons by the same code that keeps them in one.
 //! - **Reads are snapshots** (REPEATABLE READ, READ ONLY) and never wait for
