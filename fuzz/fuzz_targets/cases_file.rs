@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
                         max_amount: Some(request.amount.clone()),
                     }),
                     Decision::Deny("over the limit".into()),
-                    Decision::RequireApproval("needs a person".into()),
+                    Decision::RequireApproval { reason: "needs a person".into(), terms: CardTerms::default() },
                 ];
                 for decision in &decisions {
                     let _ = case.expect.check(decision, &request);
@@ -62,7 +62,7 @@ fn history(entries: &[HistoryEntry]) -> Option<()> {
         assert!(spend.amount.units() > 0);
         let scope = HistoryScope { agent_id: "self".into(), currency: spend.amount.currency().into() };
         for (since_ms, wallet_wide) in [(0, true), (spend.at_ms, false)] {
-            let filter = SpendFilter { since_ms, merchant_id: None, mcc: None, wallet_wide };
+            let filter = SpendFilter { since_ms, merchant_id: None, mcc: None, wallet_wide, mandate_id: None };
             if let Ok(summary) = history.summarize(&scope, &filter) {
                 assert!(summary.total_units >= spend.amount.units() || !wallet_wide);
                 assert!(summary.count >= 1 || !wallet_wide);

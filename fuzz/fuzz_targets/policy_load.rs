@@ -52,6 +52,7 @@ fn request() -> SpendRequest {
         },
         purpose: "fuzzing".into(),
         received_at_ms: 1_795_000_000_000,
+        mandate: None,
     }
 }
 

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use rust_decimal::{Decimal, RoundingStrategy};
 
 use crate as sdk;
-use crate::{Agent, CardTerms, Merchant, Money, Policy};
+use crate::{Agent, CardTerms, Mandate, Merchant, Money, Policy};
 
 wit_bindgen::generate!({
-    path: "../wit/v0.1.0",
+    path: "../wit/v0.2.0",
     world: "spend-policy",
     runtime_path: "::spendguard_sdk::__private::wit_bindgen::rt",
     default_bindings_module: "::spendguard_sdk::__private::bindings",
@@ -107,6 +107,19 @@ impl TryFrom<wit::SpendRequest> for sdk::SpendRequest {
             },
             purpose: r.purpose,
             received_at_ms: r.received_at_ms,
+            mandate: match r.mandate {
+                None => None,
+                Some(m) => Some(Mandate {
+                    id: m.id,
+                    purpose: m.purpose,
+                    budget: Money::try_from(m.budget)?,
+                    remaining: Money::try_from(m.remaining)?,
+                    max_spends: m.max_spends,
+                    spend_count: m.spend_count,
+                    expires_at_ms: m.expires_at_ms,
+                    created_by_operator: m.created_by_operator,
+                }),
+            },
         })
     }
 }
@@ -123,24 +136,28 @@ pub(crate) fn money_to_wit(money: &Money, max_scale: u8) -> Option<wit::Money> {
     Some(wit::Money { units, scale, currency: money.currency.clone() })
 }
 
+fn terms_to_wit(terms: CardTerms, scale: u8) -> Result<wit::CardTerms, String> {
+    let CardTerms { ttl_seconds, max_amount } = terms;
+    let max_amount = match max_amount {
+        None => None,
+        Some(cap) => match money_to_wit(&cap, scale) {
+            Some(cap) => Some(cap),
+            None => return Err(format!("card cap {} {} cannot be represented", cap.amount, cap.currency)),
+        },
+    };
+    Ok(wit::CardTerms { ttl_seconds, max_amount })
+}
+
 fn decision_to_wit(decision: sdk::Decision, scale: u8) -> wit::Decision {
     match decision {
-        sdk::Decision::Allow(CardTerms { ttl_seconds, max_amount }) => {
-            let max_amount = match max_amount {
-                None => None,
-                Some(cap) => match money_to_wit(&cap, scale) {
-                    Some(cap) => Some(cap),
-                    None => {
-                        return wit::Decision::Deny(format!(
-                            "card cap {} {} cannot be represented",
-                            cap.amount, cap.currency
-                        ));
-                    }
-                },
-            };
-            wit::Decision::Allow(wit::CardTerms { ttl_seconds, max_amount })
-        }
+        sdk::Decision::Allow(terms) => match terms_to_wit(terms, scale) {
+            Ok(terms) => wit::Decision::Allow(terms),
+            Err(message) => wit::Decision::Deny(message),
+        },
         sdk::Decision::Deny(reason) => wit::Decision::Deny(reason),
-        sdk::Decision::RequireApproval(reason) => wit::Decision::RequireApproval(reason),
+        sdk::Decision::RequireApproval { reason, terms } => match terms_to_wit(terms, scale) {
+            Ok(terms) => wit::Decision::RequireApproval(wit::Escalation { reason, terms }),
+            Err(message) => wit::Decision::Deny(message),
+        },
     }
 }

@@ -8,8 +8,14 @@ pub enum Decision {
     Allow(CardTerms),
     /// Refuse, with a reason the agent and the operator will read.
     Deny(String),
-    /// Hold the spend until an operator approves or denies it.
-    RequireApproval(String),
+    /// Hold the spend until an operator approves or denies it; should they
+    /// approve, the card gets `terms` (narrowed like an allow's).
+    RequireApproval {
+        /// Why, for the operator who answers.
+        reason: String,
+        /// The card an approval leads to.
+        terms: CardTerms,
+    },
 }
 
 impl Decision {
@@ -23,9 +29,35 @@ impl Decision {
         Decision::Deny(reason.into())
     }
 
-    /// Escalate to the operator, saying why.
+    /// Escalate to the operator, saying why. The card an approval leads to
+    /// has the host's default terms unless narrowed with
+    /// [`Decision::with_ttl_seconds`] or [`Decision::with_max_amount`]:
+    ///
+    /// ```
+    /// # use spendguard_sdk::Decision;
+    /// // Ask a human; if they agree, the card lives 5 minutes.
+    /// let d = Decision::require_approval("above 100.00 USD").with_ttl_seconds(300);
+    /// ```
     pub fn require_approval(reason: impl Into<String>) -> Self {
-        Decision::RequireApproval(reason.into())
+        Decision::RequireApproval { reason: reason.into(), terms: CardTerms::default() }
+    }
+
+    /// The card of an allow, or of an escalation should it be approved, lives
+    /// at most `seconds`. A deny is unchanged.
+    pub fn with_ttl_seconds(mut self, seconds: u32) -> Self {
+        if let Decision::Allow(terms) | Decision::RequireApproval { terms, .. } = &mut self {
+            terms.ttl_seconds = Some(seconds);
+        }
+        self
+    }
+
+    /// The card of an allow, or of an escalation should it be approved, is
+    /// capped at `cap` (in the request's currency). A deny is unchanged.
+    pub fn with_max_amount(mut self, cap: Money) -> Self {
+        if let Decision::Allow(terms) | Decision::RequireApproval { terms, .. } = &mut self {
+            terms.max_amount = Some(cap);
+        }
+        self
     }
 
     /// True for `Allow`, whatever its terms.
@@ -37,14 +69,23 @@ impl Decision {
     pub fn reason(&self) -> Option<&str> {
         match self {
             Decision::Allow(_) => None,
-            Decision::Deny(reason) | Decision::RequireApproval(reason) => Some(reason),
+            Decision::Deny(reason) | Decision::RequireApproval { reason, .. } => Some(reason),
+        }
+    }
+
+    /// The card terms of an allow or an escalation.
+    pub fn card_terms(&self) -> Option<&CardTerms> {
+        match self {
+            Decision::Allow(terms) | Decision::RequireApproval { terms, .. } => Some(terms),
+            Decision::Deny(_) => None,
         }
     }
 }
 
-/// How an allowing policy narrows the card. A policy can only narrow: the
-/// host issues the card with the shortest life and the lowest cap that any
-/// allowing policy set, and never more than the requested amount.
+/// How a policy narrows the card: an allow's, or the one an approved
+/// escalation leads to. A policy can only narrow: the host issues the card
+/// with the shortest life and the lowest cap that any policy set, and never
+/// more than the requested amount.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CardTerms {
     /// A shorter life than the host's default (15 minutes), in seconds.

@@ -19,12 +19,14 @@ pub struct SpendFilter {
     pub mcc: Option<String>,
     /// Every agent of the wallet, not only the requesting one.
     pub wallet_wide: bool,
+    /// Only spends made under this mandate, when set.
+    pub mandate_id: Option<String>,
 }
 
 impl SpendFilter {
     /// This agent's spends received at or after `since_ms`.
     pub fn since_ms(since_ms: u64) -> Self {
-        SpendFilter { since_ms, merchant_id: None, mcc: None, wallet_wide: false }
+        SpendFilter { since_ms, merchant_id: None, mcc: None, wallet_wide: false, mandate_id: None }
     }
 
     /// Only spends at this merchant id.
@@ -42,6 +44,13 @@ impl SpendFilter {
     /// Count every agent of the wallet, not only the requesting one.
     pub fn wallet_wide(mut self) -> Self {
         self.wallet_wide = true;
+        self
+    }
+
+    /// Only spends made under this mandate (for instance
+    /// `request.mandate().map(|m| m.id.clone())`).
+    pub fn mandate(mut self, mandate_id: impl Into<String>) -> Self {
+        self.mandate_id = Some(mandate_id.into());
         self
     }
 }
@@ -69,6 +78,7 @@ pub fn summarize(filter: &SpendFilter) -> SpendSummary {
             merchant_id: filter.merchant_id.clone(),
             mcc: filter.mcc.clone(),
             wallet_wide: filter.wallet_wide,
+            mandate_id: filter.mandate_id.clone(),
         });
         // INVARIANT: the host sends totals at the currency's exponent (at
         // most 8 decimals). Should that ever break, the panic traps and the

@@ -12,7 +12,7 @@ pub mod testing;
 
 pub use decision::{CardTerms, Decision};
 pub use history::{SpendFilter, SpendSummary};
-pub use request::{Agent, Merchant, Money, SpendRequest};
+pub use request::{Agent, Mandate, Merchant, Money, SpendRequest};
 pub use rust_decimal::{Decimal, RoundingStrategy};
 pub use serde;
 

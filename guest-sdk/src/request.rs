@@ -73,4 +73,51 @@ pub struct SpendRequest {
     /// The only clock a policy sees, so evaluation is deterministic: measure
     /// windows back from here, never from a system clock.
     pub received_at_ms: u64,
+    /// The mandate the agent proposes this spend under, if it names one. See
+    /// [`SpendRequest::mandate`].
+    pub mandate: Option<Mandate>,
+}
+
+impl SpendRequest {
+    /// The mandate the agent proposes this spend under, if it names one: a
+    /// task-scoped grant ("up to 20.00 USD at these merchants, for the next
+    /// hour"). The host has already checked the spend against it (the
+    /// agent's own, active, unexpired, merchant and category in scope, amount
+    /// within `remaining`, count under `max_spends`); a policy decides what
+    /// the mandate means for its own rules.
+    pub fn mandate(&self) -> Option<&Mandate> {
+        self.mandate.as_ref()
+    }
+}
+
+/// A task-scoped grant of spend authority, as it stood when the spend was
+/// received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mandate {
+    /// The mandate's id.
+    pub id: String,
+    /// What the task is, in the words of whoever created the mandate.
+    pub purpose: String,
+    /// The whole budget.
+    pub budget: Money,
+    /// The budget less captured amounts and the holds of open cards of the
+    /// mandate's spends, before this spend.
+    pub remaining: Money,
+    /// At most this many spends, when set.
+    pub max_spends: Option<u32>,
+    /// Spends already made under it, before this one.
+    pub spend_count: u32,
+    /// When it ends, ms since the Unix epoch (UTC).
+    pub expires_at_ms: u64,
+    /// The operator created it; `false` when the agent requested it and the
+    /// operator approved the request.
+    pub created_by_operator: bool,
+}
+
+impl Mandate {
+    /// Whether `amount` fits in what is left of the budget (same currency,
+    /// at most `remaining`).
+    pub fn covers(&self, amount: &Money) -> bool {
+        amount.currency == self.remaining.currency && amount.amount <= self.remaining.amount
+    }
 }

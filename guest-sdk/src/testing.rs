@@ -19,8 +19,8 @@
 //!
 //! The fake history answers [`crate::history::summarize`] exactly as the
 //! host does: same currency as the request only, at or after `since_ms`,
-//! merchant and category when the filter sets them, and other agents' spends
-//! only for wallet-wide filters.
+//! merchant, category and mandate when the filter sets them, and other
+//! agents' spends only for wallet-wide filters.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -30,7 +30,7 @@ use rust_decimal::Decimal;
 
 use crate::bindings;
 use crate::log::Level;
-use crate::{Agent, Decision, Merchant, Money, Policy, SpendFilter, SpendRequest, SpendSummary};
+use crate::{Agent, Decision, Mandate, Merchant, Money, Policy, SpendFilter, SpendRequest, SpendSummary};
 
 /// One hour in milliseconds.
 pub const HOUR_MS: u64 = 3_600_000;
@@ -55,6 +55,8 @@ pub struct PastSpend {
     /// `None` for the requesting agent, `Some(id)` for another agent of the
     /// wallet (it counts only for wallet-wide filters).
     pub agent: Option<String>,
+    /// The mandate it was made under, if any.
+    pub mandate_id: Option<String>,
 }
 
 impl PastSpend {
@@ -72,6 +74,7 @@ impl PastSpend {
             mcc: "5734".into(),
             at_ms,
             agent: None,
+            mandate_id: None,
         }
     }
 
@@ -92,6 +95,41 @@ impl PastSpend {
     pub fn by_agent(mut self, agent_id: &str) -> Self {
         self.agent = Some(agent_id.into());
         self
+    }
+
+    /// Made under this mandate.
+    pub fn in_mandate(mut self, mandate_id: &str) -> Self {
+        self.mandate_id = Some(mandate_id.into());
+        self
+    }
+}
+
+/// A mandate the operator created, with a budget of `budget` `currency` of
+/// which nothing is spent yet, no count limit, ending an hour after
+/// [`DEFAULT_RECEIVED_AT_MS`]. Change any field, then put it on a request:
+///
+/// ```
+/// use spendguard_sdk::testing::{mandate, request};
+/// let mut r = request("5.00", "USD");
+/// r.mandate = Some(mandate("mdt_test", "20.00", "USD"));
+/// assert!(r.mandate().is_some_and(|m| m.covers(&r.amount)));
+/// ```
+///
+/// # Panics
+/// If `budget` is not a decimal number: this is a test helper.
+#[allow(clippy::panic)]
+pub fn mandate(id: &str, budget: &str, currency: &str) -> Mandate {
+    let budget =
+        Decimal::from_str(budget).unwrap_or_else(|e| panic!("`{budget}` is not a decimal amount: {e}"));
+    Mandate {
+        id: id.into(),
+        purpose: "a test task".into(),
+        budget: Money::new(budget, currency),
+        remaining: Money::new(budget, currency),
+        max_spends: None,
+        spend_count: 0,
+        expires_at_ms: DEFAULT_RECEIVED_AT_MS + HOUR_MS,
+        created_by_operator: true,
     }
 }
 
@@ -117,6 +155,7 @@ pub fn request(amount: &str, currency: &str) -> SpendRequest {
         },
         purpose: "a test purchase".into(),
         received_at_ms: DEFAULT_RECEIVED_AT_MS,
+        mandate: None,
     }
 }
 
@@ -201,6 +240,7 @@ pub(crate) fn summarize(filter: &SpendFilter) -> SpendSummary {
                 && spend.at_ms >= filter.since_ms
                 && filter.merchant_id.as_ref().is_none_or(|m| *m == spend.merchant_id)
                 && filter.mcc.as_ref().is_none_or(|m| *m == spend.mcc)
+                && filter.mandate_id.as_ref().is_none_or(|m| spend.mandate_id.as_ref() == Some(m))
                 && (filter.wallet_wide || spend.agent.as_ref().is_none_or(|a| *a == context.agent_id));
             if matches {
                 total += spend.amount.amount;

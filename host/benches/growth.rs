@@ -127,6 +127,7 @@ fn request_for(spend: &NewSpend) -> SpendRequest {
         merchant: spend.merchant.clone(),
         purpose: spend.purpose.clone(),
         received_at_ms: spend.received_at_ms,
+        mandate: None,
     }
 }
 
@@ -233,6 +234,7 @@ fn window_count(history: &Arc<dyn History>, request: &SpendRequest) -> u32 {
         merchant_id: None,
         mcc: None,
         wallet_wide: false,
+        mandate_id: None,
     };
     history.summarize(&scope, &filter).unwrap().count
 }

@@ -13,7 +13,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::history::{PastSpend, StaticHistory};
 use crate::money::{Amount, MoneyError};
-use crate::policy::{Agent, Decision, Merchant, SpendRequest};
+use crate::policy::{Agent, Decision, Merchant, RequestMandate, SpendRequest};
 use crate::sandbox::{Evaluation, LoadedPolicy, Run, Sandbox, fault_reason};
 
 /// When a request without `at` is received: 2026-11-24T12:00:00Z. Fixed, so
@@ -59,6 +59,9 @@ pub struct HistoryEntry {
     /// `"self"` (the requesting agent, the default) or another agent's id.
     #[serde(default = "self_agent")]
     pub agent: String,
+    /// The mandate it was made under, if any.
+    #[serde(default)]
+    pub mandate_id: Option<String>,
 }
 
 fn self_agent() -> String {
@@ -82,6 +85,44 @@ pub struct RequestDoc {
     /// The proposal id; defaults to `spend-test`.
     #[serde(default)]
     pub id: Option<String>,
+    /// The mandate the spend is proposed under (seen by 0.2.0 policies).
+    #[serde(default)]
+    pub mandate: Option<MandateDoc>,
+}
+
+/// The mandate of a request, in the request's currency.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MandateDoc {
+    pub id: String,
+    #[serde(default)]
+    pub purpose: String,
+    /// The budget, a decimal string.
+    pub budget: String,
+    /// What is left of it before this spend; defaults to the budget.
+    #[serde(default)]
+    pub remaining: Option<String>,
+    #[serde(default)]
+    pub max_spends: Option<u32>,
+    /// Spends made under it before this one.
+    #[serde(default)]
+    pub spend_count: u32,
+    /// RFC 3339; defaults to an hour after the request is received.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    /// `"operator"` (the default) or `"agent"` (requested by the agent,
+    /// then approved).
+    #[serde(default)]
+    pub created_by: CreatedBy,
+}
+
+/// Who created a mandate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CreatedBy {
+    #[default]
+    Operator,
+    Agent,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,7 +155,7 @@ pub struct Expect {
     pub decision: DecisionKind,
     #[serde(default)]
     pub reason_contains: Option<String>,
-    /// The card's life as the policy narrowed it.
+    /// The card's life as the policy narrowed it (an allow's, or an escalation's should it be approved).
     #[serde(default)]
     pub ttl_seconds: Option<u32>,
     /// The card's cap as the policy narrowed it, a decimal string in the
@@ -216,6 +257,10 @@ impl RequestDoc {
             },
             None => Agent { id: DEFAULT_AGENT_ID.into(), name: "test agent".into(), labels: Vec::new() },
         };
+        let mandate = match &self.mandate {
+            Some(m) => Some(m.to_mandate(&self.currency, received_at_ms)?),
+            None => None,
+        };
         Ok(SpendRequest {
             id: self.id.clone().unwrap_or_else(|| "spend-test".into()),
             agent,
@@ -228,6 +273,50 @@ impl RequestDoc {
             },
             purpose: self.purpose.clone(),
             received_at_ms,
+            mandate,
+        })
+    }
+}
+
+impl MandateDoc {
+    fn to_mandate(&self, currency: &str, received_at_ms: u64) -> Result<RequestMandate, InputError> {
+        let field = |name: &str, message: String| InputError::Field {
+            field: format!("request.mandate.{name}"),
+            message,
+        };
+        if self.id.is_empty() {
+            return Err(field("id", "must not be empty".into()));
+        }
+        let budget = parse_amount("request.mandate.budget", &self.budget, currency)?;
+        if budget.units() <= 0 {
+            return Err(field("budget", format!("must be positive, got `{}`", self.budget)));
+        }
+        let remaining = match &self.remaining {
+            Some(r) => parse_amount("request.mandate.remaining", r, currency)?,
+            None => budget.clone(),
+        };
+        if remaining.units() < 0 || remaining.units() > budget.units() {
+            return Err(field(
+                "remaining",
+                format!("must be between 0 and the budget {budget}, got `{remaining}`"),
+            ));
+        }
+        if self.max_spends.is_some_and(|max| self.spend_count > max) {
+            return Err(field("spend_count", "must not be above max_spends".into()));
+        }
+        let expires_at_ms = match &self.expires_at {
+            Some(at) => parse_time_ms("request.mandate.expires_at", at)?,
+            None => received_at_ms.saturating_add(3_600_000),
+        };
+        Ok(RequestMandate {
+            id: self.id.clone(),
+            purpose: self.purpose.clone(),
+            budget,
+            remaining,
+            max_spends: self.max_spends,
+            spend_count: self.spend_count,
+            expires_at_ms,
+            created_by_operator: self.created_by == CreatedBy::Operator,
         })
     }
 }
@@ -243,6 +332,7 @@ pub fn to_history(entries: &[HistoryEntry]) -> Result<StaticHistory, InputError>
             mcc: e.mcc.clone(),
             at_ms: parse_time_ms(&format!("history[{i}].at"), &e.at)?,
             agent: (e.agent != "self").then(|| e.agent.clone()),
+            mandate_id: e.mandate_id.clone(),
         });
     }
     Ok(StaticHistory(spends))
@@ -325,39 +415,41 @@ impl Expect {
     /// Compare a decision with the expectation; the error reads
     /// "expected …, got …".
     pub fn check(&self, got: &Decision, request: &SpendRequest) -> Result<(), String> {
-        let describe = |d: &Decision| match d {
-            Decision::Allow(terms) => {
-                let mut s = "allow".to_owned();
-                if let Some(ttl) = terms.ttl_seconds {
-                    s.push_str(&format!(" (ttl {ttl}s)"));
-                }
-                if let Some(cap) = &terms.max_amount {
-                    s.push_str(&format!(" (cap {cap})"));
-                }
-                s
+        let describe = |d: &Decision| {
+            let mut s = d.kind().to_owned();
+            if let Some(reason) = d.reason() {
+                s.push_str(&format!(" ({reason:?})"));
             }
-            other => format!("{} ({:?})", other.kind(), other.reason().unwrap_or_default()),
+            let terms = d.card_terms().cloned().unwrap_or_default();
+            if let Some(ttl) = terms.ttl_seconds {
+                s.push_str(&format!(" (ttl {ttl}s)"));
+            }
+            if let Some(cap) = &terms.max_amount {
+                s.push_str(&format!(" (cap {cap})"));
+            }
+            s
         };
+        let kind = self.decision.as_str();
         let mismatch = |what: String| Err(format!("expected {what}, got {}", describe(got)));
         if got.kind() != self.decision.as_str() {
-            return mismatch(self.decision.as_str().to_owned());
+            return mismatch(kind.to_owned());
         }
         if let Some(fragment) = &self.reason_contains
             && !got.reason().unwrap_or_default().contains(fragment.as_str())
         {
-            return mismatch(format!("{} with a reason containing {fragment:?}", self.decision.as_str()));
+            return mismatch(format!("{kind} with a reason containing {fragment:?}"));
         }
         let terms = got.card_terms().cloned().unwrap_or_default();
         if let Some(ttl) = self.ttl_seconds
             && terms.ttl_seconds != Some(ttl)
         {
-            return mismatch(format!("allow with ttl {ttl}s"));
+            return mismatch(format!("{kind} with ttl {ttl}s"));
         }
         if let Some(cap) = &self.max_amount {
             let want = Amount::parse(cap, request.amount.currency())
                 .map_err(|e| format!("invalid expect.max_amount: {e}"))?;
             if terms.max_amount.as_ref() != Some(&want) {
-                return mismatch(format!("allow with cap {want}"));
+                return mismatch(format!("{kind} with cap {want}"));
             }
         }
         Ok(())

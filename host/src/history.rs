@@ -34,6 +34,8 @@ pub struct PastSpend {
     pub at_ms: u64,
     /// `None`: the requesting agent. `Some(id)`: another agent of the wallet.
     pub agent: Option<String>,
+    /// The mandate it was made under, if any.
+    pub mandate_id: Option<String>,
 }
 
 /// A history given as a list, for `policy eval` and `policy test`.
@@ -50,6 +52,7 @@ impl History for StaticHistory {
                 && spend.at_ms >= filter.since_ms
                 && filter.merchant_id.as_ref().is_none_or(|m| *m == spend.merchant_id)
                 && filter.mcc.as_ref().is_none_or(|m| *m == spend.mcc)
+                && filter.mandate_id.as_ref().is_none_or(|m| spend.mandate_id.as_ref() == Some(m))
                 && (filter.wallet_wide || by_this_agent);
             if matches {
                 total = total
@@ -80,6 +83,7 @@ mod tests {
             mcc: mcc.into(),
             at_ms,
             agent: agent.map(Into::into),
+            mandate_id: None,
         }
     }
 
@@ -98,6 +102,7 @@ mod tests {
             merchant_id: merchant.map(Into::into),
             mcc: mcc.map(Into::into),
             wallet_wide,
+            mandate_id: None,
         };
         let sum = |f: SpendFilter| {
             let s = history.summarize(&scope, &f).unwrap();
@@ -112,5 +117,32 @@ mod tests {
         assert_eq!(sum(filter(0, None, Some("5815"), false)), (10, 1));
         // Other agents count only wallet-wide; EUR never counts for USD.
         assert_eq!(sum(filter(0, None, None, true)), (1530, 4));
+    }
+
+    #[test]
+    fn a_mandate_filter_counts_only_that_mandates_spends() {
+        let in_mandate = |s: PastSpend, id: &str| PastSpend { mandate_id: Some(id.into()), ..s };
+        let history = StaticHistory(vec![
+            in_mandate(spend("4.00", "USD", "a.com", "5734", 1_000, None), "mdt_1"),
+            in_mandate(spend("3.00", "USD", "b.com", "5734", 2_000, None), "mdt_1"),
+            in_mandate(spend("2.00", "USD", "a.com", "5734", 2_000, None), "mdt_2"),
+            spend("1.00", "USD", "a.com", "5734", 2_000, None),
+        ]);
+        let scope = HistoryScope { agent_id: "test-agent".into(), currency: "USD".into() };
+        let filter = |mandate: Option<&str>, merchant: Option<&str>| SpendFilter {
+            since_ms: 0,
+            merchant_id: merchant.map(Into::into),
+            mcc: None,
+            wallet_wide: false,
+            mandate_id: mandate.map(Into::into),
+        };
+        let sum = |f: SpendFilter| {
+            let s = history.summarize(&scope, &f).unwrap();
+            (s.total_units, s.count)
+        };
+        assert_eq!(sum(filter(Some("mdt_1"), None)), (700, 2));
+        assert_eq!(sum(filter(Some("mdt_1"), Some("a.com"))), (400, 1));
+        assert_eq!(sum(filter(Some("mdt_3"), None)), (0, 0));
+        assert_eq!(sum(filter(None, None)), (1000, 4));
     }
 }

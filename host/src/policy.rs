@@ -34,9 +34,28 @@ pub struct SpendRequest {
     pub purpose: String,
     /// When the host received it, ms since the Unix epoch: the policies' only clock.
     pub received_at_ms: u64,
+    /// The mandate the spend is proposed under, as it stood when received.
+    pub mandate: Option<RequestMandate>,
 }
 
-/// How an allowing policy narrows the card.
+/// The mandate a spend is proposed under, as policies see it (contract 0.2.0
+/// on; a 0.1.0 policy does not see it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequestMandate {
+    pub id: String,
+    pub purpose: String,
+    pub budget: Amount,
+    /// The budget less captured amounts and open holds, before this spend.
+    pub remaining: Amount,
+    pub max_spends: Option<u32>,
+    /// Spends made under it before this one.
+    pub spend_count: u32,
+    pub expires_at_ms: u64,
+    pub created_by_operator: bool,
+}
+
+/// How a policy narrows the card: an allowing policy's, or the one an
+/// approved escalation leads to.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct CardTerms {
     pub ttl_seconds: Option<u32>,
@@ -63,7 +82,12 @@ impl CardTerms {
 pub enum Decision {
     Allow(CardTerms),
     Deny(String),
-    RequireApproval(String),
+    /// Ask the operator; should they approve, the card gets `terms` (a 0.1.0
+    /// policy's escalation has the default terms).
+    RequireApproval {
+        reason: String,
+        terms: CardTerms,
+    },
 }
 
 impl Decision {
@@ -72,21 +96,22 @@ impl Decision {
         match self {
             Decision::Allow(_) => "allow",
             Decision::Deny(_) => "deny",
-            Decision::RequireApproval(_) => "require_approval",
+            Decision::RequireApproval { .. } => "require_approval",
         }
     }
 
     pub fn reason(&self) -> Option<&str> {
         match self {
             Decision::Allow(_) => None,
-            Decision::Deny(r) | Decision::RequireApproval(r) => Some(r),
+            Decision::Deny(r) | Decision::RequireApproval { reason: r, .. } => Some(r),
         }
     }
 
+    /// The card an allow leads to, or an escalation should it be approved.
     pub fn card_terms(&self) -> Option<&CardTerms> {
         match self {
-            Decision::Allow(terms) => Some(terms),
-            _ => None,
+            Decision::Allow(terms) | Decision::RequireApproval { terms, .. } => Some(terms),
+            Decision::Deny(_) => None,
         }
     }
 }
@@ -98,6 +123,8 @@ pub struct SpendFilter {
     pub merchant_id: Option<String>,
     pub mcc: Option<String>,
     pub wallet_wide: bool,
+    /// Only spends made under this mandate (contract 0.2.0 on).
+    pub mandate_id: Option<String>,
 }
 
 /// The answer to a history query: units of the request's currency.

@@ -2,12 +2,18 @@
 //! a fresh, bounded instance. Every fault becomes a deny (fail closed).
 //!
 //! This is the only place that knows about wasmtime. One bindings module per
-//! WIT version (`v0_1`) converts between the engine and [`crate::policy`].
+//! released WIT version (`v0_1`, `v0_2`) converts between the engine and
+//! [`crate::policy`]; a module's version is read from the interfaces it
+//! imports, and every version is loaded and evaluated side by side.
 
 mod cache;
+mod componentize;
+mod fault;
+mod guest;
 mod layout;
 mod limits;
 mod v0_1;
+mod v0_2;
 
 pub use cache::ArtifactCache;
 use cache::ArtifactKey;
@@ -15,19 +21,21 @@ pub use layout::{MemoryLayout, RECOMMENDED_STACK_BYTES, memory_layout};
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{
-    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
-    Trap, WasmBacktraceDetails,
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, WasmBacktraceDetails,
 };
 
+use componentize::componentize;
+pub use fault::{Fault, LoadError, LogLevel, LogLine, fault_reason};
+use guest::WASM_PAGE_BYTES;
+use guest::{GuestState, NoHistory, Slots, check_decision, classify};
 pub use limits::*;
 
 use crate::history::{History, HistoryScope};
@@ -39,94 +47,19 @@ const KEEP_RESIDENT_BYTES: usize = 2 * 1024 * 1024;
 /// How often the engine's epoch advances; the deadline is counted in these.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
-/// The only interfaces a policy may import: the `spend-policy` world's.
-const ALLOWED_IMPORTS: &[&str] =
-    &["spendguard:policy/types@0.1.0", "spendguard:policy/history@0.1.0", "spendguard:policy/log@0.1.0"];
+/// The only interfaces a policy may import: the `spend-policy` world's, of
+/// one released version.
+const ALLOWED_IMPORTS: &[&str] = &[
+    "spendguard:policy/types@0.1.0",
+    "spendguard:policy/history@0.1.0",
+    "spendguard:policy/log@0.1.0",
+    "spendguard:policy/types@0.2.0",
+    "spendguard:policy/history@0.2.0",
+    "spendguard:policy/log@0.2.0",
+];
 /// Core-module import namespaces that wit-bindgen emits for those interfaces.
 const ALLOWED_CORE_IMPORT_PREFIX: &str = "spendguard:policy/";
 const REQUIRED_EXPORTS: &[&str] = &["validate-config", "evaluate"];
-
-/// Why a module was refused at load.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LoadError {
-    #[error("module is {size} bytes, over the limit of {max}")]
-    TooLarge { size: usize, max: usize },
-    #[error("not a WebAssembly module or component")]
-    NotWasm,
-    #[error("invalid WebAssembly: {0}")]
-    Invalid(String),
-    #[error(
-        "imports `{0}`, which is outside the spendguard:policy world (policies may import only its history and log interfaces)"
-    )]
-    ForeignImport(String),
-    #[error(
-        "core module has no component type: build it with spendguard-sdk (wit-bindgen) for wasm32-unknown-unknown"
-    )]
-    NoComponentType,
-    #[error("cannot turn the module into a component: {0}")]
-    Componentize(String),
-    #[error(
-        "missing export `{0}`: a policy exports `validate-config` and `evaluate` (use spendguard_sdk::export_policy!)"
-    )]
-    MissingExport(String),
-    #[error("exports do not match spendguard:policy@0.1.0: {0}")]
-    WrongExports(String),
-    #[error("module needs {needs} bytes of memory at start, over the sandbox's limit of {max}")]
-    MemoryTooLarge { needs: u64, max: usize },
-    #[error("module does not fit the sandbox's limits: {0}")]
-    OverLimits(String),
-}
-
-/// Why an evaluation failed. Each makes the spend deny.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
-pub enum Fault {
-    OutOfFuel,
-    DeadlineExceeded,
-    MemoryLimit,
-    StackOverflow,
-    Panic(String),
-    Trap(String),
-    OversizeOutput(String),
-    TooManyHistoryCalls,
-    InvalidCardTerms(String),
-    HostError(String),
-}
-
-impl Fault {
-    /// A stable snake_case name for metrics and scripts.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Fault::OutOfFuel => "out_of_fuel",
-            Fault::DeadlineExceeded => "deadline_exceeded",
-            Fault::MemoryLimit => "memory_limit",
-            Fault::StackOverflow => "stack_overflow",
-            Fault::Panic(_) => "panic",
-            Fault::Trap(_) => "trap",
-            Fault::OversizeOutput(_) => "oversize_output",
-            Fault::TooManyHistoryCalls => "too_many_history_calls",
-            Fault::InvalidCardTerms(_) => "invalid_card_terms",
-            Fault::HostError(_) => "host_error",
-        }
-    }
-}
-
-impl fmt::Display for Fault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Fault::OutOfFuel => f.write_str("out of fuel"),
-            Fault::DeadlineExceeded => f.write_str("deadline exceeded"),
-            Fault::MemoryLimit => f.write_str("memory limit"),
-            Fault::StackOverflow => f.write_str("stack overflow"),
-            Fault::Panic(m) => write!(f, "panic: {m}"),
-            Fault::Trap(m) => write!(f, "trap: {m}"),
-            Fault::OversizeOutput(m) => write!(f, "oversize output: {m}"),
-            Fault::TooManyHistoryCalls => f.write_str("too many history calls"),
-            Fault::InvalidCardTerms(m) => write!(f, "invalid card terms: {m}"),
-            Fault::HostError(m) => write!(f, "host error: {m}"),
-        }
-    }
-}
 
 /// The engine's compatibility fingerprint, stable across runs of one build:
 /// wasmtime's own compatibility hash (its version, the target triple, the
@@ -158,26 +91,6 @@ fn engine_fingerprint(engine: &Engine) -> String {
 /// Every limit, as one string (they all shape what an artifact may be).
 fn limits_fingerprint(limits: &Limits) -> String {
     serde_json::to_string(limits).unwrap_or_else(|_| format!("{limits:?}"))
-}
-
-/// The deny reason for a fault of policy `name`.
-pub fn fault_reason(name: &str, fault: &Fault) -> String {
-    format!("policy `{name}` failed: {fault}")
-}
-
-/// A log line's level, as the policy chose it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogLevel {
-    Debug,
-    Info,
-    Warn,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct LogLine {
-    pub level: LogLevel,
-    pub message: String,
 }
 
 /// What one call into a policy produced, and what it cost.
@@ -225,6 +138,7 @@ impl fmt::Debug for LoadedPolicy {
 /// One variant per WIT version the host loads.
 enum Bindings {
     V0_1(v0_1::SpendPolicyPre<GuestState>),
+    V0_2(v0_2::SpendPolicyPre<GuestState>),
 }
 
 impl LoadedPolicy {
@@ -246,10 +160,11 @@ impl LoadedPolicy {
     pub fn exports(&self) -> &[String] {
         &self.exports
     }
-    /// The contract version, `spendguard:policy@0.1.0`.
+    /// The contract version, `spendguard:policy@0.2.0` or `@0.1.0`.
     pub fn world(&self) -> &'static str {
         match self.bindings {
-            Bindings::V0_1(_) => "spendguard:policy@0.1.0",
+            Bindings::V0_1(_) => v0_1::WORLD,
+            Bindings::V0_2(_) => v0_2::WORLD,
         }
     }
 }
@@ -324,6 +239,7 @@ impl Sandbox {
 
         let mut linker = Linker::new(&engine);
         v0_1::add_to_linker(&mut linker)?;
+        v0_2::add_to_linker(&mut linker)?;
 
         let ticker = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&ticker);
@@ -380,9 +296,7 @@ impl Sandbox {
         if let Some(missing) = REQUIRED_EXPORTS.iter().find(|e| !exports.iter().any(|x| x == *e)) {
             return Err(LoadError::MissingExport((*missing).to_owned()));
         }
-        let pre =
-            self.linker.instantiate_pre(&component).map_err(|e| LoadError::WrongExports(format!("{e:#}")))?;
-        let pre = v0_1::SpendPolicyPre::new(pre).map_err(|e| LoadError::WrongExports(format!("{e:#}")))?;
+        let bindings = self.bindings(&component, &imports)?;
         // Stored only once every check has passed.
         if let (Some(cache), false) = (&self.cache, from_cache) {
             match component.serialize() {
@@ -390,14 +304,32 @@ impl Sandbox {
                 Err(e) => tracing::warn!(error = %e, "cannot serialize a compiled policy"),
             }
         }
-        Ok(LoadedPolicy {
-            sha256,
-            size: bytes.len(),
-            imports,
-            exports,
-            bindings: Bindings::V0_1(pre),
-            from_cache,
-        })
+        Ok(LoadedPolicy { sha256, size: bytes.len(), imports, exports, bindings, from_cache })
+    }
+
+    /// The bindings of the contract version the component was built
+    /// against: the version its imports name (one only), or, for a component
+    /// that imports none of the world's interfaces, the version its exports
+    /// match (the newest first).
+    fn bindings(&self, component: &Component, imports: &[String]) -> Result<Bindings, LoadError> {
+        let wrong = |e: wasmtime::Error| LoadError::WrongExports(format!("{e:#}"));
+        let mut versions: Vec<&str> =
+            imports.iter().filter_map(|i| i.rsplit_once('@').map(|(_, v)| v)).collect();
+        versions.sort_unstable();
+        versions.dedup();
+        let pre = self.linker.instantiate_pre(component).map_err(wrong)?;
+        match versions.as_slice() {
+            ["0.1.0"] => Ok(Bindings::V0_1(v0_1::SpendPolicyPre::new(pre).map_err(wrong)?)),
+            ["0.2.0"] => Ok(Bindings::V0_2(v0_2::SpendPolicyPre::new(pre).map_err(wrong)?)),
+            [] => match v0_2::SpendPolicyPre::new(pre.clone()) {
+                Ok(pre) => Ok(Bindings::V0_2(pre)),
+                Err(_) => Ok(Bindings::V0_1(v0_1::SpendPolicyPre::new(pre).map_err(wrong)?)),
+            },
+            several => Err(LoadError::WrongExports(format!(
+                "imports the interfaces of several contract versions ({}): a policy is built against one",
+                several.join(", ")
+            ))),
+        }
     }
 
     /// Compile a module (a core module is made a component first).
@@ -449,6 +381,7 @@ impl Sandbox {
         let scope = HistoryScope { agent_id: String::new(), currency: String::new() };
         self.run(Arc::new(NoHistory), scope, 0, |store| match &policy.bindings {
             Bindings::V0_1(pre) => v0_1::validate_config(pre, store, config),
+            Bindings::V0_2(pre) => v0_2::validate_config(pre, store, config),
         })
         .and_then(
             |result, limits| match result {
@@ -480,6 +413,7 @@ impl Sandbox {
         };
         self.run(history, scope, request.amount.exponent(), |store| match &policy.bindings {
             Bindings::V0_1(pre) => v0_1::evaluate(pre, store, request, config),
+            Bindings::V0_2(pre) => v0_2::evaluate(pre, store, request, config),
         })
         .and_then(|decision, limits| check_decision(decision, request, limits), &self.limits)
     }
@@ -536,254 +470,6 @@ impl<T> Run<T> {
             history_calls: self.history_calls,
         }
     }
-}
-
-/// A policy's own output, checked before the host trusts it.
-fn check_decision(
-    decision: v0_1::RawDecision,
-    request: &SpendRequest,
-    limits: &Limits,
-) -> Result<Decision, Fault> {
-    let oversize = |what: &str, len: usize| {
-        Fault::OversizeOutput(format!("{what} of {len} bytes, over the cap of {}", limits.max_output_bytes))
-    };
-    match decision {
-        v0_1::RawDecision::Deny(r) if r.len() > limits.max_output_bytes => Err(oversize("reason", r.len())),
-        v0_1::RawDecision::Deny(r) => Ok(Decision::Deny(r)),
-        v0_1::RawDecision::RequireApproval(r) if r.len() > limits.max_output_bytes => {
-            Err(oversize("reason", r.len()))
-        }
-        v0_1::RawDecision::RequireApproval(r) => Ok(Decision::RequireApproval(r)),
-        v0_1::RawDecision::Allow { ttl_seconds, max_amount } => {
-            if ttl_seconds == Some(0) {
-                return Err(Fault::InvalidCardTerms("ttl-seconds must be at least 1".into()));
-            }
-            let max_amount = match max_amount {
-                None => None,
-                Some((units, scale, currency)) => {
-                    if currency != request.amount.currency() {
-                        return Err(Fault::InvalidCardTerms(format!(
-                            "cap in `{}` for a spend in {}",
-                            currency.chars().take(16).collect::<String>(),
-                            request.amount.currency()
-                        )));
-                    }
-                    let cap = crate::money::Amount::from_units_scale(units, scale, &currency)
-                        .map_err(|e| Fault::InvalidCardTerms(format!("max-amount: {e}")))?;
-                    Some(cap)
-                }
-            };
-            Ok(Decision::Allow(crate::policy::CardTerms { ttl_seconds, max_amount }))
-        }
-    }
-}
-
-/// Turn a trap or host error into the fault the operator should read.
-fn classify(err: wasmtime::Error, state: &GuestState) -> Fault {
-    if let Some(fault) = &state.fault {
-        return fault.clone();
-    }
-    match err.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => Fault::OutOfFuel,
-        Some(Trap::Interrupt) => Fault::DeadlineExceeded,
-        Some(Trap::StackOverflow) => Fault::StackOverflow,
-        Some(_) | None if state.memory_refused => Fault::MemoryLimit,
-        Some(Trap::UnreachableCodeReached) => match panic_message(&state.logs) {
-            Some(message) => Fault::Panic(message.to_owned()),
-            None => Fault::Trap("unreachable instruction executed".into()),
-        },
-        Some(Trap::MemoryOutOfBounds) => Fault::Trap(
-            "out of bounds memory access (a policy that overflows its own Wasm stack ends here too)".into(),
-        ),
-        Some(trap) => Fault::Trap(trap.to_string().trim_start_matches("wasm trap: ").to_owned()),
-        None => Fault::HostError(format!("{err:#}")),
-    }
-}
-
-/// The SDK logs a panic's message as a warning just before the module traps.
-fn panic_message(logs: &[LogLine]) -> Option<&str> {
-    let last = logs.last()?;
-    (last.level == LogLevel::Warn).then_some(())?;
-    last.message.strip_prefix("panic: ")
-}
-
-/// A history that has nothing: `validate-config` runs without a request.
-struct NoHistory;
-
-impl History for NoHistory {
-    fn summarize(
-        &self,
-        _: &HistoryScope,
-        _: &crate::policy::SpendFilter,
-    ) -> Result<crate::policy::SpendSummary, crate::history::HistoryError> {
-        Err(crate::history::HistoryError("no history while validating a config".into()))
-    }
-}
-
-/// Per-evaluation state the host functions see.
-struct GuestState {
-    history: Arc<dyn History>,
-    scope: HistoryScope,
-    exponent: u8,
-    limits: Limits,
-    history_calls: u32,
-    logs: Vec<LogLine>,
-    /// Set by a host function just before it traps, so the trap reports why.
-    fault: Option<Fault>,
-    /// A memory growth was refused: the trap that usually follows is the cap.
-    memory_refused: bool,
-}
-
-impl GuestState {
-    /// Record why a host function is about to trap, and make the trap.
-    fn fail(&mut self, fault: Fault) -> wasmtime::Error {
-        let err = wasmtime::Error::msg(fault.to_string());
-        self.fault = Some(fault);
-        err
-    }
-}
-
-impl ResourceLimiter for GuestState {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.limits.max_memory_bytes {
-            self.memory_refused = true;
-            return Ok(false);
-        }
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
-    }
-}
-
-const WASM_PAGE_BYTES: u64 = 64 * 1024;
-
-/// Function-table entries per instance: Rust policies use a few hundred.
-const MAX_TABLE_ELEMENTS: usize = 10_000;
-
-/// Bounds how many evaluations hold a pool slot at once; a caller over the
-/// bound waits instead of failing.
-struct Slots {
-    free: Mutex<u32>,
-    freed: Condvar,
-}
-
-struct Slot<'a>(&'a Slots);
-
-impl Slots {
-    fn new(n: u32) -> Self {
-        Slots { free: Mutex::new(n), freed: Condvar::new() }
-    }
-
-    fn acquire(&self) -> Slot<'_> {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        while *free == 0 {
-            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
-        }
-        *free -= 1;
-        Slot(self)
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        let mut free = self.0.free.lock().unwrap_or_else(|p| p.into_inner());
-        *free += 1;
-        self.0.freed.notify_one();
-    }
-}
-
-/// Check the WIT a `component-type` section carries before wit-component
-/// reads it: wit-parser 0.254 recurses without end, overflowing the stack
-/// (which aborts the whole process), when it orders packages that depend on
-/// each other in a cycle. No compiler emits one; a hostile module can
-/// (found by fuzzing: `fuzz/corpus/policy_load`).
-fn check_component_type(data: &[u8]) -> Result<(), LoadError> {
-    // 0x03 starts the historical format of older wit-bindgen versions; the
-    // SDK's is a component.
-    if data.first() == Some(&0x03) {
-        return Err(LoadError::Componentize(
-            "component type in an outdated format: rebuild with spendguard-sdk".into(),
-        ));
-    }
-    let (resolve, _) = wit_parser::decoding::decode_world(data)
-        .map_err(|e| LoadError::Componentize(format!("component type: {e:#}")))?;
-    // Take packages whose dependencies are all taken until none is left; a
-    // package never taken is on a cycle.
-    let deps: Vec<Vec<usize>> = resolve
-        .packages
-        .iter()
-        .map(|(id, _)| resolve.package_direct_deps(id).map(|dep| dep.index()).collect())
-        .collect();
-    let mut taken = vec![false; deps.len()];
-    loop {
-        let ready: Vec<usize> =
-            (0..deps.len()).filter(|&i| !taken[i] && deps[i].iter().all(|&d| taken[d])).collect();
-        if ready.is_empty() {
-            break;
-        }
-        for i in ready {
-            taken[i] = true;
-        }
-    }
-    if taken.contains(&false) {
-        return Err(LoadError::Componentize(
-            "component type: its WIT packages depend on each other in a cycle".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Componentize a core module built with wit-bindgen, refusing foreign
-/// imports first so the message names them.
-fn componentize(bytes: &[u8], max_memory_bytes: usize) -> Result<Vec<u8>, LoadError> {
-    wasmparser::Validator::new().validate_all(bytes).map_err(|e| LoadError::Invalid(e.to_string()))?;
-    let mut has_component_type = false;
-    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
-        match payload.map_err(|e| LoadError::Invalid(e.to_string()))? {
-            wasmparser::Payload::ImportSection(section) => {
-                for import in section.into_imports() {
-                    let import = import.map_err(|e| LoadError::Invalid(e.to_string()))?;
-                    if !import.module.starts_with(ALLOWED_CORE_IMPORT_PREFIX) {
-                        return Err(LoadError::ForeignImport(format!("{}::{}", import.module, import.name)));
-                    }
-                }
-            }
-            wasmparser::Payload::MemorySection(section) => {
-                for memory in section {
-                    let memory = memory.map_err(|e| LoadError::Invalid(e.to_string()))?;
-                    let needs = memory.initial.saturating_mul(WASM_PAGE_BYTES);
-                    if needs > u64::try_from(max_memory_bytes).unwrap_or(u64::MAX) {
-                        return Err(LoadError::MemoryTooLarge { needs, max: max_memory_bytes });
-                    }
-                }
-            }
-            wasmparser::Payload::CustomSection(section) if section.name().starts_with("component-type") => {
-                check_component_type(section.data())?;
-                has_component_type = true;
-            }
-            _ => {}
-        }
-    }
-    if !has_component_type {
-        return Err(LoadError::NoComponentType);
-    }
-    wit_component::ComponentEncoder::default()
-        .validate(true)
-        .module(bytes)
-        .and_then(|mut encoder| encoder.encode())
-        .map_err(|e| LoadError::Componentize(format!("{e:#}")))
 }
 
 #[cfg(test)]

@@ -66,7 +66,7 @@ pub enum Verdict {
     Approve(CardTerms),
     Deny(Vec<String>),
     /// Wait for the operator; should they approve, the card gets `terms`
-    /// (the narrowest the allowing policies set).
+    /// (the narrowest the allowing policies and the escalations set).
     RequireApproval {
         reasons: Vec<String>,
         terms: CardTerms,

@@ -41,8 +41,14 @@ fn check_describes_a_policy_or_says_why_it_is_refused() {
     let sha = hex::encode(Sha256::digest(std::fs::read(&wasm).unwrap()));
     let text = stdout(&out);
     assert!(text.contains(&sha), "{text}");
-    assert!(text.contains("spendguard:policy/history@0.1.0"), "{text}");
+    // The SDK builds the newest contract; a module of the frozen 0.1.0 one
+    // is described as such.
+    assert!(text.contains("spendguard:policy/history@0.2.0"), "{text}");
+    assert!(text.contains("spendguard:policy@0.2.0"), "{text}");
     assert!(text.contains("evaluate"), "{text}");
+    let old = spendguard(&["policy", "check", path(&guests::wasm("guest-v0-1-rules"))]);
+    assert_eq!(old.status.code(), Some(0), "{}", stderr(&old));
+    assert!(stdout(&old).contains("spendguard:policy@0.1.0"), "{}", stdout(&old));
 
     let out = spendguard(&["policy", "check", "--json", path(&wasm)]);
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -9,6 +9,7 @@ mod audit;
 mod backends;
 mod cli;
 mod cluster;
+mod contract;
 mod crash;
 mod daemon;
 mod guests;

@@ -70,6 +70,7 @@ fn request(id: &str, agent_id: &str, amount: &Amount, merchant: &Merchant, at: u
         merchant: merchant.clone(),
         purpose: "race".into(),
         received_at_ms: at,
+        mandate: None,
     }
 }
 
@@ -83,7 +84,10 @@ fn decide(attached: &Attached, request: &SpendRequest, history: Arc<dyn History>
         match run.decision(name) {
             Decision::Allow(t) => terms = terms.narrowest(t),
             Decision::Deny(reason) => denies.push(reason),
-            Decision::RequireApproval(reason) => escalations.push(reason),
+            Decision::RequireApproval { reason, terms: t } => {
+                escalations.push(reason);
+                terms = terms.narrowest(t);
+            }
         }
     }
     Verdict::combine(denies, escalations, terms).into()

@@ -34,6 +34,7 @@ fn history() -> Arc<StaticHistory> {
         mcc: "5734".into(),
         at_ms: 0,
         agent: None,
+        mandate_id: None,
     }]))
 }
 

@@ -263,6 +263,7 @@ fn history_counts_captures_and_open_holds_in_the_requests_currency(kind: Kind) {
             merchant_id: merchant.map(Into::into),
             mcc: None,
             wallet_wide,
+            mandate_id: None,
         };
         for filter in
             [f(0, None, false), f(T0 + 20, None, false), f(0, Some("a.com"), false), f(0, None, true)]
@@ -494,6 +495,7 @@ fn randomized_operations_keep_every_invariant(kind: Kind) {
                             merchant_id: None,
                             mcc: None,
                             wallet_wide: false,
+                            mandate_id: None,
                         },
                     )
                     .unwrap();

@@ -60,7 +60,10 @@ fn check(rule: &Rule, request: &SpendRequest, history: &dyn History) -> Decision
         }
         Rule::ApprovalThreshold { threshold, currency } => {
             if amount.currency() != *currency || amount.units() > *threshold {
-                Decision::RequireApproval(format!("{amount} needs an operator's approval"))
+                Decision::RequireApproval {
+                    reason: format!("{amount} needs an operator's approval"),
+                    terms: CardTerms::default(),
+                }
             } else {
                 Decision::Allow(CardTerms::default())
             }

@@ -98,6 +98,7 @@ impl Rule {
                 merchant_id: merchant_id.map(str::to_owned),
                 mcc: mcc.map(str::to_owned),
                 wallet_wide: *wallet_wide,
+                mandate_id: None,
             }),
             _ => None,
         }
@@ -194,6 +195,7 @@ pub fn request(amount: &str, currency: &str, merchant_id: &str, mcc: &str) -> an
         },
         purpose: "API credits for the nightly evaluation run".into(),
         received_at_ms: T0,
+        mandate: None,
     })
 }
 
@@ -234,6 +236,7 @@ pub fn history() -> anyhow::Result<Arc<StaticHistory>> {
                 mcc: mcc.into(),
                 at_ms: T0 - ago_ms,
                 agent: agent.map(str::to_owned),
+                mandate_id: None,
             })
         };
     Ok(Arc::new(StaticHistory(vec![
@@ -289,7 +292,7 @@ impl Verdict {
                 Outcome::Allow
             }
             Decision::Deny(_) => Outcome::Deny,
-            Decision::RequireApproval(_) => Outcome::RequireApproval,
+            Decision::RequireApproval { .. } => Outcome::RequireApproval,
         };
         self.outcome = self.outcome.max(outcome);
     }

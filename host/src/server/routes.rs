@@ -281,6 +281,7 @@ pub async fn propose(
             merchant: spend.merchant.clone(),
             purpose: spend.purpose.clone(),
             received_at_ms,
+            mandate: None,
         };
         let policies = load_policies(&s, &agent);
         let mut decide = |history: Arc<dyn History>| evaluate_all(&s, &policies, &request, history);
@@ -320,6 +321,7 @@ fn policy_request(spend: &SpendRecord, agent: &AgentRecord) -> policy::SpendRequ
         merchant: spend.merchant.clone(),
         purpose: spend.purpose.clone(),
         received_at_ms: spend.received_at_ms,
+        mandate: None,
     }
 }
 
@@ -369,7 +371,12 @@ fn evaluate_all(
                 Some(_) => reason.clone(),
                 None => format!("{}: {reason}", attachment.policy),
             }),
-            Decision::RequireApproval(reason) => escalations.push(format!("{}: {reason}", attachment.policy)),
+            // Should the operator approve, the card is no wider than any
+            // escalation asked, nor than any allowing policy's.
+            Decision::RequireApproval { reason, terms: t } => {
+                escalations.push(format!("{}: {reason}", attachment.policy));
+                terms = terms.narrowest(t.clone());
+            }
         }
         evaluations.push(json!({
             "policy": attachment.policy,

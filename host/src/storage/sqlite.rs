@@ -590,6 +590,7 @@ mod tests {
                 merchant_id: merchant.map(Into::into),
                 mcc: mcc.map(Into::into),
                 wallet_wide,
+                mandate_id: None,
             };
             let (sql, args) = summarize_query(&scope, &filter, &0);
             let args: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a as &dyn rusqlite::ToSql).collect();
