@@ -15,6 +15,9 @@ pub use history::{SpendFilter, SpendSummary};
 pub use request::{Agent, Mandate, Merchant, Money, SpendRequest};
 pub use rust_decimal::{Decimal, RoundingStrategy};
 pub use serde;
+/// The shapes of a merchant category code, a country and a currency code, as
+/// the daemon checks them: check a config's codes with these.
+pub use spendguard_types as types;
 
 // The generated bindings name the SDK by its crate name, also from inside it.
 extern crate self as spendguard_sdk;

@@ -116,6 +116,7 @@ fn nth_spend(i: u64) -> NewSpend {
         merchant: Merchant { id: id.into(), name: name.into(), mcc: mcc.into(), country: "US".into() },
         purpose: "growth benchmark".into(),
         received_at_ms,
+        mandate_id: None,
     }
 }
 

@@ -205,7 +205,7 @@ fn parse_amount(field: &str, amount: &str, currency: &str) -> Result<Amount, Inp
 
 /// A merchant category code is four digits (ISO 18245).
 pub fn check_mcc(field: &str, mcc: &str) -> Result<(), InputError> {
-    if mcc.len() == 4 && mcc.bytes().all(|b| b.is_ascii_digit()) {
+    if spendguard_types::is_mcc(mcc) {
         Ok(())
     } else {
         Err(InputError::Field {
@@ -217,7 +217,7 @@ pub fn check_mcc(field: &str, mcc: &str) -> Result<(), InputError> {
 
 /// A country is empty or two upper-case letters (ISO 3166-1 alpha-2).
 pub fn check_country(field: &str, country: &str) -> Result<(), InputError> {
-    if country.is_empty() || (country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase())) {
+    if spendguard_types::is_country(country) {
         Ok(())
     } else {
         Err(InputError::Field {

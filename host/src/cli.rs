@@ -7,6 +7,7 @@ mod card;
 mod client;
 mod daemon;
 mod input;
+mod mandate;
 mod network;
 mod policy;
 pub(crate) mod render;
@@ -64,6 +65,11 @@ enum Command {
     /// Spends: propose one (with an agent token), show, list.
     #[command(subcommand)]
     Spend(spend::SpendCommand),
+    /// Mandates: task-scoped spend authority for an agent (a budget,
+    /// merchants, a count, an end): create, request, list, show, approve,
+    /// deny, revoke.
+    #[command(subcommand)]
+    Mandate(mandate::MandateCommand),
     /// Spends waiting for a human: list, approve, deny.
     #[command(subcommand)]
     Approval(approval::ApprovalCommand),
@@ -90,6 +96,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Wallet(cmd) => wallet::run(cmd, conn, out),
         Command::Agent(cmd) => agent::run(cmd, conn, out),
         Command::Spend(cmd) => spend::run(cmd, conn, out),
+        Command::Mandate(cmd) => mandate::run(cmd, conn, out),
         Command::Approval(cmd) => approval::run(cmd, conn, out),
         Command::Card(cmd) => card::run(cmd, conn, out),
         Command::Audit(cmd) => audit::run(cmd, conn, out),

@@ -11,6 +11,7 @@ pub mod datadir;
 pub mod history;
 pub mod ledger;
 pub mod lookalike;
+pub mod mandates;
 pub mod money;
 pub mod policy;
 pub mod sandbox;

@@ -9,6 +9,7 @@ mod auth;
 mod error;
 mod extract;
 mod json;
+mod mandates;
 mod metrics;
 mod routes;
 pub mod transport;
@@ -393,6 +394,11 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(routes::metrics))
         .route("/v1/spends", post(routes::propose).get(routes::list_spends))
         .route("/v1/spends/{id}", get(routes::get_spend))
+        .route("/v1/mandates", post(mandates::create).get(mandates::list))
+        .route("/v1/mandates/{id}", get(mandates::get))
+        .route("/v1/mandates/{id}/approve", post(mandates::approve))
+        .route("/v1/mandates/{id}/deny", post(mandates::deny))
+        .route("/v1/mandates/{id}/revoke", post(mandates::revoke))
         .route("/v1/approvals", get(routes::list_approvals))
         .route("/v1/approvals/{id}/approve", post(routes::approve))
         .route("/v1/approvals/{id}/deny", post(routes::deny))
@@ -435,6 +441,11 @@ pub fn sweep(state: &AppState) {
         Ok(0) => {}
         Ok(n) => tracing::info!(spends = n, "approvals expired"),
         Err(e) => tracing::error!(error = %e, "expiring approvals failed"),
+    }
+    match state.backend.expire_mandates(state.approval_ttl_ms(), now) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(mandates = n, "mandates expired"),
+        Err(e) => tracing::error!(error = %e, "expiring mandates failed"),
     }
 }
 

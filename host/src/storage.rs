@@ -35,6 +35,8 @@ pub struct NewSpend {
     pub merchant: Merchant,
     pub purpose: String,
     pub received_at_ms: u64,
+    /// The mandate the agent proposes it under, if any.
+    pub mandate_id: Option<String>,
 }
 
 impl NewSpend {
@@ -54,6 +56,13 @@ impl NewSpend {
             // Length-prefixed, so no two field lists hash alike.
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
+        }
+        // Only when given, so a proposal without one hashes as before
+        // mandates existed.
+        if let Some(mandate_id) = &self.mandate_id {
+            h.update(b"mandate");
+            h.update((mandate_id.len() as u64).to_le_bytes());
+            h.update(mandate_id.as_bytes());
         }
         hex::encode(h.finalize())
     }
@@ -140,6 +149,8 @@ pub struct SpendRecord {
     pub status: SpendStatus,
     pub reasons: Vec<String>,
     pub card_id: Option<String>,
+    /// The mandate it was proposed under, if any.
+    pub mandate_id: Option<String>,
 }
 
 /// A card as stored: never its PAN or CVV.
@@ -673,7 +684,7 @@ pub trait Registry: Send + Sync {
 }
 
 /// What the daemon needs of a backend.
-pub trait Backend: Storage + Registry {
+pub trait Backend: Storage + Registry + crate::mandates::Mandates {
     /// Whether a read is quick and never waits: on local files, and for
     /// nothing another connection holds (SQLite in WAL mode: a reader
     /// never waits for the writer, and checkpoints are passive). The

@@ -4,19 +4,7 @@
 
 use serde_json::json;
 
-use crate::daemon::Wallet;
-
-/// `spendguard_policy_loads_total` by source, from `/metrics`: (compiled, cache).
-pub(crate) fn loads(w: &Wallet) -> (u64, u64) {
-    let text = w.send("GET", "/metrics", None, &[], crate::daemon::Body::None).text;
-    let count = |source: &str| {
-        text.lines()
-            .find(|l| l.starts_with(&format!("spendguard_policy_loads_total{{source=\"{source}\"}}")))
-            .and_then(|l| l.rsplit(' ').next())
-            .map_or(0, |v| v.parse::<f64>().unwrap() as u64)
-    };
-    (count("compiled"), count("cache"))
-}
+use crate::support::{Wallet, loads};
 
 #[test]
 fn a_restart_loads_compiled_policies_from_the_cache() {

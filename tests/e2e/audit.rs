@@ -8,8 +8,7 @@ use serde_json::Value;
 use spendguard::datadir::{AUDIT_KEY_FILE, DB_FILE};
 use spendguard::storage::{AUDIT_GENESIS, AuditRecord, audit_hash};
 
-use crate::backends::{Kind, on_each_backend};
-use crate::daemon::{Body, Wallet, bearer, path, spendguard};
+use crate::support::{Body, Kind, Wallet, bearer, on_each_backend, path, spendguard};
 
 /// Run `sql` on the wallet's database behind the daemon's back, with the
 /// audit table's append-only triggers out of the way: what an attacker

@@ -1,27 +1,16 @@
 //! The offline CLI, `spendguard policy check | eval | test`, as a user runs it.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::guests;
+use crate::support::{guests, path, spendguard, stderr, stdout};
 
-fn spendguard(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_spendguard")).args(args).output().expect("the binary runs")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
+/// Run `spendguard` with `args` to its end.
+fn run(args: &[&str]) -> Output {
+    spendguard().args(args).output().expect("the binary runs")
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -36,7 +25,7 @@ const REQUEST: &str = r#"{"amount": "10.00", "currency": "USD",
 #[test]
 fn check_describes_a_policy_or_says_why_it_is_refused() {
     let wasm = guests::wasm("spend-limit");
-    let out = spendguard(&["policy", "check", path(&wasm)]);
+    let out = run(&["policy", "check", path(&wasm)]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let sha = hex::encode(Sha256::digest(std::fs::read(&wasm).unwrap()));
     let text = stdout(&out);
@@ -46,11 +35,11 @@ fn check_describes_a_policy_or_says_why_it_is_refused() {
     assert!(text.contains("spendguard:policy/history@0.2.0"), "{text}");
     assert!(text.contains("spendguard:policy@0.2.0"), "{text}");
     assert!(text.contains("evaluate"), "{text}");
-    let old = spendguard(&["policy", "check", path(&guests::wasm("guest-v0-1-rules"))]);
+    let old = run(&["policy", "check", path(&guests::wasm("guest-v0-1-rules"))]);
     assert_eq!(old.status.code(), Some(0), "{}", stderr(&old));
     assert!(stdout(&old).contains("spendguard:policy@0.1.0"), "{}", stdout(&old));
 
-    let out = spendguard(&["policy", "check", "--json", path(&wasm)]);
+    let out = run(&["policy", "check", "--json", path(&wasm)]);
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["sha256"], sha.as_str());
     assert_eq!(json["size"], std::fs::metadata(&wasm).unwrap().len());
@@ -61,11 +50,11 @@ fn check_describes_a_policy_or_says_why_it_is_refused() {
     assert!(text.contains("stack 64 KiB"), "{text}");
     assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
 
-    let out = spendguard(&["policy", "check", path(&guests::wasm("guest-wasi-import"))]);
+    let out = run(&["policy", "check", path(&guests::wasm("guest-wasi-import"))]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("`wasi_snapshot_preview1::random_get`"), "{}", stderr(&out));
 
-    let out = spendguard(&["policy", "check", "/nonexistent/policy.wasm"]);
+    let out = run(&["policy", "check", "/nonexistent/policy.wasm"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("cannot read `/nonexistent/policy.wasm`"), "{}", stderr(&out));
 }
@@ -83,14 +72,13 @@ fn eval_prints_the_decision_as_json_whatever_it_is() {
     );
     let wasm = guests::wasm("spend-limit");
 
-    let out = spendguard(&["policy", "eval", path(&wasm), "--request", &req, "--config", &cfg]);
+    let out = run(&["policy", "eval", path(&wasm), "--request", &req, "--config", &cfg]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["decision"], "allow", "{json}");
     assert!(json["fuel_used"].as_u64().unwrap() > 0);
 
-    let out =
-        spendguard(&["policy", "eval", path(&wasm), "--request", &req, "--config", &cfg, "--history", &hist]);
+    let out = run(&["policy", "eval", path(&wasm), "--request", &req, "--config", &cfg, "--history", &hist]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["decision"], "deny", "45 + 10 is over 50: {json}");
@@ -99,7 +87,7 @@ fn eval_prints_the_decision_as_json_whatever_it_is() {
 
     // A fault is a decision too: exit 0, deny, and the fault named.
     let attack = write(dir.path(), "attack.json", r#"{"attack": "loop"}"#);
-    let out = spendguard(&[
+    let out = run(&[
         "policy",
         "eval",
         path(&guests::wasm("guest-hostile")),
@@ -120,14 +108,14 @@ fn eval_prints_the_decision_as_json_whatever_it_is() {
         "bad.json",
         r#"{"amount": "10.001", "currency": "USD", "merchant": {"id": "x", "mcc": "5734"}}"#,
     );
-    let out = spendguard(&["policy", "eval", path(&wasm), "--request", &bad]);
+    let out = run(&["policy", "eval", path(&wasm), "--request", &bad]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("more decimals than USD allows"), "{}", stderr(&out));
     let unknown = write(dir.path(), "unknown.json", r#"{"amount": "1", "currency": "USD", "merchnat": {}}"#);
-    let out = spendguard(&["policy", "eval", path(&wasm), "--request", &unknown]);
+    let out = run(&["policy", "eval", path(&wasm), "--request", &unknown]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("merchnat"), "{}", stderr(&out));
-    let out = spendguard(&["policy", "eval", path(&guests::wasm("guest-wrong-exports")), "--request", &req]);
+    let out = run(&["policy", "eval", path(&guests::wasm("guest-wrong-exports")), "--request", &req]);
     assert_eq!(out.status.code(), Some(1));
 }
 
@@ -135,7 +123,7 @@ fn eval_prints_the_decision_as_json_whatever_it_is() {
 fn test_runs_every_example_policys_cases_file() {
     for (name, dir) in guests::crates("policies") {
         let cases = dir.join("cases.json");
-        let out = spendguard(&["policy", "test", path(&guests::wasm(&name)), path(&cases)]);
+        let out = run(&["policy", "test", path(&guests::wasm(&name)), path(&cases)]);
         let text = stdout(&out);
         assert_eq!(out.status.code(), Some(0), "{name}:\n{text}{}", stderr(&out));
         let n = serde_json::from_str::<Value>(&std::fs::read_to_string(&cases).unwrap()).unwrap()["cases"]
@@ -163,7 +151,7 @@ fn test_reports_failures_and_refuses_invalid_input() {
             ]}}"#
         ),
     );
-    let out = spendguard(&["policy", "test", path(&wasm), &cases]);
+    let out = run(&["policy", "test", path(&wasm), &cases]);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("ok    right"), "{text}");
@@ -175,7 +163,7 @@ fn test_reports_failures_and_refuses_invalid_input() {
         "typo.json",
         &format!(r#"{{"cases": [{{"name": "t", "request": {REQUEST}, "expect": {{"decison": "allow"}}}}]}}"#),
     );
-    let out = spendguard(&["policy", "test", path(&wasm), &typo]);
+    let out = run(&["policy", "test", path(&wasm), &typo]);
     assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
     assert!(stderr(&out).contains("decison"), "{}", stderr(&out));
 
@@ -185,10 +173,10 @@ fn test_reports_failures_and_refuses_invalid_input() {
         r#"{"cases": [{"name": "t", "request": {"amount": "-1", "currency": "USD", "merchant": {"id": "x", "mcc": "5734"}},
             "expect": {"decision": "allow"}}]}"#,
     );
-    let out = spendguard(&["policy", "test", path(&wasm), &bad_amount]);
+    let out = run(&["policy", "test", path(&wasm), &bad_amount]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("must be positive"), "{}", stderr(&out));
 
-    let out = spendguard(&["policy", "test", path(&guests::wasm("guest-wasi-import")), &cases]);
+    let out = run(&["policy", "test", path(&guests::wasm("guest-wasi-import")), &cases]);
     assert_eq!(out.status.code(), Some(2));
 }

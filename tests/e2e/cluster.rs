@@ -8,10 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use serde_json::json;
 use spendguard::storage::INSUFFICIENT_FUNDS;
 
-use crate::backends::Kind;
-use crate::daemon::{Body, Reply, Wallet, bearer, proposal};
-use crate::races::{cents, check_daemon_race, race_daemon};
-use crate::sandbox::{XorShift, seed};
+use crate::support::{
+    Body, Kind, Reply, Wallet, XorShift, bearer, check_daemon_race, from_cents, proposal, race_daemon, seed,
+};
 
 /// Two daemons on one fresh PostgreSQL wallet, with a deadline no
 /// descheduling reaches (as in the other races: a policy that times out
@@ -19,7 +18,7 @@ use crate::sandbox::{XorShift, seed};
 fn two_daemons() -> (Wallet, Wallet) {
     let mut a = Wallet::on(Kind::Postgres);
     let config = a.data.with_file_name("serve.toml");
-    std::fs::write(&config, format!("{}[sandbox]\ndeadline = 10000\n", crate::daemon::NO_RATE_LIMIT))
+    std::fs::write(&config, format!("{}[sandbox]\ndeadline = 10000\n", crate::support::NO_RATE_LIMIT))
         .unwrap();
     a.stop();
     a.restart_with(&["--config", config.to_str().unwrap()]);
@@ -35,13 +34,13 @@ fn two_daemons_never_pass_a_limit_or_the_balance_and_honour_each_others_cards() 
     a.upload("spend-limit", "spend-limit");
     let window = 2_000 + (rng.next() % 3_000) as i64;
     let slack = 100 + (rng.next() % 1_500) as i64;
-    a.deposit(&cents(window + slack + 100));
+    a.deposit(&from_cents(window + slack + 100));
 
     // A card issued through one daemon is authorized through the other,
     // and only once, whichever daemon the second charge reaches.
     let bot = a.create_agent(
         "bot",
-        json!([{"policy": "spend-limit", "config": {"limit": cents(window + 100), "currency": "USD", "window": "1h"}}]),
+        json!([{"policy": "spend-limit", "config": {"limit": from_cents(window + 100), "currency": "USD", "window": "1h"}}]),
     );
     let issued = b.propose(&bot, "1.00", "api.openai.com", "5734").expect(201, "a proposal through b");
     assert_eq!(issued["status"], "approved", "{issued}");
@@ -75,7 +74,7 @@ fn two_daemons_never_pass_a_limit_or_the_balance_and_honour_each_others_cards() 
 
     // Both daemons see the same wallet, to the cent, and one audit chain.
     for w in [&a, &b] {
-        w.assert_wallet(&cents(left - spent_last), &cents(spent_one + spent_last), "1.00");
+        w.assert_wallet(&from_cents(left - spent_last), &from_cents(spent_one + spent_last), "1.00");
         assert_eq!(w.read("/v1/audit/verify")["ok"], true);
     }
     a.store().check_invariants().unwrap();
@@ -111,7 +110,7 @@ fn killing_one_daemon_under_load_loses_nothing() {
                     for i in 0..PER_CLIENT {
                         let key = format!("client-{c}-{i}");
                         let body = proposal(
-                            &cents(1 + ((c * PER_CLIENT + i) % 250) as i64),
+                            &from_cents(1 + ((c * PER_CLIENT + i) % 250) as i64),
                             "api.openai.com",
                             "5734",
                         );
@@ -188,13 +187,13 @@ fn killing_one_daemon_under_load_loses_nothing() {
     // Exactly one spend per key: nothing committed twice by the retries.
     assert_eq!(store.spends(Some(&bot.id), usize::MAX).unwrap().len(), CLIENTS * PER_CLIENT);
     store.check_invariants().unwrap();
-    a.assert_wallet(&cents(100_000 - approved_cents), &cents(approved_cents), "0.00");
+    a.assert_wallet(&from_cents(100_000 - approved_cents), &from_cents(approved_cents), "0.00");
     assert_eq!(a.read("/v1/audit/verify")["ok"], true);
 }
 
 /// Run `spendguard ARGS` to its end; its status and stderr.
 fn run(args: &[&str]) -> (bool, String) {
-    let out = crate::daemon::spendguard().args(args).env_remove("SPENDGUARD_DATABASE_URL").output().unwrap();
+    let out = crate::support::spendguard().args(args).env_remove("SPENDGUARD_DATABASE_URL").output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -202,7 +201,7 @@ fn run(args: &[&str]) -> (bool, String) {
 /// clear error and changes nothing.
 #[test]
 fn a_wallet_in_postgres_refuses_what_would_split_it() {
-    let db = crate::backends::TestDatabase::create();
+    let db = crate::support::TestDatabase::create();
     let dir = tempfile::tempdir().unwrap();
     let (first, second, sqlite) =
         (dir.path().join("first"), dir.path().join("second"), dir.path().join("sqlite"));

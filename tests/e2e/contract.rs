@@ -14,8 +14,7 @@ use spendguard::sandbox::{Limits, LoadedPolicy, LogLevel, LogLine, Sandbox};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::daemon::Wallet;
-use crate::guests;
+use crate::support::{Wallet, guests};
 
 /// When the requests here are received (the cases files' default).
 const RECEIVED_MS: u64 = 1_795_521_600_000;
@@ -242,7 +241,7 @@ fn one_daemon_runs_a_0_1_0_and_a_0_2_0_policy_side_by_side() {
     assert!((100..=120).contains(&life), "a 0.1.0 policy's 120 s card lives {life} s: {spend}");
 
     // Escalated by the 0.1.0 module alone, then approved: the default life.
-    let collect = |agent: &crate::daemon::AgentToken, id: &Value| {
+    let collect = |agent: &crate::support::AgentToken, id: &Value| {
         let id = id.as_str().unwrap();
         w.post(&format!("/v1/approvals/{id}/approve"), &w.operator, json!({})).expect(200, "approve");
         let got = w.get(&format!("/v1/spends/{id}"), &agent.token).expect(200, "collect the card");

@@ -1,4 +1,4 @@
-//! Crashes (issue 5): the daemon is killed with SIGKILL at random points
+//! Crashes: the daemon is killed with SIGKILL at random points
 //! while clients propose spends, charge and void cards and fund the wallet,
 //! then restarted on the same data directory. After every crash, with the
 //! daemon dead, the database is opened directly and checked:
@@ -33,9 +33,9 @@ use spendguard::storage::{AuditRecord, CardRecord, SpendRecord};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::backends::{Kind, on_each_backend};
-use crate::daemon::{AgentToken, Body, Reply, Wallet, bearer, path, proposal};
-use crate::sandbox::{XorShift, seed};
+use crate::support::{
+    AgentToken, Body, Kind, Reply, Wallet, XorShift, bearer, on_each_backend, path, proposal, seed, to_cents,
+};
 
 /// Independent wallets per test run, each with its own seed.
 const RUNS: u64 = 2;
@@ -73,14 +73,6 @@ fn mix(mut x: u64) -> u64 {
 
 fn dollars(cents: i64) -> String {
     format!("{}.{:02}", cents / 100, cents % 100)
-}
-
-/// "12.3", "12.30" or "12" → 1230.
-fn cents(amount: &str) -> i64 {
-    let (units, fraction) = amount.split_once('.').unwrap_or((amount, ""));
-    assert!(fraction.len() <= 2, "a USD amount has at most 2 decimals: {amount}");
-    let fraction = format!("{fraction:0<2}");
-    units.parse::<i64>().unwrap() * 100 + fraction.parse::<i64>().unwrap()
 }
 
 fn expires_at_ms(card: &Value) -> u64 {
@@ -337,7 +329,7 @@ impl Client {
         let card_id = card["id"].as_str().map(str::to_owned);
         let mut cap_cents = None;
         if !replay && let Some(id) = &card_id {
-            let cap = cents(card["limit"].as_str().unwrap_or("0"));
+            let cap = to_cents(card["limit"].as_str().unwrap_or("0"));
             cap_cents = Some(cap);
             let secrets = json!({
                 "pan": card["pan"], "cvv": card["cvv"], "exp_month": card["exp_month"], "exp_year": card["exp_year"],
@@ -529,7 +521,7 @@ fn crash_run(kind: Kind, run: u64, seed: u64) -> String {
         &config,
         format!(
             "card_ttl_seconds = {CARD_TTL_SECONDS}\nsweep_interval_ms = {SWEEP_INTERVAL_MS}\n{}",
-            crate::daemon::NO_RATE_LIMIT
+            crate::support::NO_RATE_LIMIT
         ),
     )
     .unwrap();
@@ -589,13 +581,13 @@ fn crash_run(kind: Kind, run: u64, seed: u64) -> String {
     let deposited: i64 = clients.iter().flat_map(|c| &c.deposits).map(|d| d.cents).sum();
     let wallet = loop {
         let wallet = w.read("/v1/wallet");
-        let held = wallet["balances"][0]["held"].as_str().map(cents);
+        let held = wallet["balances"][0]["held"].as_str().map(to_cents);
         if held == Some(0) || Instant::now() > deadline {
             break wallet;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let balance = |k: &str| wallet["balances"][0][k].as_str().map_or(-1, cents);
+    let balance = |k: &str| wallet["balances"][0][k].as_str().map_or(-1, to_cents);
     let mut problems = Vec::new();
     if balance("held") != 0 || balance("available") + balance("spent") != deposited {
         problems.push(format!(

@@ -1,4 +1,4 @@
-//! Attacks from the security review, reproduced against the real daemon and
+//! Known attacks, reproduced against the real daemon and
 //! the real CLI, each of which must now fail: a compiled policy swapped in
 //! for another, merchant ids that imitate others, and policy or agent text
 //! that would rewrite the terminal printing it.
@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::artifacts::loads;
-use crate::daemon::{Body, Wallet, bearer, proposal};
-use crate::guests;
+use crate::support::{Body, Wallet, bearer, guests, loads, proposal};
 
 // ---- the compiled-policy cache ----------------------------------------------------
 
@@ -44,7 +42,7 @@ fn last_spend_record(w: &Wallet) -> Value {
 /// limit is denied, the audit trail names the module that ran, the bad file
 /// was a miss (compiled again, logged) and not an error, and it is replaced.
 #[track_caller]
-fn restrictive_still_decides(w: &mut Wallet, bot: &crate::daemon::AgentToken, what: &str) {
+fn restrictive_still_decides(w: &mut Wallet, bot: &crate::support::AgentToken, what: &str) {
     let restrictive_sha = hex::encode(Sha256::digest(guests::bytes("spend-limit")));
     let log_before = w.daemon.log().len();
     w.stop();
@@ -138,7 +136,7 @@ fn merchant_ids_that_imitate_others_are_refused_everywhere_they_enter() {
     assert_eq!(genuine["status"], "approved", "{genuine}");
     let card = genuine["card"].clone();
 
-    let before = crate::daemon::db_dump(&w.data);
+    let before = crate::support::db_dump(&w.data);
     for id in LOOKALIKES {
         let reply = w.post("/v1/spends", &bot.token, proposal("10.00", id, "5734"));
         reply.refused(422, "confusable_merchant", &format!("a proposal at {id:?}"));
@@ -189,10 +187,10 @@ fn merchant_ids_that_imitate_others_are_refused_everywhere_they_enter() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(crate::daemon::db_dump(&w.data), before, "a refused id records nothing");
+    assert_eq!(crate::support::db_dump(&w.data), before, "a refused id records nothing");
 
     // The genuine card still pays the genuine merchant.
-    assert_eq!(w.charge(&card, "10.00", "api.openai.com"), crate::daemon::approved());
+    assert_eq!(w.charge(&card, "10.00", "api.openai.com"), crate::support::approved());
     // An international id that imitates nothing is taken as sent.
     let intl = w.propose(&bot, "1.00", "bücher.de", "5942").expect(201, "an international id");
     assert_eq!(intl["card"]["merchant_id"], "bücher.de", "{intl}");
@@ -209,7 +207,7 @@ fn policy_eval_and_test_refuse_a_lookalike_merchant_id_as_the_daemon_does() {
             .to_string(),
     )
     .unwrap();
-    let out = crate::daemon::spendguard()
+    let out = crate::support::spendguard()
         .args(["policy", "eval", wasm.to_str().unwrap(), "--request", request.to_str().unwrap()])
         .output()
         .unwrap();
@@ -294,7 +292,7 @@ fn the_cli_prints_escapes_from_a_policy_escaped() {
     .unwrap();
     let config = dir.path().join("config.json");
     std::fs::write(&config, r#"{"attack": "escapes"}"#).unwrap();
-    let out = crate::daemon::spendguard()
+    let out = crate::support::spendguard()
         .args(["policy", "eval", wasm.to_str().unwrap()])
         .args(["--request", request.to_str().unwrap(), "--config", config.to_str().unwrap()])
         .output()
@@ -317,7 +315,7 @@ fn the_cli_prints_escapes_from_a_policy_escaped() {
         .to_string(),
     )
     .unwrap();
-    let out = crate::daemon::spendguard()
+    let out = crate::support::spendguard()
         .args(["policy", "test", wasm.to_str().unwrap(), cases.to_str().unwrap()])
         .output()
         .unwrap();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::daemon::{AgentToken, Reply, Wallet, proposal};
+use crate::support::{AgentToken, Reply, Wallet, proposal, rss_bytes};
 
 /// Proposals each well-behaved agent sends per phase.
 const NORMAL_PROPOSALS: usize = 40;
@@ -38,17 +38,6 @@ const ATTACKS: &[(&str, &str)] = &[
     ("history_flood", "too many history calls"),
     ("foreign_cap", "invalid card terms"),
 ];
-
-/// The daemon's resident memory, from `/proc`.
-pub(crate) fn rss_bytes(pid: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kib * 1024
-}
 
 fn median(mut xs: Vec<Duration>) -> Duration {
     xs.sort();
@@ -134,7 +123,7 @@ fn hostile_policies_do_not_hurt_other_agents() {
     // A fuel budget no loop exhausts within the deadline: the loop attack
     // then runs for the whole 100 ms, the worst an agent can make it cost.
     let config = w.data.with_file_name("serve.toml");
-    std::fs::write(&config, format!("{}[sandbox]\nfuel = 4000000000\n", crate::daemon::NO_RATE_LIMIT))
+    std::fs::write(&config, format!("{}[sandbox]\nfuel = 4000000000\n", crate::support::NO_RATE_LIMIT))
         .unwrap();
     w.stop();
     w.restart_with(&["--config", config.to_str().unwrap()]);
@@ -249,7 +238,7 @@ fn a_flooding_agent_waits_its_turn_or_is_told_to_retry() {
         &config,
         format!(
             "agent_concurrency = 1\nagent_queue = 2\n{}[sandbox]\nfuel = 4000000000\n",
-            crate::daemon::NO_RATE_LIMIT
+            crate::support::NO_RATE_LIMIT
         ),
     )
     .unwrap();

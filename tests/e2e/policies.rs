@@ -4,7 +4,7 @@
 use spendguard::cases::CasesFile;
 use spendguard::sandbox::{Limits, Sandbox};
 
-use crate::guests;
+use crate::support::guests;
 
 #[test]
 fn every_example_policy_passes_its_cases() {

@@ -21,9 +21,10 @@ use spendguard::storage::{
     Actor, CardIssuance, Decided, NewSpend, SpendRecord, SpendStatus, Storage, StorageError, Verdict, new_id,
 };
 
-use crate::backends::{Backend, Kind, on_each_backend, simulated_cards};
-use crate::guests;
-use crate::sandbox::{XorShift, seed};
+use crate::support::{
+    Backend, Kind, XorShift, check_daemon_race, from_cents, guests, on_each_backend, race_daemon, seed,
+    simulated_cards,
+};
 
 /// 2026-11-24T12:00:00Z.
 const T0: u64 = 1_795_521_600_000;
@@ -114,6 +115,7 @@ fn propose(
         merchant: merchant(),
         purpose: "race".into(),
         received_at_ms: at,
+        mandate_id: None,
     };
     let req = request(&spend.id, agent, &spend.amount, &spend.merchant, at);
     let mut decide = |history: Arc<dyn History>| decide(attached, &req, history);
@@ -198,10 +200,6 @@ fn spend_limit(config: serde_json::Value) -> Attached {
     vec![("spend-limit", &policies().spend_limit, config.to_string())]
 }
 
-pub(crate) fn cents(units: i64) -> String {
-    format!("{}.{:02}", units / 100, units % 100)
-}
-
 fn one_agent_racing_a_rolling_window_limit(kind: Kind) {
     let base = seed("one_agent_racing_a_rolling_window_limit");
     for run in 0..RUNS {
@@ -211,7 +209,7 @@ fn one_agent_racing_a_rolling_window_limit(kind: Kind) {
         b.storage.deposit(&usd(1_000_000), None, &Actor::System, T0 - 7_200_000).unwrap();
         let limit = 2_000 + (rng.next() % 4_000) as i64;
         let attached =
-            spend_limit(serde_json::json!({"limit": cents(limit), "currency": "USD", "window": "1h"}));
+            spend_limit(serde_json::json!({"limit": from_cents(limit), "currency": "USD", "window": "1h"}));
         // Spends before the window hold money but must not count.
         let cards = simulated_cards();
         let early = propose(&*b.storage, &cards, "bot", &attached, limit, T0 - 3_600_001).unwrap();
@@ -233,7 +231,7 @@ fn agents_racing_a_wallet_wide_limit(kind: Kind) {
         let b = kind.fresh();
         b.storage.deposit(&usd(1_000_000), None, &Actor::System, T0).unwrap();
         let limit = 3_000 + (rng.next() % 5_000) as i64;
-        let shared = serde_json::json!({"limit": cents(limit), "currency": "USD", "wallet_wide": true});
+        let shared = serde_json::json!({"limit": from_cents(limit), "currency": "USD", "wallet_wide": true});
         let agents: Vec<(String, Attached)> =
             (0..6).map(|a| (format!("agent-{a}"), spend_limit(shared.clone()))).collect();
         let results = race(&b, &agents, &mut rng, 500);
@@ -365,72 +363,14 @@ fn approve_deny_and_expiry_race_on_one_pending_spend(kind: Kind) {
 
 // ---- the same races through the daemon ------------------------------------------
 
-/// `n` proposals of seeded amounts from `CONNECTIONS` connections at once,
-/// proposal `i` by `agents[i % len]` through `daemons[i % len]`; each
-/// amount in cents with its reply.
-pub(crate) fn race_daemon(
-    daemons: &[&crate::daemon::Wallet],
-    agents: &[crate::daemon::AgentToken],
-    rng: &mut XorShift,
-    n: usize,
-    max_cents: u64,
-) -> Vec<(i64, serde_json::Value)> {
-    const CONNECTIONS: usize = 16;
-    let amounts: Vec<i64> = (0..n).map(|_| 1 + (rng.next() % max_cents) as i64).collect();
-    let barrier = Barrier::new(CONNECTIONS);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..CONNECTIONS)
-            .map(|c| {
-                let (amounts, barrier) = (&amounts, &barrier);
-                s.spawn(move || {
-                    barrier.wait();
-                    (c..n)
-                        .step_by(CONNECTIONS)
-                        .map(|i| {
-                            let reply = daemons[i % daemons.len()].propose(
-                                &agents[i % agents.len()],
-                                &cents(amounts[i]),
-                                "api.openai.com",
-                                "5734",
-                            );
-                            (amounts[i], reply.expect(201, &format!("proposal {i}")))
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    })
-}
-
-/// Approved cents; every denied amount no longer fitted in `limit`.
-#[track_caller]
-pub(crate) fn check_daemon_race(
-    what: &str,
-    seed: u64,
-    results: &[(i64, serde_json::Value)],
-    limit: i64,
-) -> i64 {
-    let total: i64 = results.iter().filter(|(_, r)| r["status"] == "approved").map(|(c, _)| c).sum();
-    assert!(total <= limit, "{what} (seed {seed}): {total} cents approved past {limit}");
-    assert!(total > 0, "{what} (seed {seed}): nothing approved");
-    for (c, r) in results {
-        assert!(r["status"] == "approved" || r["status"] == "denied", "{what}: {r}");
-        if r["status"] == "denied" {
-            assert!(*c > limit - total, "{what} (seed {seed}): {c} denied with {} left: {r}", limit - total);
-        }
-    }
-    total
-}
-
 #[test]
 fn through_the_daemon_racing_proposals_never_pass_a_limit_or_the_balance() {
     let seed = seed("through_the_daemon_racing_proposals_never_pass_a_limit_or_the_balance");
     let mut rng = XorShift::new(seed);
-    let mut w = crate::daemon::Wallet::new();
+    let mut w = crate::support::Wallet::new();
     // As in the in-process races: a deadline no descheduling reaches.
     let config = w.data.with_file_name("serve.toml");
-    std::fs::write(&config, format!("{}[sandbox]\ndeadline = 10000\n", crate::daemon::NO_RATE_LIMIT))
+    std::fs::write(&config, format!("{}[sandbox]\ndeadline = 10000\n", crate::support::NO_RATE_LIMIT))
         .unwrap();
     w.stop();
     w.restart_with(&["--config", config.to_str().unwrap()]);
@@ -439,19 +379,19 @@ fn through_the_daemon_racing_proposals_never_pass_a_limit_or_the_balance() {
     // Above the window's limit: `bot`'s spend counts against it too.
     let shared = window + 1_000 + (rng.next() % 3_000) as i64;
     let slack = 100 + (rng.next() % 1_500) as i64;
-    w.deposit(&cents(window + shared + slack));
+    w.deposit(&from_cents(window + shared + slack));
 
     // Hundreds from one agent, over many connections, against its window.
     let bot = w.create_agent(
         "bot",
-        serde_json::json!([{"policy": "spend-limit", "config": {"limit": cents(window), "currency": "USD", "window": "1h"}}]),
+        serde_json::json!([{"policy": "spend-limit", "config": {"limit": from_cents(window), "currency": "USD", "window": "1h"}}]),
     );
     let one = race_daemon(&[&w], &[bot], &mut rng, 200, 300);
     let spent_one = check_daemon_race("one agent, a rolling window", seed, &one, window);
 
     // Several agents sharing a wallet-wide limit.
     let wide = serde_json::json!([{"policy": "spend-limit",
-        "config": {"limit": cents(shared), "currency": "USD", "window": "1h", "wallet_wide": true}}]);
+        "config": {"limit": from_cents(shared), "currency": "USD", "window": "1h", "wallet_wide": true}}]);
     let fleet: Vec<_> = (0..4).map(|i| w.create_agent(&format!("fleet-{i}"), wide.clone())).collect();
     // The window's spend by `bot` counts wallet-wide too.
     let several = race_daemon(&[&w], &fleet, &mut rng, 200, 300);
@@ -470,7 +410,7 @@ fn through_the_daemon_racing_proposals_never_pass_a_limit_or_the_balance() {
     }
 
     let held = spent_one + spent_fleet + spent_last;
-    w.assert_wallet(&cents(left - spent_last), &cents(held), "0.00");
+    w.assert_wallet(&from_cents(left - spent_last), &from_cents(held), "0.00");
     assert_eq!(w.read("/v1/audit/verify")["ok"], true);
 }
 

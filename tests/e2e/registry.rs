@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 use spendguard::storage::{Actor, AgentRecord, Attachment, Backend, Role, StorageError};
 
-use crate::backends::{Kind, on_each_backend};
+use crate::support::{Kind, on_each_backend};
 
 const T0: u64 = 1_795_521_600_000; // 2026-11-24T12:00:00Z
 
@@ -42,7 +42,7 @@ fn new_agent(id: &str, attachments: Vec<Attachment>) -> AgentRecord {
 
 /// Every attachment ever written for `agent_id`, by set then position: what
 /// stays on record after a replacement.
-fn attachment_history(f: &crate::backends::Backend, agent_id: &str) -> Vec<(i64, String, u32, String)> {
+fn attachment_history(f: &crate::support::Backend, agent_id: &str) -> Vec<(i64, String, u32, String)> {
     f.rows(&format!(
         "SELECT set_no, policy_name, policy_version, config FROM attachments
          WHERE agent_id = '{agent_id}' ORDER BY set_no, position"

@@ -12,10 +12,9 @@ use std::sync::{Barrier, Mutex};
 
 use serde_json::{Value, json};
 
-use crate::backends::{Kind, on_each_backend};
-use crate::daemon::{AgentToken, Body, Wallet, bearer, declined, proposal};
-use crate::races::cents;
-use crate::sandbox::{XorShift, seed};
+use crate::support::{
+    AgentToken, Body, Kind, Wallet, XorShift, bearer, declined, from_cents, on_each_backend, proposal, seed,
+};
 
 /// Seeded runs of the revocation race per backend, each on a fresh wallet.
 const RUNS: u64 = 5;
@@ -66,7 +65,13 @@ fn audit_trail(w: &Wallet) -> Vec<Value> {
 
 /// A merchant's charge of `card` for `amount` at `merchant`, with the
 /// network's `Idempotency-Key` when given: the raw reply.
-fn charge(w: &Wallet, card: &Value, amount: &str, merchant: &str, key: Option<&str>) -> crate::daemon::Reply {
+fn charge(
+    w: &Wallet,
+    card: &Value,
+    amount: &str,
+    merchant: &str,
+    key: Option<&str>,
+) -> crate::support::Reply {
     let body = json!({
         "pan": card["pan"], "cvv": card["cvv"], "exp_month": card["exp_month"], "exp_year": card["exp_year"],
         "amount": amount, "currency": "USD", "merchant_id": merchant,
@@ -130,7 +135,7 @@ fn revocation_race_run(kind: Kind, seed: u64) {
                     let reply = w.post(
                         "/v1/spends",
                         &bot.token,
-                        proposal(&cents(amounts[i]), "api.openai.com", "5734"),
+                        proposal(&from_cents(amounts[i]), "api.openai.com", "5734"),
                     );
                     answered.fetch_add(1, Ordering::SeqCst);
                     match reply.status {
@@ -349,7 +354,7 @@ fn revoking_voids_cards_releases_holds_and_denies_pending_spends(kind: Kind) {
         charge(&w, &open["card"], "5.00", "api.openai.com", None).expect(200, "charge"),
         declined("card_voided")
     );
-    assert_eq!(w.charge(&kept["card"], "7.00", "api.openai.com"), crate::daemon::approved());
+    assert_eq!(w.charge(&kept["card"], "7.00", "api.openai.com"), crate::support::approved());
     w.get(&format!("/v1/spends/{uncollected_id}"), &bot.token).refused(401, "revoked_token", "collecting");
     w.assert_wallet("93.00", "0.00", "7.00");
     w.post(&format!("/v1/agents/{}/revoke", bot.id), &w.operator, json!({}))
@@ -447,10 +452,10 @@ fn a_retried_authorization_gets_its_first_answer(kind: Kind) {
     // and the money moved once.
     let first = charge(&w, card, "9.99", "api.openai.com", Some("auth-1"));
     assert!(first.text.contains("\"approved\":true"), "{}", first.text);
-    assert_eq!(first.expect(200, "the first authorization"), crate::daemon::approved());
+    assert_eq!(first.expect(200, "the first authorization"), crate::support::approved());
     for _ in 0..3 {
         let again = charge(&w, card, "9.99", "api.openai.com", Some("auth-1"));
-        assert_eq!(again.expect(200, "a retry"), crate::daemon::approved());
+        assert_eq!(again.expect(200, "a retry"), crate::support::approved());
     }
     w.assert_wallet("90.01", "0.00", "9.99");
     let listed = listed_card(&w, card_id);
@@ -487,7 +492,7 @@ fn a_retried_authorization_gets_its_first_answer(kind: Kind) {
     }
     assert_eq!(
         charge(&w, card2, "3.00", "api.openai.com", Some("auth-4")).expect(200, "charge"),
-        crate::daemon::approved()
+        crate::support::approved()
     );
     w.assert_wallet("87.01", "0.00", "12.99");
 

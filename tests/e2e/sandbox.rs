@@ -11,7 +11,7 @@ use spendguard::money::Amount;
 use spendguard::policy::{Decision, SpendRequest};
 use spendguard::sandbox::{Fault, Limits, LoadError, LoadedPolicy, Sandbox};
 
-use crate::guests;
+use crate::support::{XorShift, guests, seed};
 
 /// Far above what any attack here needs to be stopped: a test that hangs
 /// instead of failing would be worse.
@@ -228,34 +228,6 @@ fn a_ready_component_loads_and_decides_like_its_core_module() {
     assert_still_works(&sandbox, &policy);
     let run = sandbox.evaluate(&policy, &request(), &attack("loop"), history());
     assert_eq!(run.outcome, Err(Fault::OutOfFuel));
-}
-
-/// The seed of a randomized test: `SPENDGUARD_SEED` or the clock, printed
-/// so that a failure replays exactly.
-pub fn seed(test: &str) -> u64 {
-    let seed = std::env::var("SPENDGUARD_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    println!("{test}: SPENDGUARD_SEED={seed}");
-    seed
-}
-
-/// A small deterministic generator: the seed is printed, so a failure
-/// replays exactly.
-pub struct XorShift(pub u64);
-
-impl XorShift {
-    /// Xorshift never leaves zero, so a zero seed is taken as one.
-    pub fn new(seed: u64) -> Self {
-        XorShift(seed.max(1))
-    }
-
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 #[test]

@@ -15,8 +15,7 @@ use spendguard::storage::{
     Storage, StorageError, Verdict, new_id,
 };
 
-use crate::backends::{Backend, Kind, on_each_backend, simulated_cards};
-use crate::sandbox::XorShift;
+use crate::support::{Backend, Kind, XorShift, on_each_backend, simulated_cards};
 
 fn usd(a: &str) -> Amount {
     Amount::parse(a, "USD").unwrap()
@@ -37,6 +36,7 @@ fn spend(agent: &str, amount: Amount, merchant_id: &str, key: Option<&str>, at: 
         merchant: merchant(merchant_id),
         purpose: "test".into(),
         received_at_ms: at,
+        mandate_id: None,
     }
 }
 
@@ -439,7 +439,7 @@ struct ModelBalance {
 /// ledger's invariants right after. The seed is printed: set
 /// `SPENDGUARD_SEED` to replay a failure exactly.
 fn randomized_operations_keep_every_invariant(kind: Kind) {
-    let seed = crate::sandbox::seed("randomized_operations_keep_every_invariant");
+    let seed = crate::support::seed("randomized_operations_keep_every_invariant");
     let mut rng = XorShift::new(seed);
     let b = kind.fresh();
     let cards = simulated_cards();

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use spendguard::storage::{Actor, Backend, Role, StorageError};
 
-use crate::backends::{Kind, on_each_backend};
-use crate::daemon::{Body, Reply, Wallet, bearer, path, proposal, spendguard};
+use crate::support::{
+    Body, Kind, Reply, Wallet, bearer, on_each_backend, path, proposal, spendguard, stdout,
+};
 
 const T0: u64 = 1_764_000_000_000;
 
@@ -100,10 +101,6 @@ fn new_token(w: &Wallet, by: &str, role: &str, label: &str) -> (String, String) 
 /// A `POST` without a body.
 fn post_empty(w: &Wallet, path: &str, token: &str) -> Reply {
     w.send("POST", path, Some(&bearer(token)), &[], Body::None)
-}
-
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -311,7 +308,7 @@ impl Trail {
     }
 }
 
-fn spend(w: &Wallet, agent: &crate::daemon::AgentToken, amount: &str) -> Value {
+fn spend(w: &Wallet, agent: &crate::support::AgentToken, amount: &str) -> Value {
     let reply: Reply = w.post("/v1/spends", &agent.token, proposal(amount, "api.openai.com", "5734"));
     reply.expect(201, "a proposal")
 }

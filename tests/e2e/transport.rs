@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::backends::Kind;
-use crate::daemon::{
-    Body, LISTENING, STARTUP_TIMEOUT, Wallet, bad, bearer, path, proposal, send_raw, spendguard,
+use crate::support::{
+    Body, Kind, LISTENING, STARTUP_TIMEOUT, Wallet, bad, bearer, path, proposal, send_raw, spendguard,
 };
 
 /// Far longer than any timeout these tests configure: what a test waits at
@@ -133,7 +132,7 @@ fn an_upload_is_refused_from_its_head_before_its_body_is_read() {
     // Forty clients with no token each send 4 MiB of a module and stall:
     // the daemon keeps none of it.
     let pid = w.daemon.pid();
-    let before = crate::hostile::rss_bytes(&pid);
+    let before = crate::support::rss_bytes(&pid);
     let chunk = vec![0u8; 4 * 1024 * 1024];
     let streams: Vec<TcpStream> = (0..40)
         .map(|_| {
@@ -144,7 +143,7 @@ fn an_upload_is_refused_from_its_head_before_its_body_is_read() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let after = crate::hostile::rss_bytes(&pid);
+    let after = crate::support::rss_bytes(&pid);
     let grown = after.saturating_sub(before);
     assert!(
         grown < 48 * 1024 * 1024,

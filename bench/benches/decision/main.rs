@@ -19,7 +19,7 @@
 
 mod cedar;
 // The guests built from source exactly as the end-to-end tests build them.
-#[path = "../../../tests/e2e/guests.rs"]
+#[path = "../../../tests/e2e/support/guests.rs"]
 #[allow(dead_code, clippy::expect_used, clippy::panic)]
 mod guests;
 mod native;

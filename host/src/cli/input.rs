@@ -41,7 +41,7 @@ pub fn policy_ref(arg: &str) -> Result<String, String> {
 
 /// `--mcc`: an ISO 18245 merchant category code, four digits.
 pub fn mcc(arg: &str) -> Result<String, String> {
-    if arg.len() == 4 && arg.bytes().all(|b| b.is_ascii_digit()) {
+    if spendguard_types::is_mcc(arg) {
         Ok(arg.to_owned())
     } else {
         Err(format!("`{arg}` is not a merchant category code: expected four digits (`5734`)"))
@@ -50,8 +50,9 @@ pub fn mcc(arg: &str) -> Result<String, String> {
 
 /// `--country`: ISO 3166-1 alpha-2, upper-cased.
 pub fn country(arg: &str) -> Result<String, String> {
-    if arg.len() == 2 && arg.bytes().all(|b| b.is_ascii_alphabetic()) {
-        Ok(arg.to_ascii_uppercase())
+    let country = arg.to_ascii_uppercase();
+    if !country.is_empty() && spendguard_types::is_country(&country) {
+        Ok(country)
     } else {
         Err(format!("`{arg}` is not a country: expected two letters (`US`)"))
     }

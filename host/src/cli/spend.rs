@@ -65,6 +65,10 @@ pub struct ProposeArgs {
     /// instead of proposing twice.
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
+    /// Spend under this mandate (`spendguard mandate list`): checked against
+    /// its budget, merchants, categories, count and end.
+    #[arg(long = "mandate", value_name = "ID")]
+    mandate_id: Option<String>,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -109,6 +113,9 @@ pub struct Spend {
     pub received_at: Option<String>,
     #[serde(default)]
     pub card: Option<Card>,
+    /// The mandate it was proposed under.
+    #[serde(default)]
+    pub mandate_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +229,9 @@ pub fn write_spend(out: &mut dyn Write, spend: &Spend) -> anyhow::Result<()> {
     if let Some(agent) = &spend.agent_id {
         render::labelled(out, "agent", agent)?;
     }
+    if let Some(mandate) = &spend.mandate_id {
+        render::labelled(out, "mandate", mandate)?;
+    }
     if let Some(at) = &spend.received_at {
         render::labelled(out, "received", at)?;
     }
@@ -244,7 +254,7 @@ fn propose(conn: &ConnArgs, args: ProposeArgs, out: &mut dyn Write) -> anyhow::R
 /// The body of `POST /v1/spends`.
 fn proposal(args: &ProposeArgs) -> anyhow::Result<Value> {
     let (amount, currency) = input::money(&args.amount, &args.currency)?;
-    Ok(json!({
+    let mut body = json!({
         "amount": amount,
         "currency": currency,
         "merchant": {
@@ -254,7 +264,11 @@ fn proposal(args: &ProposeArgs) -> anyhow::Result<Value> {
             "country": args.country.as_deref().unwrap_or(""),
         },
         "purpose": args.purpose,
-    }))
+    });
+    if let Some(mandate_id) = &args.mandate_id {
+        body["mandate_id"] = json!(mandate_id);
+    }
+    Ok(body)
 }
 
 fn show(conn: &ConnArgs, args: ShowArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
@@ -313,6 +327,7 @@ mod tests {
             country: None,
             purpose: "API credits for the nightly eval run".into(),
             idempotency_key: Some("run-42".into()),
+            mandate_id: None,
             output: OutputArgs { json: false },
         }
     }

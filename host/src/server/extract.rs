@@ -40,6 +40,7 @@ enum Takes {
 fn takes(method: &Method, path: &str) -> Takes {
     match (method, path) {
         (&Method::GET, "/v1/spends") => Takes::Params(&["limit"]),
+        (&Method::GET, "/v1/mandates") => Takes::Params(&["agent_id"]),
         (&Method::GET, "/v1/audit") => Takes::Params(&["after", "limit"]),
         (&Method::GET, "/v1/audit/verify") => Takes::Params(&["checkpoint"]),
         // Its handler refuses anything but `?name=NAME` itself

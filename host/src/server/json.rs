@@ -142,7 +142,7 @@ pub fn card_with_secrets(issued: &IssuedCard, record: &CardRecord) -> Value {
 }
 
 pub fn spend(spend: &SpendRecord, card_json: Option<Value>) -> Value {
-    json!({
+    let mut v = json!({
         "id": spend.id,
         "agent_id": spend.agent_id,
         "status": spend.status.as_str(),
@@ -153,7 +153,11 @@ pub fn spend(spend: &SpendRecord, card_json: Option<Value>) -> Value {
         "purpose": spend.purpose,
         "received_at": time(spend.received_at_ms),
         "card": card_json,
-    })
+    });
+    if let Some(mandate_id) = &spend.mandate_id {
+        v["mandate_id"] = json!(mandate_id);
+    }
+    v
 }
 
 pub fn agent(agent: &AgentRecord) -> Value {

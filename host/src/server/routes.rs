@@ -24,6 +24,7 @@ use crate::cards::AuthorizationRequest;
 use crate::cases::{check_country, check_mcc};
 use crate::datadir::{new_token, now_ms, token_hash};
 use crate::history::History;
+use crate::mandates::MandateRecord;
 use crate::money::Amount;
 use crate::policy::{self, CardTerms, Decision};
 use crate::sandbox::{LoadedPolicy, fault_reason};
@@ -55,7 +56,7 @@ fn created(value: Value) -> Reply {
 }
 
 /// Run blocking work (storage, policies) off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await?
@@ -66,7 +67,7 @@ async fn blocking<T: Send + 'static>(
 /// it unseen: direction embeddings, overrides and isolates ("Trojan Source"),
 /// line and paragraph separators. Any other character is taken as sent,
 /// unnormalized: accents, other scripts, emoji and their joiners.
-fn text(field: &str, value: &str, max: usize, required: bool) -> Result<(), ApiError> {
+pub(super) fn text(field: &str, value: &str, max: usize, required: bool) -> Result<(), ApiError> {
     if required && value.trim().is_empty() {
         return Err(ApiError::invalid("invalid_field", format!("`{field}` must not be empty")));
     }
@@ -93,7 +94,7 @@ fn text(field: &str, value: &str, max: usize, required: bool) -> Result<(), ApiE
 /// same differ; and no lookalike of another id (mixed scripts, compatibility
 /// forms, letters confusable with ASCII: [`crate::lookalike`]), refused as
 /// `confusable_merchant`.
-fn merchant_id(field: &str, value: &str) -> Result<(), ApiError> {
+pub(super) fn merchant_id(field: &str, value: &str) -> Result<(), ApiError> {
     /// Default_Ignorable_Code_Point, from Unicode's DerivedCoreProperties.txt.
     const INVISIBLE: [(char, char); 17] = [
         ('\u{ad}', '\u{ad}'),
@@ -128,7 +129,7 @@ fn merchant_id(field: &str, value: &str) -> Result<(), ApiError> {
     })
 }
 
-fn amount(amount: &str, currency: &str) -> Result<Amount, ApiError> {
+pub(super) fn amount(amount: &str, currency: &str) -> Result<Amount, ApiError> {
     Amount::parse(amount, currency).map_err(|e| ApiError::invalid("invalid_amount", e.to_string()))
 }
 
@@ -146,10 +147,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
-type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+pub(super) type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
 /// A query string, or a 422 saying what is wrong with it.
-fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
+pub(super) fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
     // Not the parser's message: it may repeat what the query held.
     q.map(|Query(q)| q).map_err(|_| {
         ApiError::invalid(
@@ -195,6 +196,8 @@ pub struct ProposeBody {
     merchant: MerchantBody,
     #[serde(default)]
     purpose: String,
+    #[serde(default)]
+    mandate_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,6 +218,8 @@ pub struct Proposal {
     pub merchant: policy::Merchant,
     pub purpose: String,
     pub idempotency_key: Option<String>,
+    /// The mandate the agent spends under, if any.
+    pub mandate_id: Option<String>,
 }
 
 /// Validate a proposal's body and `Idempotency-Key` header, as
@@ -229,6 +234,9 @@ pub fn parse_proposal(body: &[u8], headers: &HeaderMap) -> Result<Proposal, ApiE
         .map_err(|e| ApiError::invalid("invalid_field", e.to_string()))?;
     check_country("merchant.country", &body.merchant.country)
         .map_err(|e| ApiError::invalid("invalid_field", e.to_string()))?;
+    if let Some(mandate_id) = &body.mandate_id {
+        text("mandate_id", mandate_id, MAX_NAME_CHARS, true)?;
+    }
     let idempotency_key = idempotency_key(headers)?;
     Ok(Proposal {
         amount,
@@ -240,6 +248,7 @@ pub fn parse_proposal(body: &[u8], headers: &HeaderMap) -> Result<Proposal, ApiE
         },
         purpose: body.purpose,
         idempotency_key,
+        mandate_id: body.mandate_id,
     })
 }
 
@@ -261,6 +270,7 @@ pub async fn propose(
         merchant: proposal.merchant,
         purpose: proposal.purpose,
         received_at_ms,
+        mandate_id: proposal.mandate_id,
     };
     let turn = state.agent_turn(&agent_id).await?;
     let s = Arc::clone(&state);
@@ -274,6 +284,18 @@ pub async fn propose(
             .agent(&agent_id)?
             .filter(|a| !a.revoked)
             .ok_or_else(|| ApiError::unauthorized("revoked_token", "this agent was revoked"))?;
+        // A mandate that is not the agent's own is not found, and nothing
+        // is recorded (storage checks again in the committing transaction).
+        // The policies see the mandate as it stands now (contract 0.2.0).
+        let mandate = match &spend.mandate_id {
+            Some(mandate_id) => Some(
+                s.backend
+                    .mandate(mandate_id)?
+                    .filter(|m| m.mandate.agent_id == agent_id)
+                    .ok_or_else(|| ApiError::not_found(format!("mandate `{mandate_id}`")))?,
+            ),
+            None => None,
+        };
         let request = policy::SpendRequest {
             id: spend.id.clone(),
             agent: policy_agent(&agent),
@@ -281,7 +303,7 @@ pub async fn propose(
             merchant: spend.merchant.clone(),
             purpose: spend.purpose.clone(),
             received_at_ms,
-            mandate: None,
+            mandate: mandate.as_ref().and_then(MandateRecord::for_policy),
         };
         let policies = load_policies(&s, &agent);
         let mut decide = |history: Arc<dyn History>| evaluate_all(&s, &policies, &request, history);
@@ -312,8 +334,13 @@ fn policy_agent(agent: &AgentRecord) -> policy::Agent {
 }
 
 /// The request the policies saw when the spend was proposed, rebuilt from
-/// the record (same id, amount, merchant, purpose and time).
-fn policy_request(spend: &SpendRecord, agent: &AgentRecord) -> policy::SpendRequest {
+/// the record (same id, amount, merchant, purpose and time), with its
+/// mandate as it stands now.
+fn policy_request(
+    spend: &SpendRecord,
+    agent: &AgentRecord,
+    mandate: Option<policy::RequestMandate>,
+) -> policy::SpendRequest {
     policy::SpendRequest {
         id: spend.id.clone(),
         agent: policy_agent(agent),
@@ -321,7 +348,7 @@ fn policy_request(spend: &SpendRecord, agent: &AgentRecord) -> policy::SpendRequ
         merchant: spend.merchant.clone(),
         purpose: spend.purpose.clone(),
         received_at_ms: spend.received_at_ms,
-        mandate: None,
+        mandate,
     }
 }
 
@@ -469,9 +496,13 @@ pub async fn approve(State(state): State<Arc<AppState>>, caller: Caller, PathId(
         let pending = s.backend.spend(&id)?.ok_or_else(|| ApiError::not_found(format!("spend `{id}`")))?;
         let agent = s.backend.agent(&pending.agent_id)?.filter(|a| !a.revoked);
         let policies = agent.as_ref().map(|a| load_policies(&s, a));
+        let mandate = match &pending.mandate_id {
+            Some(mandate_id) => s.backend.mandate(mandate_id)?.as_ref().and_then(MandateRecord::for_policy),
+            None => None,
+        };
         let mut decide = |spend: &SpendRecord, history: Arc<dyn History>| match (&agent, &policies) {
             (Some(agent), Some(policies)) if agent.id == spend.agent_id => {
-                evaluate_all(&s, policies, &policy_request(spend, agent), history)
+                evaluate_all(&s, policies, &policy_request(spend, agent, mandate.clone()), history)
             }
             _ => Verdict::Deny(vec!["the agent was revoked".into()]).into(),
         };

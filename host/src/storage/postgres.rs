@@ -44,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0003_history_covering.sql"),
     include_str!("../../migrations/postgres/0004_revocation_and_authorizations.sql"),
     include_str!("../../migrations/postgres/0005_token_labels_and_uses.sql"),
+    include_str!("../../migrations/postgres/0006_mandates.sql"),
 ];
 
 /// How long a connection may wait for the write lock (or any lock) before

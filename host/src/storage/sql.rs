@@ -26,6 +26,7 @@ mod audit;
 pub(crate) mod cards;
 pub(crate) mod history;
 mod invariants;
+mod mandates;
 pub(crate) mod ledger;
 mod optimistic;
 pub(crate) mod registry;
@@ -40,7 +41,10 @@ pub use optimistic::Lender;
 pub(crate) use value::args;
 pub use value::{Arg, FromValue, Row, Value};
 
+use audit::append_audit;
 use cards::authorize;
+use ledger::resolve_hold;
+use spends::{agent_revoked, resolve_approval};
 
 use super::{Actor, AuthorizationOutcome, StorageError};
 use crate::audit::AuditKey;

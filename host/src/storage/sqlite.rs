@@ -27,6 +27,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("../../migrations/sqlite/0003_history_covering.sql")),
         M::up(include_str!("../../migrations/sqlite/0004_revocation_and_authorizations.sql")),
         M::up(include_str!("../../migrations/sqlite/0005_token_labels_and_uses.sql")),
+        M::up(include_str!("../../migrations/sqlite/0006_mandates.sql")),
     ])
 }
 

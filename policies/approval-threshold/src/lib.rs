@@ -72,7 +72,7 @@ impl Policy for ApprovalThreshold {
             return Err(format!("`threshold` must not be negative, got `{}`", config.threshold));
         }
         let currency = &config.currency;
-        if !((3..=10).contains(&currency.len()) && currency.bytes().all(|b| b.is_ascii_uppercase())) {
+        if !spendguard_sdk::types::is_currency_code(currency) {
             return Err(format!(
                 "`currency` must be an upper-case currency code like `USD`, got `{currency}`"
             ));

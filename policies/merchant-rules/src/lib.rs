@@ -113,7 +113,7 @@ impl Policy for MerchantRules {
             check_entry(entry)?;
         }
         for mcc in &config.block_mcc {
-            if !(mcc.len() == 4 && mcc.bytes().all(|b| b.is_ascii_digit())) {
+            if !spendguard_sdk::types::is_mcc(mcc) {
                 return Err(format!(
                     "`block_mcc` entry `{mcc}` is not a four-digit merchant category code \
                      (like `7995`)"

@@ -78,7 +78,7 @@ impl Policy for PurchaseCap {
             return Err(format!("`cap` must be positive, got `{}`", config.cap));
         }
         let currency = &config.currency;
-        if !((3..=10).contains(&currency.len()) && currency.bytes().all(|b| b.is_ascii_uppercase())) {
+        if !spendguard_sdk::types::is_currency_code(currency) {
             return Err(format!(
                 "`currency` must be an upper-case currency code like `USD`, got `{currency}`"
             ));

@@ -105,15 +105,11 @@ pub fn parse_window(window: &str) -> Result<u64, String> {
 }
 
 fn check_currency(currency: &str) -> Result<(), String> {
-    if (3..=10).contains(&currency.len()) && currency.bytes().all(|b| b.is_ascii_uppercase()) {
+    if spendguard_sdk::types::is_currency_code(currency) {
         Ok(())
     } else {
         Err(format!("`currency` must be an upper-case currency code like `USD`, got `{currency}`"))
     }
-}
-
-fn is_mcc(mcc: &str) -> bool {
-    mcc.len() == 4 && mcc.bytes().all(|b| b.is_ascii_digit())
 }
 
 impl Config {
@@ -169,7 +165,7 @@ impl Policy for SpendLimit {
             }
         }
         if let Some(mcc) = &config.mcc
-            && !is_mcc(mcc)
+            && !spendguard_sdk::types::is_mcc(mcc)
         {
             return Err(format!(
                 "`mcc` must be a four-digit merchant category code like `5734`, got `{mcc}`"

@@ -46,5 +46,13 @@ pub(crate) fn summarize_query<'a>(
         args.push(Arg::Text(mcc));
         sql.push_str(&format!(" AND h.mcc = ?{}", args.len()));
     }
+    // Only the spends made under one mandate: found by `spends_mandate`.
+    if let Some(mandate_id) = &filter.mandate_id {
+        args.push(Arg::Text(mandate_id));
+        sql.push_str(&format!(
+            " AND h.spend_id IN (SELECT id FROM spends WHERE mandate_id = ?{})",
+            args.len()
+        ));
+    }
     (sql, args)
 }

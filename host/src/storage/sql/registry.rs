@@ -445,6 +445,8 @@ impl<E: Engine> Registry for SqlStore<E> {
                     cards_voided.push(card_id);
                 }
             }
+            // Its mandates too, each with its own audit record.
+            super::mandates::revoke_mandates_of_agent(tx, id, actor, now_ms)?;
             let pending = tx.rows(PENDING_OF_AGENT_SQL, args![id])?;
             for spend in &pending {
                 resolve_approval(tx, &spend.get::<String>(0)?, "denied", REVOKED_REASON, actor, now)?;

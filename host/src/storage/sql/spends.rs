@@ -7,6 +7,7 @@ use serde_json::json;
 use super::audit::append_audit;
 use super::cards::issue_card;
 use super::ledger::{balance, place_hold};
+use super::mandates::check_mandate;
 use super::{Conn, INSUFFICIENT_FUNDS, Row, amount, args, from_ms, ms};
 use crate::ledger::AccountKind;
 use crate::money::Amount;
@@ -19,7 +20,7 @@ use crate::storage::{
 /// by the operator's for a spend that waited for approval.
 pub(super) const SPEND_SELECT: &str =
     "SELECT s.id, s.agent_id, s.units, s.currency, s.merchant_id, s.merchant_name, s.mcc,
-        s.country, s.purpose, s.received_at_ms, s.status, s.reasons, c.id, a.decision, a.reason
+        s.country, s.purpose, s.received_at_ms, s.status, s.reasons, c.id, a.decision, a.reason, s.mandate_id
      FROM spends s
      LEFT JOIN cards c ON c.spend_id = s.id
      LEFT JOIN approval_resolutions a ON a.spend_id = s.id";
@@ -50,6 +51,7 @@ pub(super) fn spend_record(r: &Row) -> Result<SpendRecord, StorageError> {
         status,
         reasons,
         card_id: r.get(12)?,
+        mandate_id: r.get(15)?,
     })
 }
 
@@ -70,8 +72,8 @@ pub(super) fn insert_spend(
     conn.execute(
         "INSERT INTO spends (id, agent_id, idempotency_key, fingerprint, units, currency, merchant_id, merchant_name,
                              mcc, country, purpose, received_at_ms, status, reasons, card_ttl_seconds,
-                             card_cap_units, created_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                             card_cap_units, created_at_ms, mandate_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
         args![
             &spend.id,
             &spend.agent_id,
@@ -90,6 +92,7 @@ pub(super) fn insert_spend(
             pending_terms.map(|(ttl, _)| ttl),
             pending_terms.map(|(_, cap)| cap),
             now_ms,
+            &spend.mandate_id,
         ],
     )?;
     Ok(())
@@ -117,14 +120,40 @@ pub(super) fn commit_verdict(
     now_ms: u64,
 ) -> Result<Proposed, StorageError> {
     let now = ms(now_ms)?;
-    let (status, reasons, approved, pending) = match &decided.verdict {
+    // The mandate, checked here, under the write lock: what it has left is
+    // what the spends committed before this one left. A card under it lives
+    // no longer than it does.
+    let mandate = check_mandate(
+        conn,
+        spend.mandate_id.as_deref(),
+        &spend.agent_id,
+        &spend.amount,
+        &spend.merchant,
+        now_ms,
+    )?;
+    let (mandate_ttl, verdict) = match mandate {
+        Ok(left) => (left, decided.verdict.clone()),
+        Err(reason) => {
+            let mut reasons = match &decided.verdict {
+                Verdict::Deny(reasons) => reasons.clone(),
+                _ => Vec::new(),
+            };
+            reasons.push(reason);
+            (None, Verdict::Deny(reasons))
+        }
+    };
+    let ttl_of = |terms: &CardTerms| {
+        let (cap, ttl) = card_terms(&spend.amount, terms, cards.default_ttl_seconds);
+        (cap, mandate_ttl.map_or(ttl, |left| ttl.min(left)))
+    };
+    let (status, reasons, approved, pending) = match &verdict {
         Verdict::Deny(reasons) => (SpendStatus::Denied, reasons.clone(), None, None),
         Verdict::RequireApproval { reasons, terms } => {
-            let (cap, ttl) = card_terms(&spend.amount, terms, cards.default_ttl_seconds);
+            let (cap, ttl) = ttl_of(terms);
             (SpendStatus::PendingApproval, reasons.clone(), None, Some((ttl, cap.units())))
         }
         Verdict::Approve(terms) => {
-            let (cap, ttl) = card_terms(&spend.amount, terms, cards.default_ttl_seconds);
+            let (cap, ttl) = ttl_of(terms);
             if balance(conn, cap.currency(), AccountKind::Available)? < cap.units() {
                 (SpendStatus::Denied, vec![INSUFFICIENT_FUNDS.to_owned()], None, None)
             } else {
@@ -286,6 +315,24 @@ pub(super) fn commit_approval(
         max_amount: cap_units.map(|u| amount(u, spend.amount.currency())).transpose()?,
     };
     let (cap, ttl) = card_terms(&spend.amount, &recorded.narrowest(terms), default_ttl_seconds);
+    // The mandate is checked again, as of now: it may have been spent,
+    // revoked or run out while the spend waited.
+    let mandate = check_mandate(
+        tx,
+        spend.mandate_id.as_deref(),
+        &spend.agent_id,
+        &spend.amount,
+        &spend.merchant,
+        now_ms,
+    )?;
+    let ttl = match mandate {
+        Ok(left) => left.map_or(ttl, |left| ttl.min(left)),
+        Err(reason) => {
+            return Err(StorageError::InvalidState(format!(
+                "spend `{spend_id}` no longer fits its {reason}"
+            )));
+        }
+    };
     if balance(tx, cap.currency(), AccountKind::Available)? < cap.units() {
         return Err(StorageError::InvalidState(format!(
             "{INSUFFICIENT_FUNDS}: spend `{spend_id}` needs {cap}"

@@ -248,10 +248,10 @@ impl Drop for TestDatabase {
 macro_rules! on_each_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
-            $(#[test] fn $name() { super::$name($crate::backends::Kind::Sqlite) })*
+            $(#[test] fn $name() { super::$name($crate::support::backends::Kind::Sqlite) })*
         }
         mod postgres {
-            $(#[test] fn $name() { super::$name($crate::backends::Kind::Postgres) })*
+            $(#[test] fn $name() { super::$name($crate::support::backends::Kind::Postgres) })*
         }
     };
 }
