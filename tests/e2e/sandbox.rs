@@ -70,6 +70,14 @@ fn every_attack_is_denied_with_its_fault_and_the_sandbox_carries_on() {
         ("log_flood", "oversize_output", "oversize output: more than 64 log lines"),
         ("history_flood", "too_many_history_calls", "too many history calls"),
         ("foreign_cap", "invalid_card_terms", "invalid card terms: cap in `EUR` for a spend in USD"),
+        // An escalation's terms are checked like an allow's (contract 0.2.0).
+        (
+            "escalation_foreign_cap",
+            "invalid_card_terms",
+            "invalid card terms: cap in `EUR` for a spend in USD",
+        ),
+        ("escalation_zero_ttl", "invalid_card_terms", "invalid card terms: ttl-seconds must be at least 1"),
+        ("huge_escalation", "oversize_output", "oversize output: reason of 3145728 bytes"),
     ];
     for (name, kind, reason) in table {
         let started = Instant::now();

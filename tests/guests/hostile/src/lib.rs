@@ -31,6 +31,12 @@ enum Attack {
     HistoryFlood,
     /// Allow with a card cap in another currency.
     ForeignCap,
+    /// Escalate, the approved card capped in another currency.
+    EscalationForeignCap,
+    /// Escalate, the approved card living zero seconds.
+    EscalationZeroTtl,
+    /// Escalate with a 3 MiB reason.
+    HugeEscalation,
     /// Count calls in a static: a fresh instance always says 1.
     Count,
     /// Use twice the SDK's 1 MiB arena in blocks of many sizes, grow a
@@ -143,6 +149,11 @@ impl Policy for Hostile {
             Attack::ForeignCap => {
                 Decision::Allow(CardTerms::default().max_amount(Money::new(Decimal::ONE, "EUR")))
             }
+            Attack::EscalationForeignCap => {
+                Decision::require_approval("ask").with_max_amount(Money::new(Decimal::ONE, "EUR"))
+            }
+            Attack::EscalationZeroTtl => Decision::require_approval("ask").with_ttl_seconds(0),
+            Attack::HugeEscalation => Decision::require_approval("x".repeat(3 << 20)),
             Attack::BigHeap => big_heap(),
             Attack::Escapes => {
                 log::info(ESCAPES);
