@@ -236,13 +236,25 @@ pub(crate) fn summarize(filter: &SpendFilter) -> SpendSummary {
         let mut total = Decimal::ZERO;
         let mut count = 0u32;
         for spend in &context.history {
-            let matches = spend.amount.currency == context.currency
-                && spend.at_ms >= filter.since_ms
-                && filter.merchant_id.as_ref().is_none_or(|m| *m == spend.merchant_id)
-                && filter.mcc.as_ref().is_none_or(|m| *m == spend.mcc)
-                && filter.mandate_id.as_ref().is_none_or(|m| spend.mandate_id.as_ref() == Some(m))
-                && (filter.wallet_wide || spend.agent.as_ref().is_none_or(|a| *a == context.agent_id));
-            if matches {
+            // The host's rule, from spendguard-types: the same spends count here.
+            let query = spendguard_types::history::Query {
+                currency: &context.currency,
+                agent_id: &context.agent_id,
+                since_ms: filter.since_ms,
+                merchant_id: filter.merchant_id.as_deref(),
+                mcc: filter.mcc.as_deref(),
+                wallet_wide: filter.wallet_wide,
+                mandate_id: filter.mandate_id.as_deref(),
+            };
+            let seen = spendguard_types::history::Spend {
+                currency: &spend.amount.currency,
+                at_ms: spend.at_ms,
+                merchant_id: &spend.merchant_id,
+                mcc: &spend.mcc,
+                agent_id: spend.agent.as_deref(),
+                mandate_id: spend.mandate_id.as_deref(),
+            };
+            if query.counts(&seen) {
                 total += spend.amount.amount;
                 count += 1;
             }

@@ -42,19 +42,39 @@ pub struct PastSpend {
 #[derive(Debug, Clone, Default)]
 pub struct StaticHistory(pub Vec<PastSpend>);
 
+impl PastSpend {
+    /// The spend as the history rule reads it.
+    pub fn view(&self) -> spendguard_types::history::Spend<'_> {
+        spendguard_types::history::Spend {
+            currency: self.amount.currency(),
+            at_ms: self.at_ms,
+            merchant_id: &self.merchant_id,
+            mcc: &self.mcc,
+            agent_id: self.agent.as_deref(),
+            mandate_id: self.mandate_id.as_deref(),
+        }
+    }
+}
+
+/// `filter` asked in `scope`, as the history rule reads it.
+pub fn query<'a>(scope: &'a HistoryScope, filter: &'a SpendFilter) -> spendguard_types::history::Query<'a> {
+    spendguard_types::history::Query {
+        currency: &scope.currency,
+        agent_id: &scope.agent_id,
+        since_ms: filter.since_ms,
+        merchant_id: filter.merchant_id.as_deref(),
+        mcc: filter.mcc.as_deref(),
+        wallet_wide: filter.wallet_wide,
+        mandate_id: filter.mandate_id.as_deref(),
+    }
+}
+
 impl History for StaticHistory {
     fn summarize(&self, scope: &HistoryScope, filter: &SpendFilter) -> Result<SpendSummary, HistoryError> {
         let mut total: i64 = 0;
         let mut count: u32 = 0;
         for spend in &self.0 {
-            let by_this_agent = spend.agent.as_ref().is_none_or(|a| *a == scope.agent_id);
-            let matches = spend.amount.currency() == scope.currency
-                && spend.at_ms >= filter.since_ms
-                && filter.merchant_id.as_ref().is_none_or(|m| *m == spend.merchant_id)
-                && filter.mcc.as_ref().is_none_or(|m| *m == spend.mcc)
-                && filter.mandate_id.as_ref().is_none_or(|m| spend.mandate_id.as_ref() == Some(m))
-                && (filter.wallet_wide || by_this_agent);
-            if matches {
+            if query(scope, filter).counts(&spend.view()) {
                 total = total
                     .checked_add(spend.amount.units())
                     .ok_or_else(|| HistoryError("history total overflows".into()))?;

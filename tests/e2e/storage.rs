@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use spendguard::cards::{AuthorizationRequest, CardKey, CardState, DeclineCode, SimulatedIssuer};
-use spendguard::history::HistoryScope;
+use spendguard::history::{History, HistoryScope, PastSpend, StaticHistory};
 use spendguard::money::Amount;
 use spendguard::policy::{CardTerms, Merchant, SpendFilter};
 use spendguard::storage::{
@@ -283,6 +283,81 @@ fn history_counts_captures_and_open_holds_in_the_requests_currency(kind: Kind) {
         )
         .unwrap();
     assert_eq!(seen, vec![(800, 2), (300, 1), (500, 1), (1200, 3)]);
+    b.storage.check_invariants().unwrap();
+}
+
+/// The ledger's history query counts what the shared rule counts
+/// (`spendguard_types::history`, which `policy eval`, `policy test` and the
+/// SDK's test host answer with): the same spends, every filter shape, on
+/// both backends.
+fn the_ledgers_history_query_counts_what_the_shared_rule_counts(kind: Kind) {
+    let b = kind.fresh();
+    let cards = simulated_cards();
+    b.storage.deposit(&usd("1000.00"), None, &Actor::System, T0).unwrap();
+    b.storage.deposit(&Amount::parse("1000.00", "EUR").unwrap(), None, &Actor::System, T0).unwrap();
+    let mut past = Vec::new();
+    let mut at = T0;
+    for (i, agent) in ["bot", "other"].into_iter().enumerate() {
+        for merchant_id in ["a.com", "b.com"] {
+            for mcc in ["5734", "5812"] {
+                for currency in ["USD", "EUR"] {
+                    at += 10;
+                    let amount =
+                        Amount::from_units(100 + i64::try_from(past.len()).unwrap(), currency).unwrap();
+                    let mut new = spend(agent, amount.clone(), merchant_id, None, at);
+                    new.merchant.mcc = mcc.into();
+                    propose_allowed(&*b.storage, &cards, new, at).card.unwrap();
+                    past.push(PastSpend {
+                        amount,
+                        merchant_id: merchant_id.into(),
+                        mcc: mcc.into(),
+                        at_ms: at,
+                        agent: (i == 1).then(|| agent.to_owned()),
+                        mandate_id: None,
+                    });
+                }
+            }
+        }
+    }
+    let fixed = StaticHistory(past);
+    let mut compared = 0;
+    let mut probe = |h: Arc<dyn spendguard::history::History>| {
+        let scope = HistoryScope { agent_id: "bot".into(), currency: "USD".into() };
+        for since_ms in [0, T0 + 45, T0 + 125, T0 + 10_000] {
+            for merchant_id in [None, Some("a.com"), Some("b.com"), Some("c.com")] {
+                for mcc in [None, Some("5734"), Some("5812")] {
+                    for wallet_wide in [false, true] {
+                        let filter = SpendFilter {
+                            since_ms,
+                            merchant_id: merchant_id.map(Into::into),
+                            mcc: mcc.map(Into::into),
+                            wallet_wide,
+                            mandate_id: None,
+                        };
+                        let ledger = h.summarize(&scope, &filter).unwrap();
+                        let rule = fixed.summarize(&scope, &filter).unwrap();
+                        assert_eq!(
+                            (ledger.total_units, ledger.count),
+                            (rule.total_units, rule.count),
+                            "{filter:?}"
+                        );
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        Verdict::Deny(vec!["probe".into()]).into()
+    };
+    b.storage
+        .propose(
+            &spend("bot", usd("1.00"), "a.com", None, at + 10),
+            &cards,
+            &Actor::System,
+            at + 10,
+            &mut probe,
+        )
+        .unwrap();
+    assert_eq!(compared, 96);
     b.storage.check_invariants().unwrap();
 }
 
@@ -783,6 +858,7 @@ on_each_backend!(
     idempotency_keys_replay_or_conflict,
     expired_and_voided_cards_release_their_holds_once,
     history_counts_captures_and_open_holds_in_the_requests_currency,
+    the_ledgers_history_query_counts_what_the_shared_rule_counts,
     racing_charges_on_one_card_approve_exactly_once,
     money_edge_cases,
     a_card_number_already_in_use_is_drawn_again,

@@ -26,6 +26,60 @@ pub fn is_currency_code(code: &str) -> bool {
     (3..=10).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_uppercase())
 }
 
+/// Which past spends a history query counts, in one place: the host's
+/// fixed histories (`policy eval`, `policy test`) and the SDK's test host
+/// answer with it. The daemon answers from its ledger with a SQL query that
+/// says the same (`summarize_query` in the host's SQL storage).
+pub mod history {
+    /// A history query, with the scope it is asked in.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Query<'a> {
+        /// The request's currency: amounts are never converted.
+        pub currency: &'a str,
+        /// The requesting agent.
+        pub agent_id: &'a str,
+        /// Spends at or after this instant (milliseconds since the epoch).
+        pub since_ms: u64,
+        /// Only spends at this merchant.
+        pub merchant_id: Option<&'a str>,
+        /// Only spends with this merchant category code.
+        pub mcc: Option<&'a str>,
+        /// Every agent's spends, not only the requesting agent's.
+        pub wallet_wide: bool,
+        /// Only spends made under this mandate.
+        pub mandate_id: Option<&'a str>,
+    }
+
+    /// A past spend, as far as a query reads it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Spend<'a> {
+        pub currency: &'a str,
+        pub at_ms: u64,
+        pub merchant_id: &'a str,
+        pub mcc: &'a str,
+        /// The agent that made it: `None` for the requesting agent.
+        pub agent_id: Option<&'a str>,
+        /// The mandate it was made under, if any.
+        pub mandate_id: Option<&'a str>,
+    }
+
+    impl Query<'_> {
+        /// Whether `spend` counts: in the query's currency, at or after
+        /// `since_ms`, at the merchant and with the category asked for (if
+        /// any), under the mandate asked for (if any), and made by the
+        /// requesting agent unless the query is wallet-wide.
+        pub fn counts(&self, spend: &Spend<'_>) -> bool {
+            let by_this_agent = spend.agent_id.is_none_or(|a| a == self.agent_id);
+            spend.currency == self.currency
+                && spend.at_ms >= self.since_ms
+                && self.merchant_id.is_none_or(|m| m == spend.merchant_id)
+                && self.mcc.is_none_or(|m| m == spend.mcc)
+                && self.mandate_id.is_none_or(|m| spend.mandate_id == Some(m))
+                && (self.wallet_wide || by_this_agent)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +106,40 @@ mod tests {
         for bad in ["", "US", "usd", "US1", "ABCDEFGHIJK", "U SD", "ÜSD"] {
             assert!(!is_currency_code(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_query_counts_what_it_names() {
+        let query = history::Query {
+            currency: "USD",
+            agent_id: "ag_1",
+            since_ms: 100,
+            merchant_id: None,
+            mcc: None,
+            wallet_wide: false,
+            mandate_id: None,
+        };
+        let spend = history::Spend {
+            currency: "USD",
+            at_ms: 100,
+            merchant_id: "m",
+            mcc: "5734",
+            agent_id: None,
+            mandate_id: None,
+        };
+        assert!(query.counts(&spend));
+        assert!(query.counts(&history::Spend { agent_id: Some("ag_1"), ..spend }));
+        assert!(!query.counts(&history::Spend { currency: "EUR", ..spend }));
+        assert!(!query.counts(&history::Spend { at_ms: 99, ..spend }));
+        assert!(!query.counts(&history::Spend { agent_id: Some("ag_2"), ..spend }));
+        let wide = history::Query { wallet_wide: true, ..query };
+        assert!(wide.counts(&history::Spend { agent_id: Some("ag_2"), ..spend }));
+        assert!(!history::Query { merchant_id: Some("n"), ..query }.counts(&spend));
+        assert!(history::Query { merchant_id: Some("m"), ..query }.counts(&spend));
+        assert!(!history::Query { mcc: Some("5812"), ..query }.counts(&spend));
+        let mandate = history::Query { mandate_id: Some("md_1"), ..query };
+        assert!(!mandate.counts(&spend));
+        assert!(mandate.counts(&history::Spend { mandate_id: Some("md_1"), ..spend }));
+        assert!(!mandate.counts(&history::Spend { mandate_id: Some("md_2"), ..spend }));
     }
 }

@@ -19,6 +19,11 @@ pub(super) fn summarize(
     Ok(SpendSummary { total_units: total, count: u32::try_from(count).unwrap_or(u32::MAX) })
 }
 
+// The history rule (`spendguard_types::history::Query::counts`, which the
+// fixed histories use) written again as SQL: the ledger is summed in the
+// database, under the write lock, not read row by row into Rust. The two must
+// say the same: currency, `since_ms`, merchant, category, mandate, this agent
+// unless wallet-wide.
 /// The history query for one filter shape, built so that it is one range
 /// scan of `holds_agent_time` (or `holds_wallet_time` when wallet-wide): its
 /// cost follows the spends in the window, not the size of the ledger.
