@@ -554,13 +554,15 @@ mod tests {
     use crate::money::Amount;
     use crate::policy::SpendFilter;
     use crate::storage::Storage;
+    use crate::storage::sql::EXPIRY_DUE_SQL;
     use crate::storage::sql::args;
+    use crate::storage::sql::cards::CARD_COLUMNS;
+    use crate::storage::sql::history::summarize_query;
+    use crate::storage::sql::ledger::BALANCE_SQL;
     use crate::storage::sql::registry::{
         AGENT_SQL, ATTACHMENTS_SQL, NEXT_SET_SQL, NEXT_VERSION_SQL, TOKEN_SQL,
     };
-    use crate::storage::sql::{
-        BALANCE_SQL, CARD_COLUMNS, EXPIRY_DUE_SQL, IDEMPOTENT_SPEND_SQL, summarize_query,
-    };
+    use crate::storage::sql::spends::IDEMPOTENT_SPEND_SQL;
 
     /// The plan SQLite chose, one line per step.
     fn plan(conn: &Connection, sql: &str, args: &[&dyn rusqlite::ToSql]) -> String {

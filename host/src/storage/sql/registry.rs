@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::{Conn, Engine, Row, SqlStore, append_audit, args, from_ms, ms, resolve_approval, resolve_hold};
+use super::audit::append_audit;
+use super::ledger::resolve_hold;
+use super::spends::resolve_approval;
+use super::{Conn, Engine, Row, SqlStore, args, from_ms, ms};
 use crate::storage::{
     Actor, AgentRecord, Attachment, PolicyRecord, Registry, Role, StorageError, TokenInfo, TokenRecord,
     new_id,
