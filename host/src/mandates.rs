@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::money::{Amount, format_units};
 use crate::policy::Merchant;
-use crate::storage::{Actor, StorageError};
+use crate::storage::{Actor, StorageError, Verdict};
 
 /// How long a mandate may last: 30 days.
 pub const MAX_MANDATE_SECONDS: u64 = 30 * 24 * 3600;
@@ -288,6 +288,30 @@ impl MandateRecord {
         }
         Ok(u32::try_from(left_seconds).unwrap_or(u32::MAX))
     }
+}
+
+/// The policies' verdict bounded by the mandate's check (`admitted`, from
+/// [`MandateRecord::admits`], `Ok(None)` for a spend under no mandate): a
+/// mandate that refuses the spend denies it, with its reason after any of
+/// the policies'; otherwise the verdict stands and a card under the mandate
+/// lives at most the returned seconds. One rule for proposals and previews.
+pub fn bound(verdict: &Verdict, admitted: Result<Option<u32>, String>) -> (Option<u32>, Verdict) {
+    match admitted {
+        Ok(left) => (left, verdict.clone()),
+        Err(reason) => {
+            let mut reasons = match verdict {
+                Verdict::Deny(reasons) => reasons.clone(),
+                _ => Vec::new(),
+            };
+            reasons.push(reason);
+            (None, Verdict::Deny(reasons))
+        }
+    }
+}
+
+/// A card's life cut to what its mandate has left, if it has one.
+pub fn clip_ttl(ttl_seconds: u32, mandate_left: Option<u32>) -> u32 {
+    mandate_left.map_or(ttl_seconds, |left| ttl_seconds.min(left))
 }
 
 impl MandateRecord {

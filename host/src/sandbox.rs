@@ -476,6 +476,78 @@ impl<T> Run<T> {
 mod tests {
     use super::*;
 
+    /// A component that imports `interfaces` (each an instance of which it
+    /// uses nothing) and exports the policy's two functions as `func()`.
+    fn component_importing(interfaces: &[&str]) -> Vec<u8> {
+        use wasm_encoder::{
+            Alias, CanonicalFunctionSection, CodeSection, Component, ComponentAliasSection,
+            ComponentExportKind, ComponentExportSection, ComponentImportSection, ComponentTypeRef,
+            ComponentTypeSection, ExportKind, ExportSection, Function, FunctionSection, InstanceSection,
+            InstanceType, Instruction, Module, ModuleArg, ModuleSection, TypeSection,
+        };
+        let mut module = Module::new();
+        let mut types = TypeSection::new();
+        types.ty().function([], []);
+        module.section(&types);
+        let mut functions = FunctionSection::new();
+        functions.function(0);
+        module.section(&functions);
+        let mut exports = ExportSection::new();
+        exports.export("f", ExportKind::Func, 0);
+        module.section(&exports);
+        let mut code = CodeSection::new();
+        let mut body = Function::new([]);
+        body.instruction(&Instruction::End);
+        code.function(&body);
+        module.section(&code);
+
+        let mut component = Component::new();
+        let mut types = ComponentTypeSection::new();
+        types.instance(&InstanceType::new());
+        types.function().params([] as [(&str, wasm_encoder::ComponentValType); 0]).result(None);
+        component.section(&types);
+        let mut imports = ComponentImportSection::new();
+        for interface in interfaces {
+            imports.import(*interface, ComponentTypeRef::Instance(0));
+        }
+        component.section(&imports);
+        component.section(&ModuleSection(&module));
+        let mut instances = InstanceSection::new();
+        instances.instantiate(0, [] as [(&str, ModuleArg); 0]);
+        component.section(&instances);
+        let mut aliases = ComponentAliasSection::new();
+        aliases.alias(Alias::CoreInstanceExport { instance: 0, kind: ExportKind::Func, name: "f" });
+        component.section(&aliases);
+        let mut lifted = CanonicalFunctionSection::new();
+        lifted.lift(0, 1, []);
+        component.section(&lifted);
+        let mut exports = ComponentExportSection::new();
+        exports.export("validate-config", ComponentExportKind::Func, 0, None);
+        exports.export("evaluate", ComponentExportKind::Func, 0, None);
+        component.section(&exports);
+        component.finish()
+    }
+
+    /// A policy is built against one contract: a module that imports the
+    /// interfaces of two versions is refused, rather than run under a guess
+    /// at its version.
+    #[test]
+    fn a_module_importing_both_contract_versions_is_refused() {
+        let sandbox = Sandbox::new(Limits { max_concurrent: 1, ..Limits::default() }).unwrap();
+        let both = component_importing(&["spendguard:policy/log@0.1.0", "spendguard:policy/log@0.2.0"]);
+        let err = sandbox.load(&both).unwrap_err();
+        assert!(
+            err.to_string().contains("imports the interfaces of several contract versions (0.1.0, 0.2.0)"),
+            "{err}"
+        );
+        // One version gets as far as its bindings, which find the exports wrong.
+        for one in ["spendguard:policy/log@0.1.0", "spendguard:policy/history@0.2.0"] {
+            let err = sandbox.load(&component_importing(&[one])).unwrap_err();
+            assert!(matches!(err, LoadError::WrongExports(_)), "{one}: {err}");
+            assert!(!err.to_string().contains("several contract versions"), "{one}: {err}");
+        }
+    }
+
     /// Found by the `policy_load` fuzz target: a minimal policy (every
     /// function `unreachable`) whose component type names the history
     /// interface `@1.1.0` instead of `@0.1.0`, one byte, which makes its WIT

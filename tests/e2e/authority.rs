@@ -33,7 +33,7 @@ const CALLERS: [Who; 8] = [
     Who::Operator,
 ];
 
-/// One route of the API (docs/contract.md), and who gets what from it (every other caller with a
+/// One route of the API (docs/contract/api.md), and who gets what from it (every other caller with a
 /// valid token gets 403).
 struct Route {
     method: &'static str,
@@ -74,6 +74,14 @@ fn authority_matrix() {
     w.assert_wallet("980.00", "20.00", "0.00");
     let spare = w.post("/v1/tokens", &w.operator, json!({"role": "network", "label": "spare"}));
     let spare = spare.expect(201, "a spare token")["id"].as_str().unwrap().to_owned();
+    let lane = json!({"amount": "5.00", "currency": "USD", "purpose": "a lane"});
+    let ask = |what| {
+        let m = w.post("/v1/mandates", &alpha.token, lane.clone()).expect(201, what);
+        assert_eq!(m["status"], "pending_approval", "{m}");
+        m["id"].as_str().unwrap().to_owned()
+    };
+    let (lane_to_approve, lane_to_deny, lane) =
+        (ask("a lane to approve"), ask("a lane to deny"), ask("a lane"));
 
     use Who::{Agent, Network, Operator, OtherAgent};
     let operator_only = |ok: u16| vec![(Operator, ok)];
@@ -94,6 +102,41 @@ fn authority_matrix() {
             &[(Agent, 200), (OtherAgent, 404), (Operator, 200)],
         ),
         route("GET", "/v1/spends", Body::None, &[(Agent, 200), (OtherAgent, 200), (Operator, 200)]),
+        route(
+            "POST",
+            "/v1/spends/preview",
+            Body::Json(proposal("10.00", "api.openai.com", "5734")),
+            &[(Agent, 200), (OtherAgent, 200)],
+        ),
+        // An agent asks for its own mandate; the operator must name the agent.
+        route(
+            "POST",
+            "/v1/mandates",
+            Body::Json(json!({"amount": "5.00", "currency": "USD", "purpose": "made in the matrix"})),
+            &[(Agent, 201), (OtherAgent, 201), (Operator, 422)],
+        ),
+        route("GET", "/v1/mandates", Body::None, &[(Agent, 200), (OtherAgent, 200), (Operator, 200)]),
+        route(
+            "GET",
+            format!("/v1/mandates/{lane}"),
+            Body::None,
+            &[(Agent, 200), (OtherAgent, 404), (Operator, 200)],
+        ),
+        route("POST", format!("/v1/mandates/{lane_to_approve}/approve"), Body::None, &operator_only(200)),
+        route("POST", format!("/v1/mandates/{lane_to_deny}/deny"), Body::None, &operator_only(200)),
+        // Its agent gives it up first; the operator then finds it ended.
+        route(
+            "POST",
+            format!("/v1/mandates/{lane}/revoke"),
+            Body::None,
+            &[(Agent, 200), (OtherAgent, 404), (Operator, 409)],
+        ),
+        route(
+            "GET",
+            "/v1/whoami",
+            Body::None,
+            &[(Network, 200), (Agent, 200), (OtherAgent, 200), (Operator, 200)],
+        ),
         route("GET", "/v1/approvals", Body::None, &operator_only(200)),
         route("POST", format!("/v1/approvals/{to_approve}/approve"), Body::None, &operator_only(200)),
         route(
@@ -185,6 +228,19 @@ fn authority_matrix() {
         .collect();
     assert_eq!(revoked_ids, BTreeSet::from([revoked.id.as_str(), doomed.id.as_str()]));
     assert_eq!(agents.as_array().unwrap().len(), 5);
+    // The lanes: alpha's three and one each made in the matrix; the
+    // operator answered two and alpha gave one up.
+    let lanes = w.read("/v1/mandates")["mandates"].clone();
+    let status_of = |id: &str| {
+        lanes.as_array().unwrap().iter().find(|m| m["id"] == id).unwrap_or_else(|| panic!("{id}: {lanes}"))
+            ["status"]
+            .clone()
+    };
+    assert_eq!(lanes.as_array().unwrap().len(), 5, "{lanes}");
+    assert_eq!(
+        [status_of(&lane_to_approve), status_of(&lane_to_deny), status_of(&lane)],
+        [json!("active"), json!("denied"), json!("revoked")]
+    );
     let versions: Vec<_> =
         w.read("/v1/policies")["policies"].as_array().unwrap().iter().map(|p| p["name"].clone()).collect();
     assert_eq!(versions, [json!("approval-threshold"), json!("matrix")]);

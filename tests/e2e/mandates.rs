@@ -15,7 +15,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::support::Kind;
 use crate::support::from_cents as cents;
 use crate::support::{AgentToken, Wallet, approved, declined};
-use crate::support::{XorShift, seed};
+use crate::support::{XorShift, race, seed};
 
 /// Policies that let everything through: a mandate is what binds.
 fn open_policies() -> Value {
@@ -80,6 +80,16 @@ fn mandate_events(w: &Wallet, id: &str) -> Vec<(String, Value)> {
         .filter(|r| r["kind"] == "mandate" && r["record"]["mandate_id"] == id)
         .map(|r| (r["record"]["event"].as_str().unwrap().to_owned(), r["record"]["actor"].clone()))
         .collect()
+}
+
+/// How many previews the audit trail records.
+fn previews_in_trail(w: &Wallet) -> usize {
+    w.read("/v1/audit?limit=1000")["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "spend_preview")
+        .count()
 }
 
 fn mandate_flow(kind: Kind) {
@@ -330,27 +340,10 @@ fn race_mandate(
     rng: &mut XorShift,
     n: usize,
 ) -> Vec<(i64, Value)> {
-    const CONNECTIONS: usize = 16;
-    let amounts: Vec<i64> = (0..n).map(|_| 1 + (rng.next() % 400) as i64).collect();
-    let barrier = Barrier::new(CONNECTIONS);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..CONNECTIONS)
-            .map(|c| {
-                let (amounts, barrier) = (&amounts, &barrier);
-                s.spawn(move || {
-                    barrier.wait();
-                    (c..n)
-                        .step_by(CONNECTIONS)
-                        .map(|i| {
-                            let body = under(&cents(amounts[i]), "shop.example", "5942", id);
-                            let reply = daemons[i % daemons.len()].post("/v1/spends", &agent.token, body);
-                            (amounts[i], reply.expect(201, &format!("proposal {i}")))
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    race(rng, n, 400, |i, amount| {
+        daemons[i % daemons.len()]
+            .post("/v1/spends", &agent.token, under(amount, "shop.example", "5942", id))
+            .expect(201, &format!("proposal {i}"))
     })
 }
 
@@ -581,6 +574,21 @@ fn a_policy_of_contract_0_2_0_sees_the_mandate() {
     let given =
         create(&w, json!({"agent_id": bot.id, "amount": "500.00", "currency": "USD", "purpose": "hardware"}));
     let given_id = given["id"].as_str().unwrap();
+    // A preview sees what a proposal would: the policies are shown the
+    // mandate, and the host's check bounds what they say.
+    let preview = |who: &AgentToken, amount: &str, mandate_id: &str| {
+        w.post("/v1/spends/preview", &who.token, under(amount, "shop.example", "5942", mandate_id))
+    };
+    let previews = || previews_in_trail(&w);
+    let seen = preview(&bot, "150.00", given_id).expect(200, "preview inside the mandate");
+    assert_eq!(seen["decision"], "allow", "{seen}");
+    let too_much = preview(&bot, "600.00", given_id).expect(200, "preview beyond the mandate");
+    assert_eq!(too_much["decision"], "deny", "{too_much}");
+    assert!(too_much["reasons"].to_string().contains("more than the 500.00 USD left"), "{too_much}");
+    let before = previews();
+    let stranger = w.create_agent("stranger", open_policies());
+    preview(&stranger, "1.00", given_id).refused(404, "not_found", "another agent's mandate");
+    assert_eq!(previews(), before, "a refused preview records nothing");
     let inside = propose_under(&w, &bot, "150.00", "shop.example", given_id);
     assert_eq!(inside["status"], "approved", "{inside}");
     // More than is left of it: the host denies it, whatever the policies say.

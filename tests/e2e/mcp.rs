@@ -248,6 +248,77 @@ fn the_agent_spends_through_mcp(kind: Kind, over: Over) {
     w.assert_wallet("29.00", "61.00", "10.00");
     assert_eq!(mcp.ok("list_spends", json!({}))["spends"].as_array().unwrap().len(), 3);
 
+    // A lane for one task: the agent asks, a human approves, the agent
+    // checks and spends inside it until what is left no longer fits.
+    let asked = mcp.ok(
+        "request_mandate",
+        json!({"amount": "30.00", "currency": "USD", "purpose": "the course books",
+               "merchant_ids": ["books.example"], "max_spends": 2, "expires_in_seconds": 600}),
+    );
+    assert_eq!(asked["status"], "pending_approval", "{asked}");
+    let lane = asked["id"].as_str().unwrap().to_owned();
+    let books = |amount: &str| {
+        let mut p = spend(amount, "books.example", "5942");
+        p["mandate_id"] = json!(lane);
+        p
+    };
+    let listed = mcp.ok("list_mandates", json!({}));
+    assert_eq!(ids_of(&listed["mandates"]), std::slice::from_ref(&lane), "{listed}");
+    let waiting = mcp.ok("get_mandate", json!({"id": lane}));
+    assert_eq!((&waiting["status"], &waiting["remaining"]), (&json!("pending_approval"), &json!("30.00")));
+    // Waiting, it lets nothing through: previewed, then proposed.
+    let early = mcp.ok("check_spend", books("20.00"));
+    assert_eq!(early["decision"], "deny", "{early}");
+    assert!(early["reasons"].to_string().contains("waits for the operator"), "{early}");
+    w.post(&format!("/v1/mandates/{lane}/approve"), &w.operator, json!({})).expect(200, "approve the lane");
+    let fits = mcp.ok("check_spend", books("20.00"));
+    assert_eq!(fits["decision"], "allow", "{fits}");
+    let ttl = fits["card_terms"]["ttl_seconds"].as_u64().unwrap();
+    assert!((590..=600).contains(&ttl), "a card no longer than the lane's 600 s: {fits}");
+    assert_eq!(fits["card_terms"]["max_amount"], "20.00", "{fits}");
+    let bought = mcp.ok("propose_spend", books("20.00"));
+    assert_eq!(bought["status"], "approved", "{bought}");
+    assert_eq!(bought["card"]["merchant_id"], "books.example", "{bought}");
+    let used = mcp.ok("get_mandate", json!({"id": lane}));
+    assert_eq!(
+        (&used["status"], &used["held"], &used["remaining"]),
+        (&json!("active"), &json!("20.00"), &json!("10.00"))
+    );
+    let over = mcp.ok("check_spend", books("10.01"));
+    assert_eq!(over["decision"], "deny", "{over}");
+    assert!(over["reasons"].to_string().contains("mandate:"), "{over}");
+    let mut elsewhere = books("1.00");
+    elsewhere["merchant"]["id"] = json!("elsewhere.example");
+    let refused = mcp.ok("propose_spend", elsewhere);
+    assert_eq!(refused["status"], "denied", "{refused}");
+    assert!(refused["reasons"].to_string().contains("is not one of"), "{refused}");
+    // Bad lanes and other agents' lanes are tool errors that change nothing.
+    let lane_of = |amount: &str, merchant: &str| json!({"amount": amount, "currency": "USD", "purpose": "p", "merchant_ids": [merchant]});
+    mcp.refused("request_mandate", lane_of("0", "books.example"), "invalid_amount");
+    mcp.refused("request_mandate", lane_of("-5.00", "books.example"), "invalid_amount");
+    mcp.refused("request_mandate", lane_of("5.00", "books\u{200b}.example"), "invalid_field");
+    let mut foreign = lane_of("5.00", "books.example");
+    foreign["currency"] = json!("XYZ");
+    mcp.refused("request_mandate", foreign, "invalid_amount");
+    let mut forever = lane_of("5.00", "books.example");
+    forever["expires_in_seconds"] = json!(31 * 24 * 3600);
+    mcp.refused("request_mandate", forever, "invalid_field");
+    mcp.refused("request_mandate", json!({"amount": "5.00", "currency": "USD"}), "invalid_arguments");
+    let theirs = w
+        .post(
+            "/v1/mandates",
+            &w.operator,
+            json!({"agent_id": other.id, "amount": "5.00", "currency": "USD", "purpose": "theirs"}),
+        )
+        .expect(201, "a lane for the other agent");
+    mcp.refused("get_mandate", json!({"id": theirs["id"]}), "not_found");
+    let mut under_theirs = spend("1.00", "api.openai.com", "5734");
+    under_theirs["mandate_id"] = theirs["id"].clone();
+    mcp.refused("propose_spend", under_theirs.clone(), "not_found");
+    mcp.refused("check_spend", under_theirs, "not_found");
+    assert_eq!(ids_of(&mcp.ok("list_mandates", json!({}))["mandates"]), std::slice::from_ref(&lane));
+    w.assert_wallet("9.00", "81.00", "10.00");
+
     // A tool that does not exist is a protocol error, not a new power.
     let client = mcp.client.as_ref().unwrap();
     let params = CallToolRequestParams::new("approve_spend").with_arguments(serde_json::Map::new());
@@ -256,6 +327,11 @@ fn the_agent_spends_through_mcp(kind: Kind, over: Over) {
     // The MCP calls are in the audit trail like any proposal.
     let audit = w.read("/v1/audit?limit=1000");
     assert!(audit.to_string().contains(&id), "the pending spend is in the trail");
+}
+
+/// The ids in a JSON list of records, in order.
+fn ids_of(list: &Value) -> Vec<String> {
+    list.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect()
 }
 
 fn over_stdio(kind: Kind) {

@@ -18,7 +18,7 @@ pub(crate) use daemon::{
     Daemon, LISTENING, NO_RATE_LIMIT, STARTUP_TIMEOUT, path, rss_bytes, spendguard, stderr, stdout,
 };
 pub(crate) use database::{db_diff, db_dump};
-pub(crate) use load::{check_daemon_race, from_cents, race_daemon, to_cents};
+pub(crate) use load::{check_daemon_race, from_cents, race, race_daemon, to_cents};
 pub(crate) use random::{XorShift, seed};
 pub(crate) use raw::{Bad, bad, send_raw};
 pub(crate) use wallet::{

@@ -3,6 +3,9 @@
 //! no spend recorded. The preview itself is in the audit trail
 //! (`spend_preview`). It takes the agent's turn and counts against its rate
 //! like a proposal, so previews cannot be used to run policies for free.
+//! With a `mandate_id` the mandate is checked as a proposal's is (the same
+//! rule, [`crate::mandates::bound`]), and the card terms shown are the ones
+//! the card would get. The wallet's balance is not consulted.
 
 use std::sync::Arc;
 
@@ -16,13 +19,19 @@ use serde_json::{Value, json};
 use super::routes::{blocking, evaluate_all, load_policies, parse_proposal, policy_agent};
 use super::{ApiError, AppState, Caller, json};
 use crate::datadir::now_ms;
+use crate::mandates::{MandateRecord, bound, clip_ttl};
+use crate::money::Amount;
 use crate::policy::{self, CardTerms};
+use crate::storage::sql::spends::card_terms;
 use crate::storage::{Verdict, new_ordered_id};
 
-fn terms(terms: &CardTerms) -> Value {
+/// The card a spend would get under these terms: the narrowest cap and the
+/// shortest life, cut to what its mandate has left.
+fn card(amount: &Amount, terms: &CardTerms, default_ttl_seconds: u32, mandate_left: Option<u32>) -> Value {
+    let (cap, ttl) = card_terms(amount, terms, default_ttl_seconds);
     json!({
-        "ttl_seconds": terms.ttl_seconds,
-        "max_amount": terms.max_amount.as_ref().map(|a| a.to_decimal().to_string()),
+        "ttl_seconds": clip_ttl(ttl, mandate_left),
+        "max_amount": cap.to_decimal().to_string(),
     })
 }
 
@@ -46,6 +55,18 @@ pub async fn preview(
             .agent(&agent_id)?
             .filter(|a| !a.revoked)
             .ok_or_else(|| ApiError::unauthorized("revoked_token", "this agent was revoked"))?;
+        // As a proposal: a mandate that is not the agent's own is not
+        // found, and nothing is recorded; the policies see the mandate as
+        // it stands now, and the mandate's own check bounds their verdict.
+        let mandate = match &proposal.mandate_id {
+            Some(mandate_id) => Some(
+                s.backend
+                    .mandate(mandate_id)?
+                    .filter(|m| m.mandate.agent_id == agent_id)
+                    .ok_or_else(|| ApiError::not_found(format!("mandate `{mandate_id}`")))?,
+            ),
+            None => None,
+        };
         let request = policy::SpendRequest {
             id: new_ordered_id("pv", received_at_ms),
             agent: policy_agent(&agent),
@@ -53,12 +74,18 @@ pub async fn preview(
             merchant: proposal.merchant.clone(),
             purpose: proposal.purpose.clone(),
             received_at_ms,
-            // The mandate's own check and view come with mandates.
-            mandate: None,
+            mandate: mandate.as_ref().and_then(MandateRecord::for_policy),
         };
         let policies = load_policies(&s, &agent);
         let decided = s.backend.preview(&mut |history| evaluate_all(&s, &policies, &request, history))?;
-        let (decision, reasons, card_terms) = match &decided.verdict {
+        let admitted = match &mandate {
+            Some(m) => m.admits(&proposal.amount, &proposal.merchant, now_ms()).map(Some),
+            None => Ok(None),
+        };
+        let (mandate_left, verdict) = bound(&decided.verdict, admitted);
+        let default_ttl = s.config.card_ttl_seconds;
+        let terms = |t: &CardTerms| card(&proposal.amount, t, default_ttl, mandate_left);
+        let (decision, reasons, card_terms) = match &verdict {
             Verdict::Approve(t) => ("allow", Vec::new(), terms(t)),
             Verdict::Deny(reasons) => ("deny", reasons.clone(), Value::Null),
             Verdict::RequireApproval { reasons, terms: t } => ("require_approval", reasons.clone(), terms(t)),
@@ -78,6 +105,10 @@ pub async fn preview(
             "reasons": reasons,
             "card_terms": card_terms,
         });
+        let mut record = record;
+        if let Some(mandate_id) = &proposal.mandate_id {
+            record["request"]["mandate_id"] = json!(mandate_id);
+        }
         s.backend.audit("spend_preview", &record, &actor, now_ms())?;
         Ok(answer)
     })

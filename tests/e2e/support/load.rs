@@ -29,26 +29,34 @@ pub(crate) fn race_daemon(
     n: usize,
     max_cents: u64,
 ) -> Vec<(i64, serde_json::Value)> {
+    race(rng, n, max_cents, |i, amount| {
+        daemons[i % daemons.len()]
+            .propose(&agents[i % agents.len()], amount, "api.openai.com", "5734")
+            .expect(201, &format!("proposal {i}"))
+    })
+}
+
+/// `n` requests of seeded amounts (1 to `max_cents` cents) from
+/// `CONNECTIONS` connections released at once: `send(i, amount)` makes
+/// request `i` and returns its reply. Each amount in cents with its reply.
+pub(crate) fn race(
+    rng: &mut XorShift,
+    n: usize,
+    max_cents: u64,
+    send: impl Fn(usize, &str) -> serde_json::Value + Sync,
+) -> Vec<(i64, serde_json::Value)> {
     const CONNECTIONS: usize = 16;
     let amounts: Vec<i64> = (0..n).map(|_| 1 + (rng.next() % max_cents) as i64).collect();
     let barrier = Barrier::new(CONNECTIONS);
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..CONNECTIONS)
             .map(|c| {
-                let (amounts, barrier) = (&amounts, &barrier);
+                let (amounts, barrier, send) = (&amounts, &barrier, &send);
                 s.spawn(move || {
                     barrier.wait();
                     (c..n)
                         .step_by(CONNECTIONS)
-                        .map(|i| {
-                            let reply = daemons[i % daemons.len()].propose(
-                                &agents[i % agents.len()],
-                                &from_cents(amounts[i]),
-                                "api.openai.com",
-                                "5734",
-                            );
-                            (amounts[i], reply.expect(201, &format!("proposal {i}")))
-                        })
+                        .map(|i| (amounts[i], send(i, &from_cents(amounts[i]))))
                         .collect::<Vec<_>>()
                 })
             })

@@ -10,6 +10,7 @@ use super::ledger::{balance, place_hold};
 use super::mandates::check_mandate;
 use super::{Conn, INSUFFICIENT_FUNDS, Row, amount, args, from_ms, ms};
 use crate::ledger::AccountKind;
+use crate::mandates::clip_ttl;
 use crate::money::Amount;
 use crate::policy::{CardTerms, Merchant};
 use crate::storage::{
@@ -101,7 +102,7 @@ pub(super) fn insert_spend(
 /// The card a spend may get: the narrowest cap any policy set, never above
 /// the requested amount nor in another currency; the shortest life, never
 /// above the default.
-pub(super) fn card_terms(amount: &Amount, terms: &CardTerms, default_ttl_seconds: u32) -> (Amount, u32) {
+pub(crate) fn card_terms(amount: &Amount, terms: &CardTerms, default_ttl_seconds: u32) -> (Amount, u32) {
     let cap = match &terms.max_amount {
         Some(cap) if cap.currency() == amount.currency() && cap.units() < amount.units() => cap.clone(),
         _ => amount.clone(),
@@ -131,20 +132,10 @@ pub(super) fn commit_verdict(
         &spend.merchant,
         now_ms,
     )?;
-    let (mandate_ttl, verdict) = match mandate {
-        Ok(left) => (left, decided.verdict.clone()),
-        Err(reason) => {
-            let mut reasons = match &decided.verdict {
-                Verdict::Deny(reasons) => reasons.clone(),
-                _ => Vec::new(),
-            };
-            reasons.push(reason);
-            (None, Verdict::Deny(reasons))
-        }
-    };
+    let (mandate_ttl, verdict) = crate::mandates::bound(&decided.verdict, mandate);
     let ttl_of = |terms: &CardTerms| {
         let (cap, ttl) = card_terms(&spend.amount, terms, cards.default_ttl_seconds);
-        (cap, mandate_ttl.map_or(ttl, |left| ttl.min(left)))
+        (cap, clip_ttl(ttl, mandate_ttl))
     };
     let (status, reasons, approved, pending) = match &verdict {
         Verdict::Deny(reasons) => (SpendStatus::Denied, reasons.clone(), None, None),
@@ -326,7 +317,7 @@ pub(super) fn commit_approval(
         now_ms,
     )?;
     let ttl = match mandate {
-        Ok(left) => left.map_or(ttl, |left| ttl.min(left)),
+        Ok(left) => clip_ttl(ttl, left),
         Err(reason) => {
             return Err(StorageError::InvalidState(format!(
                 "spend `{spend_id}` no longer fits its {reason}"
