@@ -1,4 +1,4 @@
-//! The daemon: wallet control and spend access over HTTP (docs/contract.md, "The HTTP API").
+//! The daemon: wallet control and spend access over HTTP (docs/contract/api.md).
 //!
 //! `app(state)` builds the router, so tests can drive it without a socket;
 //! `serve` serves it (over TLS when configured, with the timeouts and the
@@ -384,7 +384,7 @@ impl AppState {
     }
 }
 
-/// The router of every route in docs/contract.md, and MCP at `/mcp`.
+/// The router of every route in docs/contract/api.md, and MCP at `/mcp`.
 pub fn app(state: Arc<AppState>) -> Router {
     let max_module = state.config.sandbox.max_module_bytes;
     let max_body = state.config.max_body_bytes;
