@@ -378,7 +378,7 @@ impl<E: Engine> Registry for SqlStore<E> {
     ) -> Result<AgentRecord, StorageError> {
         let now = ms(now_ms)?;
         let labels = serde_json::to_string(&agent.labels)
-            .map_err(|e| StorageError::InvalidState(format!("labels of agent `{}`: {e}", agent.id)))?;
+            .map_err(|e| StorageError::Invariant(format!("labels of agent `{}`: {e}", agent.id)))?;
         self.write(|tx| {
             if agent_exists(tx, &agent.id)? {
                 return Err(StorageError::InvalidState(format!("agent `{}` already exists", agent.id)));
