@@ -5,10 +5,12 @@
 //! The trait is synchronous: the daemon calls it from blocking threads. Every
 //! method is one transaction: it happens entirely or not at all.
 
+mod error;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
 
+pub use error::{Conflict, StorageError};
 pub use sql::{INSUFFICIENT_FUNDS, OPTIMISTIC_ATTEMPTS, SWEEP_OVERLAP};
 
 use std::sync::Arc;
@@ -200,29 +202,6 @@ pub struct AuthorizationOutcome {
     /// True when an earlier authorization with the same idempotency key
     /// answered (nothing was written this time).
     pub replayed: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StorageError {
-    #[error("idempotency key `{0}` was used with other parameters")]
-    IdempotencyConflict(String),
-    #[error("{0} not found")]
-    NotFound(String),
-    /// The acting agent was revoked: nothing it asked for is done.
-    #[error("{0}")]
-    Revoked(String),
-    #[error("{0}")]
-    InvalidState(String),
-    #[error("card issuer: {0}")]
-    Issuer(String),
-    #[error("database: {0}")]
-    Database(String),
-    /// The wallet would be left without an operator token that works.
-    #[error("token `{0}` is the last operator token not revoked; make another before revoking it")]
-    LastOperatorToken(String),
-    /// An invariant of the ledger would break: the transaction is rolled back.
-    #[error("ledger invariant: {0}")]
-    Invariant(String),
 }
 
 /// The wallet's storage. Every method is one atomic transaction.

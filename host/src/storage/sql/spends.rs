@@ -8,12 +8,13 @@ use super::audit::append_audit;
 use super::cards::issue_card;
 use super::ledger::{balance, place_hold};
 use super::mandates::check_mandate;
-use super::{Conn, INSUFFICIENT_FUNDS, Row, amount, args, from_ms, ms};
+use super::{Conn, INSUFFICIENT_FUNDS, Row, amount, args, from_ms, ms, resolve_once};
 use crate::ledger::AccountKind;
 use crate::money::Amount;
 use crate::policy::{CardTerms, Merchant};
 use crate::storage::{
-    Actor, CardIssuance, Decided, NewSpend, Proposed, SpendRecord, SpendStatus, StorageError, Verdict,
+    Actor, CardIssuance, Conflict, Decided, NewSpend, Proposed, SpendRecord, SpendStatus, StorageError,
+    Verdict,
 };
 
 /// The columns of a spend with its outcome: the first decision, overridden
@@ -229,13 +230,16 @@ pub(super) fn pending_spend(
     let spend =
         spend_by_id(conn, spend_id)?.ok_or_else(|| StorageError::NotFound(format!("spend `{spend_id}`")))?;
     if spend.status != SpendStatus::PendingApproval {
-        return Err(StorageError::InvalidState(format!(
-            "spend `{spend_id}` is {}, not waiting for approval",
-            spend.status.as_str()
-        )));
+        return Err(StorageError::Conflict(
+            Conflict::NotPendingApproval,
+            format!("spend `{spend_id}` is {}, not waiting for approval", spend.status.as_str()),
+        ));
     }
     if spend.received_at_ms.saturating_add(approval_ttl_ms) <= now_ms {
-        return Err(StorageError::InvalidState(format!("the approval of spend `{spend_id}` has expired")));
+        return Err(StorageError::Conflict(
+            Conflict::ApprovalExpired,
+            format!("the approval of spend `{spend_id}` has expired"),
+        ));
     }
     Ok(spend)
 }
@@ -248,14 +252,14 @@ pub(super) fn resolve_approval(
     actor: &Actor,
     now: i64,
 ) -> Result<(), StorageError> {
-    let inserted = conn.execute(
+    resolve_once(
+        conn,
         "INSERT INTO approval_resolutions (spend_id, decision, reason, resolved_at_ms) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT DO NOTHING",
         args![spend_id, decision, reason, now],
+        Conflict::AlreadyResolved,
+        || format!("spend `{spend_id}` is already resolved"),
     )?;
-    if inserted != 1 {
-        return Err(StorageError::InvalidState(format!("spend `{spend_id}` is already resolved")));
-    }
     append_audit(
         conn,
         "approval",
@@ -301,10 +305,10 @@ pub(super) fn commit_approval(
     // (a limit used up since, say) still wins.
     let terms = match decided.verdict {
         Verdict::Deny(reasons) => {
-            return Err(StorageError::InvalidState(format!(
-                "the policies now deny spend `{spend_id}`: {}",
-                reasons.join("; ")
-            )));
+            return Err(StorageError::Conflict(
+                Conflict::PoliciesDeny,
+                format!("the policies now deny spend `{spend_id}`: {}", reasons.join("; ")),
+            ));
         }
         Verdict::Approve(terms) | Verdict::RequireApproval { terms, .. } => terms,
     };
@@ -328,15 +332,17 @@ pub(super) fn commit_approval(
     let ttl = match mandate {
         Ok(left) => left.map_or(ttl, |left| ttl.min(left)),
         Err(reason) => {
-            return Err(StorageError::InvalidState(format!(
-                "spend `{spend_id}` no longer fits its {reason}"
-            )));
+            return Err(StorageError::Conflict(
+                Conflict::MandateRefused,
+                format!("spend `{spend_id}` no longer fits its {reason}"),
+            ));
         }
     };
     if balance(tx, cap.currency(), AccountKind::Available)? < cap.units() {
-        return Err(StorageError::InvalidState(format!(
-            "{INSUFFICIENT_FUNDS}: spend `{spend_id}` needs {cap}"
-        )));
+        return Err(StorageError::Conflict(
+            Conflict::InsufficientFunds,
+            format!("{INSUFFICIENT_FUNDS}: spend `{spend_id}` needs {cap}"),
+        ));
     }
     resolve_approval(tx, spend_id, "approved", "approved by the operator", actor, now)?;
     let received = ms(spend.received_at_ms)?;

@@ -20,8 +20,8 @@ use crate::history::History;
 use crate::ledger::{AccountKind, Balance, TransferKind};
 use crate::money::{self, Amount};
 use crate::storage::{
-    Actor, AuditBreak, AuditRecord, AuthorizationOutcome, CardIssuance, CardRecord, Decided, DepositRecord,
-    NewSpend, Proposed, SpendRecord, Storage, StorageError, new_id, verify_chain,
+    Actor, AuditBreak, AuditRecord, AuthorizationOutcome, CardIssuance, CardRecord, Conflict, Decided,
+    DepositRecord, NewSpend, Proposed, SpendRecord, Storage, StorageError, new_id, verify_chain,
 };
 
 impl<E: Engine> Storage for SqlStore<E> {
@@ -143,9 +143,10 @@ impl<E: Engine> Storage for SqlStore<E> {
             move |conn| {
                 let spend = pending_spend(conn, &spend_id, approval_ttl_ms, now_ms)?;
                 if agent_revoked(conn, &spend.agent_id)? {
-                    return Err(StorageError::InvalidState(format!(
-                        "the agent of spend `{spend_id}` was revoked"
-                    )));
+                    return Err(StorageError::Conflict(
+                        Conflict::AgentRevoked,
+                        format!("the agent of spend `{spend_id}` was revoked"),
+                    ));
                 }
                 Ok(Ok(spend))
             },
@@ -301,10 +302,10 @@ impl<E: Engine> Storage for SqlStore<E> {
             let card = find_card(tx, "id", card_id)?
                 .ok_or_else(|| StorageError::NotFound(format!("card `{card_id}`")))?;
             if card.record.state != CardState::Open {
-                return Err(StorageError::InvalidState(format!(
-                    "card `{card_id}` is already {}",
-                    card.record.state.as_str()
-                )));
+                return Err(StorageError::Conflict(
+                    Conflict::CardNotOpen,
+                    format!("card `{card_id}` is already {}", card.record.state.as_str()),
+                ));
             }
             let now = ms(now_ms)?;
             let cap = &card.record.cap;
