@@ -120,7 +120,7 @@ impl<E: Engine> Storage for SqlStore<E> {
 
     fn preview(&self, decide: &mut dyn FnMut(Arc<dyn History>) -> Decided) -> Result<Decided, StorageError> {
         let mut lender = Lender::new(self.engine.begin_read()?);
-        let decided = lender.lend(|history| decide(history)).map(|(decided, _)| decided);
+        let decided = lender.lend(decide).map(|(decided, _)| decided);
         if let Some(conn) = lender.into_inner() {
             self.engine.end_read(conn);
         }
