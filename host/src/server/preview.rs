@@ -13,8 +13,9 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
-use super::routes::{blocking, evaluate_all, load_policies, parse_proposal, policy_agent};
-use super::{ApiError, AppState, Caller, json};
+use super::parse::parse_proposal;
+use super::spends::{evaluate_all, load_policies, policy_agent};
+use super::{ApiError, AppState, Caller, blocking, json};
 use crate::datadir::now_ms;
 use crate::policy::{self, CardTerms};
 use crate::storage::{Verdict, new_ordered_id};

@@ -1,0 +1,240 @@
+//! The spend routes: an agent proposes a spend (its policies decide, and an
+//! approved spend's card is made in the same transaction), and reads its
+//! spends; the operator reads them all.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::extract::PathId;
+use super::json;
+use super::parse::{ListQuery, MAX_LIST, QueryResult, parse_proposal, query};
+use super::{ApiError, AppState, Caller, Reply, blocking, created, ok};
+use crate::datadir::now_ms;
+use crate::history::History;
+use crate::mandates::MandateRecord;
+use crate::policy::{self, CardTerms, Decision};
+use crate::sandbox::LoadedPolicy;
+use crate::storage::{
+    AgentRecord, Attachment, Decided, NewSpend, SpendRecord, SpendStatus, Verdict, new_ordered_id,
+};
+
+pub async fn propose(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Reply {
+    let agent_id = caller.agent()?.to_owned();
+    state.admit_proposal(&agent_id).await?;
+    let proposal = parse_proposal(&json::body(body)?, &headers)?;
+    let received_at_ms = now_ms();
+    let spend = NewSpend {
+        id: new_ordered_id("sp", received_at_ms),
+        agent_id: agent_id.clone(),
+        idempotency_key: proposal.idempotency_key,
+        amount: proposal.amount,
+        merchant: proposal.merchant,
+        purpose: proposal.purpose,
+        received_at_ms,
+        mandate_id: proposal.mandate_id,
+    };
+    let turn = state.agent_turn(&agent_id).await?;
+    let s = Arc::clone(&state);
+    let actor = caller.actor();
+    let proposed = blocking(move || {
+        let _turn = turn;
+        // Revoked since its token was checked: refused before its policies
+        // run (and storage checks again in the transaction that would commit).
+        let agent = s
+            .backend
+            .agent(&agent_id)?
+            .filter(|a| !a.revoked)
+            .ok_or_else(|| ApiError::unauthorized("revoked_token", "this agent was revoked"))?;
+        // A mandate that is not the agent's own is not found, and nothing
+        // is recorded (storage checks again in the committing transaction).
+        // The policies see the mandate as it stands now (contract 0.2.0).
+        let mandate = match &spend.mandate_id {
+            Some(mandate_id) => Some(
+                s.backend
+                    .mandate(mandate_id)?
+                    .filter(|m| m.mandate.agent_id == agent_id)
+                    .ok_or_else(|| ApiError::not_found(format!("mandate `{mandate_id}`")))?,
+            ),
+            None => None,
+        };
+        let request = policy::SpendRequest {
+            id: spend.id.clone(),
+            agent: policy_agent(&agent),
+            amount: spend.amount.clone(),
+            merchant: spend.merchant.clone(),
+            purpose: spend.purpose.clone(),
+            received_at_ms,
+            mandate: mandate.as_ref().and_then(MandateRecord::for_policy),
+        };
+        let policies = load_policies(&s, &agent);
+        let mut decide = |history: Arc<dyn History>| evaluate_all(&s, &policies, &request, history);
+        Ok(s.backend.propose(&spend, &s.card_issuance(), &actor, now_ms(), &mut decide)?)
+    })
+    .await?;
+    state.metrics.proposal(if proposed.replayed { "replayed" } else { proposed.spend.status.as_str() });
+    let card = proposed.card.as_ref().map(json::new_card);
+    let mut v = json!({
+        "id": proposed.spend.id,
+        "status": proposed.spend.status.as_str(),
+        "reasons": proposed.spend.reasons,
+    });
+    if let Some(card) = card {
+        v["card"] = card;
+    } else if proposed.replayed && proposed.spend.card_id.is_some() {
+        v["card"] = json!({ "id": proposed.spend.card_id, "secrets": "shown once, in the first response" });
+    }
+    created(v)
+}
+
+pub(super) fn policy_agent(agent: &AgentRecord) -> policy::Agent {
+    policy::Agent {
+        id: agent.id.clone(),
+        name: agent.name.clone(),
+        labels: agent.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}
+
+/// The request the policies saw when the spend was proposed, rebuilt from
+/// the record (same id, amount, merchant, purpose and time), with its
+/// mandate as it stands now.
+pub(super) fn policy_request(
+    spend: &SpendRecord,
+    agent: &AgentRecord,
+    mandate: Option<policy::RequestMandate>,
+) -> policy::SpendRequest {
+    policy::SpendRequest {
+        id: spend.id.clone(),
+        agent: policy_agent(agent),
+        amount: spend.amount.clone(),
+        merchant: spend.merchant.clone(),
+        purpose: spend.purpose.clone(),
+        received_at_ms: spend.received_at_ms,
+        mandate,
+    }
+}
+
+/// An agent's attachments with their compiled modules, or why one cannot
+/// be loaded. Resolved before the storage transaction: the evaluation runs
+/// while storage is write-locked, and must not ask storage for anything else.
+pub(super) type Loaded = Vec<(Attachment, Result<Arc<LoadedPolicy>, String>)>;
+
+pub(super) fn load_policies(state: &AppState, agent: &AgentRecord) -> Loaded {
+    agent
+        .attachments
+        .iter()
+        .map(|a| (a.clone(), state.policy(&a.policy, a.version).map_err(|e| e.message)))
+        .collect()
+}
+
+/// Every attached policy, each in a fresh sandbox, combined: deny wins over
+/// require-approval over allow; any fault denies; no policy denies.
+pub(super) fn evaluate_all(
+    state: &AppState,
+    policies: &Loaded,
+    request: &policy::SpendRequest,
+    history: Arc<dyn History>,
+) -> Decided {
+    if policies.is_empty() {
+        return Verdict::Deny(vec!["no policy attached".into()]).into();
+    }
+    let mut evaluations = Vec::new();
+    let (mut denies, mut escalations, mut terms) = (Vec::new(), Vec::new(), CardTerms::default());
+    for (attachment, policy) in policies {
+        let label = format!("{}@{}", attachment.policy, attachment.version);
+        let policy = match policy {
+            Ok(p) => p,
+            Err(message) => {
+                denies.push(format!("policy `{label}` could not be loaded: {message}"));
+                evaluations.push(json!({ "policy": label, "decision": "deny", "error": message }));
+                continue;
+            }
+        };
+        let run = state.sandbox.evaluate(policy, request, &attachment.config, Arc::clone(&history));
+        let fault = run.outcome.as_ref().err();
+        state.metrics.evaluation(run.elapsed.as_secs_f64(), fault.map(|f| f.kind()));
+        let decision = run.decision(&attachment.policy);
+        match &decision {
+            Decision::Allow(t) => terms = terms.narrowest(t.clone()),
+            Decision::Deny(reason) => denies.push(match fault {
+                Some(_) => reason.clone(),
+                None => format!("{}: {reason}", attachment.policy),
+            }),
+            // Should the operator approve, the card is no wider than any
+            // escalation asked, nor than any allowing policy's.
+            Decision::RequireApproval { reason, terms: t } => {
+                escalations.push(format!("{}: {reason}", attachment.policy));
+                terms = terms.narrowest(t.clone());
+            }
+        }
+        evaluations.push(json!({
+            "policy": attachment.policy,
+            "version": attachment.version,
+            "module_sha256": policy.sha256(),
+            "config_sha256": hex::encode(Sha256::digest(attachment.config.as_bytes())),
+            "decision": decision.kind(),
+            "reason": decision.reason(),
+            "card_terms": decision.card_terms(),
+            "fault": fault.map(|f| json!({ "kind": f.kind(), "detail": f.to_string() })),
+            "fuel_used": run.fuel_used,
+            "elapsed_us": u64::try_from(run.elapsed.as_micros()).unwrap_or(u64::MAX),
+            "logs": run.logs,
+        }));
+    }
+    Decided { verdict: Verdict::combine(denies, escalations, terms), evaluations: Value::Array(evaluations) }
+}
+
+pub async fn get_spend(State(state): State<Arc<AppState>>, caller: Caller, PathId(id): PathId) -> Reply {
+    let reader = caller.reader()?.map(str::to_owned);
+    let s = Arc::clone(&state);
+    let value = blocking(move || {
+        let spend = s.backend.spend(&id)?.filter(|sp| reader.as_ref().is_none_or(|a| *a == sp.agent_id));
+        let spend = spend.ok_or_else(|| ApiError::not_found(format!("spend `{id}`")))?;
+        // The proposing agent collects the card of a spend approved after
+        // escalation: made now, its PAN and CVV shown this once.
+        let mut secrets = None;
+        if reader.is_some() && spend.status == SpendStatus::Approved && spend.card_id.is_none() {
+            secrets = s.backend.claim_card(&spend.id, &s.card_issuance(), now_ms())?;
+        }
+        // Read again only when a card was just made for it.
+        let spend = match &secrets {
+            Some(_) => s.backend.spend(&id)?.ok_or_else(|| ApiError::not_found(format!("spend `{id}`")))?,
+            None => spend,
+        };
+        let card = match &spend.card_id {
+            Some(card_id) => s.backend.card(card_id)?,
+            None => None,
+        };
+        let card_json = match (&card, &secrets) {
+            (Some(record), Some(issued)) => Some(json::card_with_secrets(issued, record)),
+            (Some(record), None) => Some(json::card(record)),
+            _ => None,
+        };
+        Ok(json::spend(&spend, card_json))
+    })
+    .await?;
+    ok(value)
+}
+
+pub async fn list_spends(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    q: QueryResult<ListQuery>,
+) -> Reply {
+    let reader = caller.reader()?.map(str::to_owned);
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(100).min(MAX_LIST);
+    let s = Arc::clone(&state);
+    let spends = blocking(move || Ok(s.backend.spends(reader.as_deref(), limit)?)).await?;
+    ok(json!({ "spends": spends.iter().map(|sp| json::spend(sp, None)).collect::<Vec<_>>() }))
+}
