@@ -17,7 +17,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::audit::{AuditHead, AuditKey, Checkpoint};
-use crate::cards::{AuthorizationRequest, CardKey, CardState, DeclineCode, IssuedCard, Issuer};
+pub use crate::cards::CardRecord;
+use crate::cards::{AuthorizationRequest, CardKey, DeclineCode, IssuedCard, Issuer};
 use crate::history::History;
 use crate::ledger::Balance;
 use crate::money::Amount;
@@ -153,24 +154,6 @@ pub struct SpendRecord {
     pub mandate_id: Option<String>,
 }
 
-/// A card as stored: never its PAN or CVV.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CardRecord {
-    pub id: String,
-    pub spend_id: String,
-    pub agent_id: String,
-    pub issuer: String,
-    pub last4: String,
-    pub exp_month: u8,
-    pub exp_year: u16,
-    pub cap: Amount,
-    pub merchant_id: String,
-    pub expires_at_ms: u64,
-    pub state: CardState,
-    /// What a charge captured, once it has.
-    pub captured_units: Option<i64>,
-}
-
 /// What `propose` did.
 #[derive(Debug)]
 pub struct Proposed {
@@ -262,7 +245,7 @@ pub trait Storage: Send + Sync {
     /// check the funds, place the hold and issue the card.
     ///
     /// The decision commits as if the policies had run inside the commit's
-    /// transaction (docs/contract.md, "Decisions and money"): no other proposal can commit between what the
+    /// transaction (docs/contract/money.md, "Decisions"): no other proposal can commit between what the
     /// policies saw and this commit. A backend may run `decide` outside its
     /// write lock against a snapshot, provided it commits only when every
     /// history query the policies made still has the same answer (policies
