@@ -8,21 +8,18 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
-use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
+use serde_json::json;
 
 use super::extract::PathId;
 use super::json;
 use super::parse::{ListQuery, MAX_LIST, QueryResult, parse_proposal, query};
 use super::{ApiError, AppState, Caller, Reply, blocking, created, ok};
 use crate::datadir::now_ms;
+use crate::decide::{self, Loaded};
 use crate::history::History;
 use crate::mandates::MandateRecord;
-use crate::policy::{self, CardTerms, Decision};
-use crate::sandbox::LoadedPolicy;
-use crate::storage::{
-    AgentRecord, Attachment, Decided, NewSpend, SpendRecord, SpendStatus, Verdict, new_ordered_id,
-};
+use crate::policy;
+use crate::storage::{AgentRecord, Decided, NewSpend, SpendRecord, SpendStatus, new_ordered_id};
 
 pub async fn propose(
     State(state): State<Arc<AppState>>,
@@ -124,74 +121,25 @@ pub(super) fn policy_request(
     }
 }
 
-/// An agent's attachments with their compiled modules, or why one cannot
-/// be loaded. Resolved before the storage transaction: the evaluation runs
-/// while storage is write-locked, and must not ask storage for anything else.
-pub(super) type Loaded = Vec<(Attachment, Result<Arc<LoadedPolicy>, String>)>;
-
+/// The agent's attached policies, compiled (from memory, the compiled
+/// cache, or compiled), before the storage transaction.
 pub(super) fn load_policies(state: &AppState, agent: &AgentRecord) -> Loaded {
-    agent
-        .attachments
-        .iter()
-        .map(|a| (a.clone(), state.policy(&a.policy, a.version).map_err(|e| e.message)))
-        .collect()
+    decide::load_policies(&agent.attachments, |name, version| {
+        state.policy(name, version).map_err(|e| e.message)
+    })
 }
 
-/// Every attached policy, each in a fresh sandbox, combined: deny wins over
-/// require-approval over allow; any fault denies; no policy denies.
+/// Every attached policy evaluated and combined ([`decide::evaluate_all`]),
+/// each evaluation counted in the metrics.
 pub(super) fn evaluate_all(
     state: &AppState,
     policies: &Loaded,
     request: &policy::SpendRequest,
     history: Arc<dyn History>,
 ) -> Decided {
-    if policies.is_empty() {
-        return Verdict::Deny(vec!["no policy attached".into()]).into();
-    }
-    let mut evaluations = Vec::new();
-    let (mut denies, mut escalations, mut terms) = (Vec::new(), Vec::new(), CardTerms::default());
-    for (attachment, policy) in policies {
-        let label = format!("{}@{}", attachment.policy, attachment.version);
-        let policy = match policy {
-            Ok(p) => p,
-            Err(message) => {
-                denies.push(format!("policy `{label}` could not be loaded: {message}"));
-                evaluations.push(json!({ "policy": label, "decision": "deny", "error": message }));
-                continue;
-            }
-        };
-        let run = state.sandbox.evaluate(policy, request, &attachment.config, Arc::clone(&history));
-        let fault = run.outcome.as_ref().err();
-        state.metrics.evaluation(run.elapsed.as_secs_f64(), fault.map(|f| f.kind()));
-        let decision = run.decision(&attachment.policy);
-        match &decision {
-            Decision::Allow(t) => terms = terms.narrowest(t.clone()),
-            Decision::Deny(reason) => denies.push(match fault {
-                Some(_) => reason.clone(),
-                None => format!("{}: {reason}", attachment.policy),
-            }),
-            // Should the operator approve, the card is no wider than any
-            // escalation asked, nor than any allowing policy's.
-            Decision::RequireApproval { reason, terms: t } => {
-                escalations.push(format!("{}: {reason}", attachment.policy));
-                terms = terms.narrowest(t.clone());
-            }
-        }
-        evaluations.push(json!({
-            "policy": attachment.policy,
-            "version": attachment.version,
-            "module_sha256": policy.sha256(),
-            "config_sha256": hex::encode(Sha256::digest(attachment.config.as_bytes())),
-            "decision": decision.kind(),
-            "reason": decision.reason(),
-            "card_terms": decision.card_terms(),
-            "fault": fault.map(|f| json!({ "kind": f.kind(), "detail": f.to_string() })),
-            "fuel_used": run.fuel_used,
-            "elapsed_us": u64::try_from(run.elapsed.as_micros()).unwrap_or(u64::MAX),
-            "logs": run.logs,
-        }));
-    }
-    Decided { verdict: Verdict::combine(denies, escalations, terms), evaluations: Value::Array(evaluations) }
+    decide::evaluate_all(&state.sandbox, policies, request, history, &mut |run| {
+        state.metrics.evaluation(run.elapsed.as_secs_f64(), run.outcome.as_ref().err().map(|f| f.kind()));
+    })
 }
 
 pub async fn get_spend(State(state): State<Arc<AppState>>, caller: Caller, PathId(id): PathId) -> Reply {
