@@ -9,10 +9,11 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
 use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::extract::PathId;
 use super::json;
-use super::parse::{ListQuery, MAX_LIST, QueryResult, parse_proposal, query};
+use super::parse::{ListQuery, MAX_LIST, Proposal, QueryResult, parse_proposal, query};
 use super::{ApiError, AppState, Caller, Reply, blocking, created, ok};
 use crate::datadir::now_ms;
 use crate::decide::{self, Loaded};
@@ -27,10 +28,7 @@ pub async fn propose(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Reply {
-    let agent_id = caller.agent()?.to_owned();
-    state.admit_proposal(&agent_id).await?;
-    let proposal = parse_proposal(&json::body(body)?, &headers)?;
-    let received_at_ms = now_ms();
+    let Opening { agent_id, proposal, received_at_ms, turn } = open(&state, &caller, body, &headers).await?;
     let spend = NewSpend {
         id: new_ordered_id("sp", received_at_ms),
         agent_id: agent_id.clone(),
@@ -41,18 +39,11 @@ pub async fn propose(
         received_at_ms,
         mandate_id: proposal.mandate_id,
     };
-    let turn = state.agent_turn(&agent_id).await?;
     let s = Arc::clone(&state);
     let actor = caller.actor();
     let proposed = blocking(move || {
         let _turn = turn;
-        // Revoked since its token was checked: refused before its policies
-        // run (and storage checks again in the transaction that would commit).
-        let agent = s
-            .backend
-            .agent(&agent_id)?
-            .filter(|a| !a.revoked)
-            .ok_or_else(|| ApiError::unauthorized("revoked_token", "this agent was revoked"))?;
+        let agent = live_agent(&s, &agent_id)?;
         // A mandate that is not the agent's own is not found, and nothing
         // is recorded (storage checks again in the committing transaction).
         // The policies see the mandate as it stands now (contract 0.2.0).
@@ -92,6 +83,45 @@ pub async fn propose(
         v["card"] = json!({ "id": proposed.spend.card_id, "secrets": "shown once, in the first response" });
     }
     created(v)
+}
+
+/// What a proposal and a preview share before their policies run.
+pub(super) struct Opening {
+    pub agent_id: String,
+    pub proposal: Proposal,
+    /// When the request arrived (ms): the time the policies see.
+    pub received_at_ms: u64,
+    /// The agent's turn ([`AppState::agent_turn`]): hold it until the
+    /// policies have run.
+    pub turn: OwnedSemaphorePermit,
+}
+
+/// The opening of a proposal or a preview: an agent's token; the agent
+/// admitted (its rate and quota) before its body is read; the body parsed;
+/// then the agent's turn. A refusal records nothing.
+pub(super) async fn open(
+    state: &AppState,
+    caller: &Caller,
+    body: Result<Bytes, BytesRejection>,
+    headers: &HeaderMap,
+) -> Result<Opening, ApiError> {
+    let agent_id = caller.agent()?.to_owned();
+    state.admit_proposal(&agent_id).await?;
+    let proposal = parse_proposal(&json::body(body)?, headers)?;
+    let received_at_ms = now_ms();
+    let turn = state.agent_turn(&agent_id).await?;
+    Ok(Opening { agent_id, proposal, received_at_ms, turn })
+}
+
+/// The agent as it stands: revoked since its token was checked, it is
+/// refused before its policies run (and storage checks again in the
+/// transaction that would commit).
+pub(super) fn live_agent(state: &AppState, agent_id: &str) -> Result<AgentRecord, ApiError> {
+    state
+        .backend
+        .agent(agent_id)?
+        .filter(|a| !a.revoked)
+        .ok_or_else(|| ApiError::unauthorized("revoked_token", "this agent was revoked"))
 }
 
 pub(super) fn policy_agent(agent: &AgentRecord) -> policy::Agent {
