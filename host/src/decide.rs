@@ -3,7 +3,7 @@
 //! gets, and what the audit trail records of each policy's part
 //! ([`PolicyResult`]). This module holds domain types only, so storage
 //! depends on it and not on the sandbox; running the policies in the
-//! sandbox is [`evaluate`].
+//! sandbox is [`evaluate`], the one part that uses it.
 
 pub mod evaluate;
 
@@ -12,8 +12,7 @@ pub use evaluate::{Loaded, evaluate_all, load_policies};
 use serde::Serialize;
 
 use crate::money::Amount;
-use crate::policy::{CardTerms, Decision};
-use crate::sandbox::LogLine;
+use crate::policy::{CardTerms, Decision, LogLine};
 
 /// The combined decision of the policies on one proposal.
 #[derive(Debug, Clone, PartialEq, Eq)]
