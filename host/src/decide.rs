@@ -40,16 +40,6 @@ impl Verdict {
             Verdict::Approve(terms)
         }
     }
-
-    /// The verdict's kind as a policy's decision names it: `allow`, `deny`
-    /// or `require_approval`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Verdict::Approve(_) => "allow",
-            Verdict::Deny(_) => "deny",
-            Verdict::RequireApproval { .. } => "require_approval",
-        }
-    }
 }
 
 /// The combining rule, one decision at a time: every attached policy's
@@ -165,4 +155,39 @@ pub fn card_terms(amount: &Amount, terms: &CardTerms, default_ttl_seconds: u32) 
     };
     let ttl = terms.ttl_seconds.unwrap_or(default_ttl_seconds).clamp(1, default_ttl_seconds.max(1));
     (cap, ttl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cap(amount: &str, ttl_seconds: Option<u32>) -> CardTerms {
+        CardTerms { ttl_seconds, max_amount: Amount::parse(amount, "USD").ok() }
+    }
+
+    #[test]
+    fn deny_wins_then_escalation_and_terms_are_the_narrowest() {
+        let mut tally = Tally::default();
+        tally.add(Decision::Allow(cap("50.00", Some(600))));
+        tally.add(Decision::RequireApproval { reason: "big".into(), terms: cap("20.00", None) });
+        assert_eq!(tally.kind(), "require_approval");
+        assert_eq!(
+            tally.clone().verdict(),
+            Verdict::RequireApproval { reasons: vec!["big".into()], terms: cap("20.00", Some(600)) }
+        );
+        tally.add(Decision::Deny("no".into()));
+        assert_eq!(tally.kind(), "deny");
+        assert_eq!(tally.verdict(), Verdict::Deny(vec!["no".into()]));
+        assert_eq!(Tally::default().verdict(), Verdict::Approve(CardTerms::default()));
+    }
+
+    #[test]
+    fn a_card_is_never_above_the_request_nor_longer_than_the_default() {
+        let usd = |amount: &str| Amount::parse(amount, "USD").unwrap_or_else(|e| panic!("{e}"));
+        let amount = usd("30.00");
+        assert_eq!(card_terms(&amount, &cap("20.00", Some(60)), 900), (usd("20.00"), 60));
+        assert_eq!(card_terms(&amount, &cap("40.00", Some(5000)), 900), (amount.clone(), 900));
+        let euros = CardTerms { ttl_seconds: Some(0), max_amount: Amount::parse("1.00", "EUR").ok() };
+        assert_eq!(card_terms(&amount, &euros, 900), (amount.clone(), 1));
+    }
 }
