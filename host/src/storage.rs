@@ -21,10 +21,11 @@ use sha2::{Digest, Sha256};
 use crate::audit::{AuditHead, AuditKey, Checkpoint};
 pub use crate::cards::CardRecord;
 use crate::cards::{AuthorizationRequest, CardKey, DeclineCode, IssuedCard, Issuer};
+pub use crate::decide::{Decided, Verdict};
 use crate::history::History;
 use crate::ledger::Balance;
 use crate::money::Amount;
-use crate::policy::{CardTerms, Merchant};
+use crate::policy::Merchant;
 
 /// A proposal, as the host received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,48 +69,6 @@ impl NewSpend {
             h.update(mandate_id.as_bytes());
         }
         hex::encode(h.finalize())
-    }
-}
-
-/// The combined decision of the policies on one proposal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Every policy allowed; the card gets these (narrowest) terms.
-    Approve(CardTerms),
-    Deny(Vec<String>),
-    /// Wait for the operator; should they approve, the card gets `terms`
-    /// (the narrowest the allowing policies and the escalations set).
-    RequireApproval {
-        reasons: Vec<String>,
-        terms: CardTerms,
-    },
-}
-
-impl Verdict {
-    /// The combined decision of every attached policy: any deny wins, then
-    /// any escalation; otherwise approved with the narrowest terms.
-    pub fn combine(denies: Vec<String>, escalations: Vec<String>, terms: CardTerms) -> Verdict {
-        if !denies.is_empty() {
-            Verdict::Deny(denies)
-        } else if !escalations.is_empty() {
-            Verdict::RequireApproval { reasons: escalations, terms }
-        } else {
-            Verdict::Approve(terms)
-        }
-    }
-}
-
-/// A verdict with what the audit trail records of how it was reached (each
-/// policy's decision, fuel, time and logs).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Decided {
-    pub verdict: Verdict,
-    pub evaluations: serde_json::Value,
-}
-
-impl From<Verdict> for Decided {
-    fn from(verdict: Verdict) -> Self {
-        Decided { verdict, evaluations: serde_json::Value::Array(Vec::new()) }
     }
 }
 

@@ -9,8 +9,8 @@ use super::cards::issue_card;
 use super::ledger::{balance, place_hold};
 use super::mandates::check_mandate;
 use super::{Conn, INSUFFICIENT_FUNDS, Row, amount, args, from_ms, ms, resolve_once};
+use crate::decide::card_terms;
 use crate::ledger::AccountKind;
-use crate::money::Amount;
 use crate::policy::{CardTerms, Merchant};
 use crate::storage::{
     Actor, CardIssuance, Conflict, Decided, NewSpend, Proposed, SpendRecord, SpendStatus, StorageError,
@@ -97,18 +97,6 @@ pub(super) fn insert_spend(
         ],
     )?;
     Ok(())
-}
-
-/// The card a spend may get: the narrowest cap any policy set, never above
-/// the requested amount nor in another currency; the shortest life, never
-/// above the default.
-pub(super) fn card_terms(amount: &Amount, terms: &CardTerms, default_ttl_seconds: u32) -> (Amount, u32) {
-    let cap = match &terms.max_amount {
-        Some(cap) if cap.currency() == amount.currency() && cap.units() < amount.units() => cap.clone(),
-        _ => amount.clone(),
-    };
-    let ttl = terms.ttl_seconds.unwrap_or(default_ttl_seconds).clamp(1, default_ttl_seconds.max(1));
-    (cap, ttl)
 }
 
 /// The outcome of the part of a proposal that runs after the policies.
