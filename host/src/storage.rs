@@ -18,6 +18,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+pub use crate::audit::{AUDIT_GENESIS, AuditBreak, AuditRecord, audit_hash, verify_chain};
 use crate::audit::{AuditHead, AuditKey, Checkpoint};
 pub use crate::cards::CardRecord;
 use crate::cards::{AuthorizationRequest, CardKey, DeclineCode, IssuedCard, Issuer};
@@ -310,107 +311,6 @@ pub trait Storage: Send + Sync {
     /// Check every ledger invariant; the error names the first that fails.
     /// Tests call it after every step; operators may too.
     fn check_invariants(&self) -> Result<(), String>;
-}
-
-/// One record of the audit trail.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AuditRecord {
-    pub seq: u64,
-    pub at_ms: u64,
-    pub kind: String,
-    /// The record as stored (JSON text): what the hash covers.
-    pub record: String,
-    pub prev_hash: String,
-    pub hash: String,
-}
-
-/// Where and why the audit chain breaks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AuditBreak {
-    pub seq: u64,
-    pub error: String,
-}
-
-/// The hash of the first record's predecessor.
-pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-/// A record's hash: SHA-256 over the previous hash and every field, each
-/// length-prefixed, so no two records can hash alike by shifting bytes.
-pub fn audit_hash(prev_hash: &str, seq: u64, at_ms: u64, kind: &str, record: &str) -> String {
-    let mut h = Sha256::new();
-    for part in [prev_hash, &seq.to_string(), &at_ms.to_string(), kind, record] {
-        h.update((part.len() as u64).to_le_bytes());
-        h.update(part.as_bytes());
-    }
-    hex::encode(h.finalize())
-}
-
-/// Check a run of records from the first: contiguous, chained, unaltered.
-/// With `key`, records from its [`AuditKey::keyed_from`] on must carry its
-/// MAC (a plain SHA-256 there was written, or rewritten, without the key),
-/// and the trail must reach that far. With `checkpoint`, the record at its
-/// place must still have its hash, and the trail must reach that far.
-pub fn verify_chain<'a>(
-    records: impl IntoIterator<Item = &'a AuditRecord>,
-    key: Option<&AuditKey>,
-    checkpoint: Option<&Checkpoint>,
-) -> Result<AuditHead, AuditBreak> {
-    let mut prev = AUDIT_GENESIS.to_owned();
-    let mut n = 0;
-    for r in records {
-        n += 1;
-        let broken = |error: &str| AuditBreak { seq: r.seq, error: error.to_owned() };
-        if r.seq != n {
-            return Err(broken(&format!("expected record {n}: a record is missing")));
-        }
-        if r.prev_hash != prev {
-            return Err(broken("does not follow the previous record"));
-        }
-        let expected = match key {
-            Some(key) if r.seq >= key.keyed_from() => {
-                key.record_hash(&r.prev_hash, r.seq, r.at_ms, &r.kind, &r.record)
-            }
-            _ => audit_hash(&r.prev_hash, r.seq, r.at_ms, &r.kind, &r.record),
-        };
-        if r.hash != expected {
-            return Err(broken(if key.is_some_and(|k| r.seq >= k.keyed_from()) {
-                "was altered, or written without the data directory's audit key: its hash is not the key's MAC \
-                 of its content"
-            } else {
-                "was altered: its hash does not match its content"
-            }));
-        }
-        if let Some(cp) = checkpoint.filter(|cp| cp.seq == r.seq && cp.hash != r.hash) {
-            return Err(AuditBreak {
-                seq: cp.seq,
-                error: format!(
-                    "no longer has the checkpoint's hash {}: the trail was rewritten from here",
-                    cp.hash
-                ),
-            });
-        }
-        prev = r.hash.clone();
-    }
-    if let Some(key) = key.filter(|k| n < k.keyed_from()) {
-        return Err(AuditBreak {
-            seq: n,
-            error: format!(
-                "the trail ends at record {n}, but the data directory's audit key signs records from {} on: \
-                 records were removed",
-                key.keyed_from()
-            ),
-        });
-    }
-    if let Some(cp) = checkpoint.filter(|cp| n < cp.seq) {
-        return Err(AuditBreak {
-            seq: n,
-            error: format!(
-                "the trail has {n} records, fewer than the checkpoint's {}: records were removed",
-                cp.seq
-            ),
-        });
-    }
-    Ok(AuditHead { records: n, seq: n, hash: prev })
 }
 
 /// A fresh random id with a readable prefix (`sp_3f9a…`): 96 random bits.
