@@ -318,9 +318,96 @@ pub fn verify_chain<'a>(
     Ok(AuditHead { records: n, seq: n, hash: prev })
 }
 
+/// A record of the audit trail, typed: its kind and its fields. What it
+/// writes is the stored format (kinds and field names as ever, so chains
+/// already written still verify); the kinds not yet here are still written
+/// as JSON at their call sites in `storage/sql/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditEvent<'a> {
+    /// A merchant's charge, approved or declined (never its PAN or CVV).
+    Authorization {
+        /// `None` when no card has the charge's PAN.
+        card_id: Option<&'a str>,
+        amount: &'a crate::money::Amount,
+        merchant_id: &'a str,
+        approved: bool,
+        decline_code: Option<crate::cards::DeclineCode>,
+    },
+    /// A card voided and its hold released: by the operator (no reason), or
+    /// by an authorization (why: wrong CVVs, its agent revoked).
+    CardVoid { card_id: Option<&'a str>, reason: Option<&'a str> },
+}
+
+impl AuditEvent<'_> {
+    /// The record's kind, as stored beside it and covered by its hash.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuditEvent::Authorization { .. } => "authorization",
+            AuditEvent::CardVoid { .. } => "card_void",
+        }
+    }
+
+    /// The record's fields (the actor is added when it is appended).
+    pub fn record(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            AuditEvent::Authorization { card_id, amount, merchant_id, approved, decline_code } => json!({
+                "card_id": card_id,
+                "amount": amount.to_decimal().to_string(),
+                "currency": amount.currency(),
+                "merchant_id": merchant_id,
+                "approved": approved,
+                "decline_code": decline_code.map(crate::cards::DeclineCode::as_str),
+            }),
+            AuditEvent::CardVoid { card_id, reason: None } => json!({ "card_id": card_id }),
+            AuditEvent::CardVoid { card_id, reason: Some(reason) } => {
+                json!({ "card_id": card_id, "reason": reason })
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_events_write_the_records_as_stored_before() {
+        let amount = crate::money::Amount::parse("12.50", "USD").unwrap();
+        let charge = AuditEvent::Authorization {
+            card_id: Some("card_1"),
+            amount: &amount,
+            merchant_id: "m_books",
+            approved: false,
+            decline_code: Some(crate::cards::DeclineCode::WrongCvv),
+        };
+        assert_eq!(charge.kind(), "authorization");
+        assert_eq!(
+            charge.record().to_string(),
+            r#"{"amount":"12.50","approved":false,"card_id":"card_1","currency":"USD","decline_code":"wrong_cvv","merchant_id":"m_books"}"#
+        );
+        let unknown = AuditEvent::Authorization {
+            card_id: None,
+            amount: &amount,
+            merchant_id: "m_books",
+            approved: false,
+            decline_code: Some(crate::cards::DeclineCode::CardNotFound),
+        };
+        assert!(unknown.record().to_string().contains(r#""card_id":null"#));
+        let by_operator = AuditEvent::CardVoid { card_id: Some("card_1"), reason: None };
+        assert_eq!(
+            (by_operator.kind(), by_operator.record().to_string()),
+            ("card_void", r#"{"card_id":"card_1"}"#.into())
+        );
+        let locked = AuditEvent::CardVoid {
+            card_id: Some("card_1"),
+            reason: Some("3 authorizations with a wrong CVV"),
+        };
+        assert_eq!(
+            locked.record().to_string(),
+            r#"{"card_id":"card_1","reason":"3 authorizations with a wrong CVV"}"#
+        );
+    }
 
     #[test]
     fn checkpoints_parse_strictly() {

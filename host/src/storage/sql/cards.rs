@@ -1,11 +1,10 @@
 //! Cards in SQL: the card rows with their hold's state, issuing a card for
 //! a hold (hashes only), and a merchant's charge against one.
 
-use serde_json::json;
-
-use super::audit::append_audit;
+use super::audit::append_event;
 use super::ledger::resolve_hold;
 use super::{Conn, Row, amount, args, from_ms, ms};
+use crate::audit::AuditEvent;
 use crate::cards::{
     AuthorizationRequest, CardKey, CardRequest, CardState, CardView, DeclineCode, IssuedCard, MAX_WRONG_CVV,
     charge_outcome,
@@ -242,22 +241,17 @@ pub(super) fn authorize(
             &fingerprint
         ],
     )?;
-    append_audit(
-        tx,
-        "authorization",
-        &json!({
-            "card_id": card_id,
-            "amount": request.amount.to_decimal().to_string(),
-            "currency": request.amount.currency(),
-            "merchant_id": request.merchant_id,
-            "approved": decision.is_ok(),
-            "decline_code": code,
-        }),
-        actor,
-        now,
-    )?;
+    let authorization = AuditEvent::Authorization {
+        card_id: card_id.as_deref(),
+        amount: &request.amount,
+        merchant_id: &request.merchant_id,
+        approved: decision.is_ok(),
+        decline_code: decision.err(),
+    };
+    append_event(tx, &authorization, actor, now)?;
     if let Some(reason) = voided {
-        append_audit(tx, "card_void", &json!({ "card_id": card_id, "reason": reason }), actor, now)?;
+        let void = AuditEvent::CardVoid { card_id: card_id.as_deref(), reason: Some(&reason) };
+        append_event(tx, &void, actor, now)?;
     }
     Ok(AuthorizationOutcome {
         approved: decision.is_ok(),

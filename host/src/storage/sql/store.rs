@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use super::audit::{append_audit, read_audit};
+use super::audit::{append_audit, append_event, read_audit};
 use super::cards::{CARD_COLUMNS, authorize, card_row, find_card, issue_card};
 use super::invariants::check_invariants;
 use super::ledger::{balance, ensure_accounts, resolve_hold, transfer};
@@ -14,6 +14,7 @@ use super::spends::{
     resolve_approval, spend_by_id, spend_record,
 };
 use super::{EXPIRY_DUE_SQL, Engine, SWEEP_OVERLAP, SqlStore, amount, args, ms};
+use crate::audit::AuditEvent;
 use crate::audit::{AuditHead, Checkpoint};
 use crate::cards::{AuthorizationRequest, CardKey, CardState, IssuedCard};
 use crate::history::History;
@@ -310,7 +311,7 @@ impl<E: Engine> Storage for SqlStore<E> {
             let now = ms(now_ms)?;
             let cap = &card.record.cap;
             resolve_hold(tx, card.hold_id, "voided", cap.currency(), cap.units(), 0, now)?;
-            append_audit(tx, "card_void", &json!({ "card_id": card_id }), actor, now)?;
+            append_event(tx, &AuditEvent::CardVoid { card_id: Some(card_id), reason: None }, actor, now)?;
             find_card(tx, "id", card_id)?
                 .map(|c| c.record)
                 .ok_or_else(|| StorageError::Invariant("voided card vanished".into()))
