@@ -1,5 +1,5 @@
 //! The daemon's request bodies, validated by the very functions its handlers
-//! call (`spendguard::server::parse_*`): nothing may panic, every refusal is
+//! call (`spendguard::server::parse`): nothing may panic, every refusal is
 //! a 4xx, and what is accepted meets the rules the handlers promise.
 //!
 //! Input: byte 0 picks the request (mod 8); byte 1 is the length of an
@@ -13,8 +13,9 @@ use libfuzzer_sys::fuzz_target;
 use spendguard::cases::{check_country, check_mcc};
 use spendguard::money::{Amount, MAX_MAJOR_UNITS};
 use spendguard::sandbox::DEFAULT_MAX_CONFIG_BYTES;
-use spendguard::server::{
-    ApiError, AttachmentRef, MAX_ATTACHMENTS, MAX_IDEMPOTENCY_KEY_CHARS, MAX_NAME_CHARS, MAX_PURPOSE_CHARS,
+use spendguard::server::ApiError;
+use spendguard::server::parse::{
+    AttachmentRef, MAX_ATTACHMENTS, MAX_IDEMPOTENCY_KEY_CHARS, MAX_NAME_CHARS, MAX_PURPOSE_CHARS,
     parse_attachments, parse_authorization, parse_deny, parse_deposit, parse_new_agent, parse_proposal,
     policy_name,
 };

@@ -45,8 +45,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
 use spendguard::cards::{AuthorizationRequest, CardKey, SimulatedIssuer};
+use spendguard::decide::{PolicyResult, PolicyRun};
 use spendguard::history::{History, HistoryScope};
 use spendguard::money::Amount;
 use spendguard::policy::{Agent, CardTerms, Decision, Merchant, SpendFilter, SpendRequest};
@@ -133,13 +134,20 @@ fn request_for(spend: &NewSpend) -> SpendRequest {
 }
 
 /// What `evaluate_all` in the daemon records for one allowing policy.
-fn evaluation_record(policy: &LoadedPolicy, fuel: u64, elapsed: Duration) -> Value {
-    json!([{
-        "policy": "spend-limit", "version": 1, "module_sha256": policy.sha256(),
-        "config_sha256": "9d7f4c1a0e8b2d3f5a6c7e9b1d2f4a6c8e0b2d4f6a8c0e2b4d6f8a0c2e4b6d8f",
-        "decision": "allow", "reason": null, "card_terms": {"ttl_seconds": null, "max_amount": null},
-        "fault": null, "fuel_used": fuel, "elapsed_us": elapsed.as_micros() as u64, "logs": [],
-    }])
+fn evaluation_record(policy: &LoadedPolicy, fuel: u64, elapsed: Duration) -> Vec<PolicyResult> {
+    vec![PolicyResult::Ran(PolicyRun {
+        policy: "spend-limit".into(),
+        version: 1,
+        module_sha256: policy.sha256().to_owned(),
+        config_sha256: "9d7f4c1a0e8b2d3f5a6c7e9b1d2f4a6c8e0b2d4f6a8c0e2b4d6f8a0c2e4b6d8f".into(),
+        decision: "allow",
+        reason: None,
+        card_terms: Some(CardTerms::default()),
+        fault: None,
+        fuel_used: fuel,
+        elapsed_us: elapsed.as_micros() as u64,
+        logs: Vec::new(),
+    })]
 }
 
 /// The store being filled, and how to make and charge cards.

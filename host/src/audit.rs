@@ -31,7 +31,7 @@ use std::str::FromStr;
 
 use hmac::{Hmac, Mac};
 use serde::Serialize;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use zeroize::Zeroize;
 
 /// Bytes of the key itself.
@@ -217,9 +217,197 @@ pub struct AuditHead {
     pub hash: String,
 }
 
+/// One record of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at_ms: u64,
+    pub kind: String,
+    /// The record as stored (JSON text): what the hash covers.
+    pub record: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// Where and why the audit chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditBreak {
+    pub seq: u64,
+    pub error: String,
+}
+
+/// The hash of the first record's predecessor.
+pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// A record's hash: SHA-256 over the previous hash and every field, each
+/// length-prefixed, so no two records can hash alike by shifting bytes.
+pub fn audit_hash(prev_hash: &str, seq: u64, at_ms: u64, kind: &str, record: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [prev_hash, &seq.to_string(), &at_ms.to_string(), kind, record] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// Check a run of records from the first: contiguous, chained, unaltered.
+/// With `key`, records from its [`AuditKey::keyed_from`] on must carry its
+/// MAC (a plain SHA-256 there was written, or rewritten, without the key),
+/// and the trail must reach that far. With `checkpoint`, the record at its
+/// place must still have its hash, and the trail must reach that far.
+pub fn verify_chain<'a>(
+    records: impl IntoIterator<Item = &'a AuditRecord>,
+    key: Option<&AuditKey>,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<AuditHead, AuditBreak> {
+    let mut prev = AUDIT_GENESIS.to_owned();
+    let mut n = 0;
+    for r in records {
+        n += 1;
+        let broken = |error: &str| AuditBreak { seq: r.seq, error: error.to_owned() };
+        if r.seq != n {
+            return Err(broken(&format!("expected record {n}: a record is missing")));
+        }
+        if r.prev_hash != prev {
+            return Err(broken("does not follow the previous record"));
+        }
+        let expected = match key {
+            Some(key) if r.seq >= key.keyed_from() => {
+                key.record_hash(&r.prev_hash, r.seq, r.at_ms, &r.kind, &r.record)
+            }
+            _ => audit_hash(&r.prev_hash, r.seq, r.at_ms, &r.kind, &r.record),
+        };
+        if r.hash != expected {
+            return Err(broken(if key.is_some_and(|k| r.seq >= k.keyed_from()) {
+                "was altered, or written without the data directory's audit key: its hash is not the key's MAC \
+                 of its content"
+            } else {
+                "was altered: its hash does not match its content"
+            }));
+        }
+        if let Some(cp) = checkpoint.filter(|cp| cp.seq == r.seq && cp.hash != r.hash) {
+            return Err(AuditBreak {
+                seq: cp.seq,
+                error: format!(
+                    "no longer has the checkpoint's hash {}: the trail was rewritten from here",
+                    cp.hash
+                ),
+            });
+        }
+        prev = r.hash.clone();
+    }
+    if let Some(key) = key.filter(|k| n < k.keyed_from()) {
+        return Err(AuditBreak {
+            seq: n,
+            error: format!(
+                "the trail ends at record {n}, but the data directory's audit key signs records from {} on: \
+                 records were removed",
+                key.keyed_from()
+            ),
+        });
+    }
+    if let Some(cp) = checkpoint.filter(|cp| n < cp.seq) {
+        return Err(AuditBreak {
+            seq: n,
+            error: format!(
+                "the trail has {n} records, fewer than the checkpoint's {}: records were removed",
+                cp.seq
+            ),
+        });
+    }
+    Ok(AuditHead { records: n, seq: n, hash: prev })
+}
+
+/// A record of the audit trail, typed: its kind and its fields. What it
+/// writes is the stored format (kinds and field names as ever, so chains
+/// already written still verify); the kinds not yet here are still written
+/// as JSON at their call sites in `storage/sql/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditEvent<'a> {
+    /// A merchant's charge, approved or declined (never its PAN or CVV).
+    Authorization {
+        /// `None` when no card has the charge's PAN.
+        card_id: Option<&'a str>,
+        amount: &'a crate::money::Amount,
+        merchant_id: &'a str,
+        approved: bool,
+        decline_code: Option<crate::cards::DeclineCode>,
+    },
+    /// A card voided and its hold released: by the operator (no reason), or
+    /// by an authorization (why: wrong CVVs, its agent revoked).
+    CardVoid { card_id: Option<&'a str>, reason: Option<&'a str> },
+}
+
+impl AuditEvent<'_> {
+    /// The record's kind, as stored beside it and covered by its hash.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuditEvent::Authorization { .. } => "authorization",
+            AuditEvent::CardVoid { .. } => "card_void",
+        }
+    }
+
+    /// The record's fields (the actor is added when it is appended).
+    pub fn record(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            AuditEvent::Authorization { card_id, amount, merchant_id, approved, decline_code } => json!({
+                "card_id": card_id,
+                "amount": amount.to_decimal().to_string(),
+                "currency": amount.currency(),
+                "merchant_id": merchant_id,
+                "approved": approved,
+                "decline_code": decline_code.map(crate::cards::DeclineCode::as_str),
+            }),
+            AuditEvent::CardVoid { card_id, reason: None } => json!({ "card_id": card_id }),
+            AuditEvent::CardVoid { card_id, reason: Some(reason) } => {
+                json!({ "card_id": card_id, "reason": reason })
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_events_write_the_records_as_stored_before() {
+        let amount = crate::money::Amount::parse("12.50", "USD").unwrap();
+        let charge = AuditEvent::Authorization {
+            card_id: Some("card_1"),
+            amount: &amount,
+            merchant_id: "m_books",
+            approved: false,
+            decline_code: Some(crate::cards::DeclineCode::WrongCvv),
+        };
+        assert_eq!(charge.kind(), "authorization");
+        assert_eq!(
+            charge.record().to_string(),
+            r#"{"amount":"12.50","approved":false,"card_id":"card_1","currency":"USD","decline_code":"wrong_cvv","merchant_id":"m_books"}"#
+        );
+        let unknown = AuditEvent::Authorization {
+            card_id: None,
+            amount: &amount,
+            merchant_id: "m_books",
+            approved: false,
+            decline_code: Some(crate::cards::DeclineCode::CardNotFound),
+        };
+        assert!(unknown.record().to_string().contains(r#""card_id":null"#));
+        let by_operator = AuditEvent::CardVoid { card_id: Some("card_1"), reason: None };
+        assert_eq!(
+            (by_operator.kind(), by_operator.record().to_string()),
+            ("card_void", r#"{"card_id":"card_1"}"#.into())
+        );
+        let locked = AuditEvent::CardVoid {
+            card_id: Some("card_1"),
+            reason: Some("3 authorizations with a wrong CVV"),
+        };
+        assert_eq!(
+            locked.record().to_string(),
+            r#"{"card_id":"card_1","reason":"3 authorizations with a wrong CVV"}"#
+        );
+    }
 
     #[test]
     fn checkpoints_parse_strictly() {

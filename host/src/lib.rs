@@ -8,6 +8,7 @@ pub mod cards;
 pub mod cases;
 pub mod config;
 pub mod datadir;
+pub mod decide;
 pub mod history;
 pub mod ledger;
 pub mod lookalike;

@@ -150,3 +150,19 @@ mod tests {
         assert_eq!(CardTerms::default().narrowest(a.clone()), a);
     }
 }
+
+/// A log line's level, as the policy chose it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+}
+
+/// A line a policy logged while it decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogLine {
+    pub level: LogLevel,
+    pub message: String,
+}

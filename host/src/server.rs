@@ -1,19 +1,28 @@
-//! The daemon: wallet control and spend access over HTTP (docs/contract.md, "The HTTP API").
+//! The daemon: wallet control and spend access over HTTP (docs/contract/api.md).
 //!
 //! `app(state)` builds the router, so tests can drive it without a socket;
 //! `serve` serves it (over TLS when configured, with the timeouts and the
 //! connection cap of [`transport`]), runs the expiry sweeper, and shuts down
 //! gracefully on SIGINT/SIGTERM, giving requests in flight a deadline.
 
+mod agents;
+mod approvals;
+mod audit;
 mod auth;
+mod cards;
 mod error;
 mod extract;
 mod json;
 mod mandates;
 mod metrics;
+pub mod parse;
+mod policies;
 mod preview;
-mod routes;
+mod service;
+mod spends;
+mod tokens;
 pub mod transport;
+mod wallet;
 mod whoami;
 
 use std::collections::HashMap;
@@ -22,28 +31,40 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use auth::{Caller, ClientAddr};
 pub use error::ApiError;
 pub use metrics::Metrics;
-/// Request bodies validated exactly as the handlers do it, with no state:
-/// what the fuzzer (`fuzz/`) drives.
-pub use routes::{
-    AttachmentRef, Deposit, MAX_ATTACHMENTS, MAX_IDEMPOTENCY_KEY_CHARS, MAX_NAME_CHARS, MAX_PURPOSE_CHARS,
-    NewAgent, NewToken, Proposal, attachment_refs, parse_attachments, parse_authorization, parse_checkpoint,
-    parse_deny, parse_deposit, parse_new_agent, parse_new_token, parse_proposal, policy_name, token_label,
-};
 
 use crate::cards::{CardKey, Issuer, SimulatedIssuer};
 use crate::config::ServeConfig;
 use crate::datadir::now_ms;
 use crate::sandbox::{ArtifactCache, LoadedPolicy, Sandbox};
 use crate::storage::Backend;
+
+/// What a handler answers: a status and a JSON body, or an error.
+type Reply = Result<(StatusCode, Json<Value>), ApiError>;
+
+fn ok(value: Value) -> Reply {
+    Ok((StatusCode::OK, Json(value)))
+}
+
+fn created(value: Value) -> Reply {
+    Ok((StatusCode::CREATED, Json(value)))
+}
+
+/// Run blocking work (storage, policies) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await?
+}
 
 /// Everything a request handler needs.
 pub struct AppState {
@@ -384,45 +405,45 @@ impl AppState {
     }
 }
 
-/// The router of every route in docs/contract.md, and MCP at `/mcp`.
+/// The router of every route in docs/contract/api.md, and MCP at `/mcp`.
 pub fn app(state: Arc<AppState>) -> Router {
     let max_module = state.config.sandbox.max_module_bytes;
     let max_body = state.config.max_body_bytes;
     let uploads = Router::new()
-        .route("/v1/policies", post(routes::upload_policy).get(routes::list_policies))
+        .route("/v1/policies", post(policies::upload_policy).get(policies::list_policies))
         .layer(DefaultBodyLimit::max(max_module));
     let api = Router::new()
-        .route("/healthz", get(routes::healthz))
-        .route("/metrics", get(routes::metrics))
-        .route("/v1/spends", post(routes::propose).get(routes::list_spends))
+        .route("/healthz", get(service::healthz))
+        .route("/metrics", get(service::metrics))
+        .route("/v1/spends", post(spends::propose).get(spends::list_spends))
         .route("/v1/spends/preview", post(preview::preview))
-        .route("/v1/spends/{id}", get(routes::get_spend))
+        .route("/v1/spends/{id}", get(spends::get_spend))
         .route("/v1/mandates", post(mandates::create).get(mandates::list))
         .route("/v1/mandates/{id}", get(mandates::get))
         .route("/v1/mandates/{id}/approve", post(mandates::approve))
         .route("/v1/mandates/{id}/deny", post(mandates::deny))
         .route("/v1/mandates/{id}/revoke", post(mandates::revoke))
-        .route("/v1/approvals", get(routes::list_approvals))
-        .route("/v1/approvals/{id}/approve", post(routes::approve))
-        .route("/v1/approvals/{id}/deny", post(routes::deny))
-        .route("/v1/wallet", get(routes::wallet))
-        .route("/v1/wallet/deposits", post(routes::deposit))
-        .route("/v1/agents", post(routes::create_agent).get(routes::list_agents))
-        .route("/v1/agents/{id}/revoke", post(routes::revoke_agent))
-        .route("/v1/agents/{id}/policies", put(routes::set_policies))
-        .route("/v1/cards", get(routes::list_cards))
-        .route("/v1/cards/{id}/void", post(routes::void_card))
-        .route("/v1/network/authorizations", post(routes::authorize))
-        .route("/v1/audit", get(routes::audit))
-        .route("/v1/audit/verify", get(routes::audit_verify))
-        .route("/v1/tokens", get(routes::list_tokens).post(routes::create_token))
-        .route("/v1/tokens/{id}/revoke", post(routes::revoke_token))
+        .route("/v1/approvals", get(approvals::list_approvals))
+        .route("/v1/approvals/{id}/approve", post(approvals::approve))
+        .route("/v1/approvals/{id}/deny", post(approvals::deny))
+        .route("/v1/wallet", get(wallet::wallet))
+        .route("/v1/wallet/deposits", post(wallet::deposit))
+        .route("/v1/agents", post(agents::create_agent).get(agents::list_agents))
+        .route("/v1/agents/{id}/revoke", post(agents::revoke_agent))
+        .route("/v1/agents/{id}/policies", put(agents::set_policies))
+        .route("/v1/cards", get(cards::list_cards))
+        .route("/v1/cards/{id}/void", post(cards::void_card))
+        .route("/v1/network/authorizations", post(cards::authorize))
+        .route("/v1/audit", get(audit::audit))
+        .route("/v1/audit/verify", get(audit::audit_verify))
+        .route("/v1/tokens", get(tokens::list_tokens).post(tokens::create_token))
+        .route("/v1/tokens/{id}/revoke", post(tokens::revoke_token))
         .route("/v1/whoami", get(whoami::whoami))
         .layer(DefaultBodyLimit::max(max_body))
         .merge(uploads)
         .route_layer(axum::middleware::from_fn(extract::no_query))
-        .fallback(routes::not_found)
-        .method_not_allowed_fallback(routes::method_not_allowed)
+        .fallback(service::not_found)
+        .method_not_allowed_fallback(service::method_not_allowed)
         .with_state(Arc::clone(&state));
     // MCP for agents: each tool call is a request of `api` itself.
     api.clone().merge(crate::mcp::http::route(state, api))

@@ -5,10 +5,12 @@
 //! The trait is synchronous: the daemon calls it from blocking threads. Every
 //! method is one transaction: it happens entirely or not at all.
 
+mod error;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
 
+pub use error::{Conflict, StorageError};
 pub use sql::{INSUFFICIENT_FUNDS, OPTIMISTIC_ATTEMPTS, SWEEP_OVERLAP};
 
 use std::sync::Arc;
@@ -16,12 +18,15 @@ use std::sync::Arc;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+pub use crate::audit::{AUDIT_GENESIS, AuditBreak, AuditRecord, audit_hash, verify_chain};
 use crate::audit::{AuditHead, AuditKey, Checkpoint};
-use crate::cards::{AuthorizationRequest, CardKey, CardState, DeclineCode, IssuedCard, Issuer};
+pub use crate::cards::CardRecord;
+use crate::cards::{AuthorizationRequest, CardKey, DeclineCode, IssuedCard, Issuer};
+pub use crate::decide::{Decided, Verdict};
 use crate::history::History;
 use crate::ledger::Balance;
 use crate::money::Amount;
-use crate::policy::{CardTerms, Merchant};
+use crate::policy::Merchant;
 
 /// A proposal, as the host received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,48 +73,6 @@ impl NewSpend {
     }
 }
 
-/// The combined decision of the policies on one proposal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Every policy allowed; the card gets these (narrowest) terms.
-    Approve(CardTerms),
-    Deny(Vec<String>),
-    /// Wait for the operator; should they approve, the card gets `terms`
-    /// (the narrowest the allowing policies and the escalations set).
-    RequireApproval {
-        reasons: Vec<String>,
-        terms: CardTerms,
-    },
-}
-
-impl Verdict {
-    /// The combined decision of every attached policy: any deny wins, then
-    /// any escalation; otherwise approved with the narrowest terms.
-    pub fn combine(denies: Vec<String>, escalations: Vec<String>, terms: CardTerms) -> Verdict {
-        if !denies.is_empty() {
-            Verdict::Deny(denies)
-        } else if !escalations.is_empty() {
-            Verdict::RequireApproval { reasons: escalations, terms }
-        } else {
-            Verdict::Approve(terms)
-        }
-    }
-}
-
-/// A verdict with what the audit trail records of how it was reached (each
-/// policy's decision, fuel, time and logs).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Decided {
-    pub verdict: Verdict,
-    pub evaluations: serde_json::Value,
-}
-
-impl From<Verdict> for Decided {
-    fn from(verdict: Verdict) -> Self {
-        Decided { verdict, evaluations: serde_json::Value::Array(Vec::new()) }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SpendStatus {
@@ -151,24 +114,6 @@ pub struct SpendRecord {
     pub card_id: Option<String>,
     /// The mandate it was proposed under, if any.
     pub mandate_id: Option<String>,
-}
-
-/// A card as stored: never its PAN or CVV.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CardRecord {
-    pub id: String,
-    pub spend_id: String,
-    pub agent_id: String,
-    pub issuer: String,
-    pub last4: String,
-    pub exp_month: u8,
-    pub exp_year: u16,
-    pub cap: Amount,
-    pub merchant_id: String,
-    pub expires_at_ms: u64,
-    pub state: CardState,
-    /// What a charge captured, once it has.
-    pub captured_units: Option<i64>,
 }
 
 /// What `propose` did.
@@ -219,29 +164,6 @@ pub struct AuthorizationOutcome {
     pub replayed: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StorageError {
-    #[error("idempotency key `{0}` was used with other parameters")]
-    IdempotencyConflict(String),
-    #[error("{0} not found")]
-    NotFound(String),
-    /// The acting agent was revoked: nothing it asked for is done.
-    #[error("{0}")]
-    Revoked(String),
-    #[error("{0}")]
-    InvalidState(String),
-    #[error("card issuer: {0}")]
-    Issuer(String),
-    #[error("database: {0}")]
-    Database(String),
-    /// The wallet would be left without an operator token that works.
-    #[error("token `{0}` is the last operator token not revoked; make another before revoking it")]
-    LastOperatorToken(String),
-    /// An invariant of the ledger would break: the transaction is rolled back.
-    #[error("ledger invariant: {0}")]
-    Invariant(String),
-}
-
 /// The wallet's storage. Every method is one atomic transaction.
 pub trait Storage: Send + Sync {
     /// Fund the wallet. The same idempotency key returns the first deposit;
@@ -262,7 +184,7 @@ pub trait Storage: Send + Sync {
     /// check the funds, place the hold and issue the card.
     ///
     /// The decision commits as if the policies had run inside the commit's
-    /// transaction (docs/contract.md, "Decisions and money"): no other proposal can commit between what the
+    /// transaction (docs/contract/money.md, "Decisions"): no other proposal can commit between what the
     /// policies saw and this commit. A backend may run `decide` outside its
     /// write lock against a snapshot, provided it commits only when every
     /// history query the policies made still has the same answer (policies
@@ -389,107 +311,6 @@ pub trait Storage: Send + Sync {
     /// Check every ledger invariant; the error names the first that fails.
     /// Tests call it after every step; operators may too.
     fn check_invariants(&self) -> Result<(), String>;
-}
-
-/// One record of the audit trail.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AuditRecord {
-    pub seq: u64,
-    pub at_ms: u64,
-    pub kind: String,
-    /// The record as stored (JSON text): what the hash covers.
-    pub record: String,
-    pub prev_hash: String,
-    pub hash: String,
-}
-
-/// Where and why the audit chain breaks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AuditBreak {
-    pub seq: u64,
-    pub error: String,
-}
-
-/// The hash of the first record's predecessor.
-pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-/// A record's hash: SHA-256 over the previous hash and every field, each
-/// length-prefixed, so no two records can hash alike by shifting bytes.
-pub fn audit_hash(prev_hash: &str, seq: u64, at_ms: u64, kind: &str, record: &str) -> String {
-    let mut h = Sha256::new();
-    for part in [prev_hash, &seq.to_string(), &at_ms.to_string(), kind, record] {
-        h.update((part.len() as u64).to_le_bytes());
-        h.update(part.as_bytes());
-    }
-    hex::encode(h.finalize())
-}
-
-/// Check a run of records from the first: contiguous, chained, unaltered.
-/// With `key`, records from its [`AuditKey::keyed_from`] on must carry its
-/// MAC (a plain SHA-256 there was written, or rewritten, without the key),
-/// and the trail must reach that far. With `checkpoint`, the record at its
-/// place must still have its hash, and the trail must reach that far.
-pub fn verify_chain<'a>(
-    records: impl IntoIterator<Item = &'a AuditRecord>,
-    key: Option<&AuditKey>,
-    checkpoint: Option<&Checkpoint>,
-) -> Result<AuditHead, AuditBreak> {
-    let mut prev = AUDIT_GENESIS.to_owned();
-    let mut n = 0;
-    for r in records {
-        n += 1;
-        let broken = |error: &str| AuditBreak { seq: r.seq, error: error.to_owned() };
-        if r.seq != n {
-            return Err(broken(&format!("expected record {n}: a record is missing")));
-        }
-        if r.prev_hash != prev {
-            return Err(broken("does not follow the previous record"));
-        }
-        let expected = match key {
-            Some(key) if r.seq >= key.keyed_from() => {
-                key.record_hash(&r.prev_hash, r.seq, r.at_ms, &r.kind, &r.record)
-            }
-            _ => audit_hash(&r.prev_hash, r.seq, r.at_ms, &r.kind, &r.record),
-        };
-        if r.hash != expected {
-            return Err(broken(if key.is_some_and(|k| r.seq >= k.keyed_from()) {
-                "was altered, or written without the data directory's audit key: its hash is not the key's MAC \
-                 of its content"
-            } else {
-                "was altered: its hash does not match its content"
-            }));
-        }
-        if let Some(cp) = checkpoint.filter(|cp| cp.seq == r.seq && cp.hash != r.hash) {
-            return Err(AuditBreak {
-                seq: cp.seq,
-                error: format!(
-                    "no longer has the checkpoint's hash {}: the trail was rewritten from here",
-                    cp.hash
-                ),
-            });
-        }
-        prev = r.hash.clone();
-    }
-    if let Some(key) = key.filter(|k| n < k.keyed_from()) {
-        return Err(AuditBreak {
-            seq: n,
-            error: format!(
-                "the trail ends at record {n}, but the data directory's audit key signs records from {} on: \
-                 records were removed",
-                key.keyed_from()
-            ),
-        });
-    }
-    if let Some(cp) = checkpoint.filter(|cp| n < cp.seq) {
-        return Err(AuditBreak {
-            seq: n,
-            error: format!(
-                "the trail has {n} records, fewer than the checkpoint's {}: records were removed",
-                cp.seq
-            ),
-        });
-    }
-    Ok(AuditHead { records: n, seq: n, hash: prev })
 }
 
 /// A fresh random id with a readable prefix (`sp_3f9a…`): 96 random bits.

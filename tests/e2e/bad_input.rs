@@ -869,19 +869,19 @@ fn bad_input_routes_queries_and_headers_change_nothing() {
     );
 
     // What the state does not allow: deciding twice, voiding twice, revoking twice.
-    for (path, body) in [
-        (format!("/v1/approvals/{}/approve", t.approved), None),
-        (format!("/v1/approvals/{}/approve", t.denied), None),
-        (format!("/v1/approvals/{}/deny", t.approved), Some(json!({"reason": "no"}))),
-        (format!("/v1/approvals/{}/deny", t.denied), None),
-        (format!("/v1/cards/{}/void", t.voided), None),
-        (format!("/v1/agents/{}/revoke", t.gone), None),
+    for (path, body, code) in [
+        (format!("/v1/approvals/{}/approve", t.approved), None, "not_pending_approval"),
+        (format!("/v1/approvals/{}/approve", t.denied), None, "not_pending_approval"),
+        (format!("/v1/approvals/{}/deny", t.approved), Some(json!({"reason": "no"})), "not_pending_approval"),
+        (format!("/v1/approvals/{}/deny", t.denied), None, "not_pending_approval"),
+        (format!("/v1/cards/{}/void", t.voided), None, "card_not_open"),
+        (format!("/v1/agents/{}/revoke", t.gone), None, "already_revoked"),
     ] {
         let mut req = bad(op, "POST", path);
         if let Some(body) = &body {
             req = req.json(body);
         }
-        cases.push(req.refused(409, "conflict"));
+        cases.push(req.refused(409, code));
     }
     assert_refused_changing_nothing(&w, &cases);
 }

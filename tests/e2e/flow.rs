@@ -125,7 +125,7 @@ fn the_whole_flow() {
     w.assert_wallet("90.01", "0.00", "9.99");
     assert_eq!(w.charge(card2, "5.00", "api.openai.com"), declined("card_voided"));
     let again = w.post(&format!("/v1/cards/{}/void", card2["id"].as_str().unwrap()), &w.operator, json!({}));
-    again.refused(409, "conflict", "voiding twice");
+    again.refused(409, "card_not_open", "voiding twice");
     w.assert_wallet("90.01", "0.00", "9.99");
 
     // A blocked category: denied with the reason, nothing held, no card.
@@ -164,12 +164,12 @@ fn the_whole_flow() {
     assert_eq!(w.read("/v1/approvals"), json!({"approvals": []}));
     w.post(&format!("/v1/approvals/{big_id}/approve"), &w.operator, json!({})).refused(
         409,
-        "conflict",
+        "not_pending_approval",
         "approving twice",
     );
     w.post(&format!("/v1/approvals/{big_id}/deny"), &w.operator, json!({})).refused(
         409,
-        "conflict",
+        "not_pending_approval",
         "denying an approved spend",
     );
     w.assert_wallet("30.01", "60.00", "9.99");

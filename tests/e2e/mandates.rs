@@ -118,7 +118,7 @@ fn mandate_flow(kind: Kind) {
     assert!(ok["approved_at"].is_string(), "{ok}");
     w.post(&format!("/v1/mandates/{id}/approve"), &w.operator, json!({})).refused(
         409,
-        "conflict",
+        "not_pending_approval",
         "approve twice",
     );
     w.post(&format!("/v1/mandates/{id}/approve"), &bot.token, json!({})).refused(
@@ -176,7 +176,7 @@ fn mandate_flow(kind: Kind) {
     w.assert_wallet("990.00", "0.00", "10.00");
     w.post(&format!("/v1/mandates/{id}/revoke"), &w.operator, json!({})).refused(
         409,
-        "conflict",
+        "mandate_ended",
         "revoke twice",
     );
 

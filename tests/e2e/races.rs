@@ -12,13 +12,14 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier, OnceLock};
 
+use spendguard::decide::Tally;
 use spendguard::history::History;
 use spendguard::money::Amount;
-use spendguard::policy::{Agent, CardTerms, Decision, Merchant, SpendRequest};
+use spendguard::policy::{Agent, Merchant, SpendRequest};
 use spendguard::sandbox::{Limits, LoadedPolicy, Sandbox};
 use spendguard::storage::INSUFFICIENT_FUNDS;
 use spendguard::storage::{
-    Actor, CardIssuance, Decided, NewSpend, SpendRecord, SpendStatus, Storage, StorageError, Verdict, new_id,
+    Actor, CardIssuance, Decided, NewSpend, SpendRecord, SpendStatus, Storage, StorageError, new_id,
 };
 
 use crate::support::{
@@ -79,19 +80,12 @@ fn request(id: &str, agent_id: &str, amount: &Amount, merchant: &Merchant, at: u
 /// wins, then an escalation; the card gets the narrowest terms.
 fn decide(attached: &Attached, request: &SpendRequest, history: Arc<dyn History>) -> Decided {
     let sandbox = &policies().sandbox;
-    let (mut denies, mut escalations, mut terms) = (Vec::new(), Vec::new(), CardTerms::default());
+    let mut tally = Tally::default();
     for (name, policy, config) in attached {
         let run = sandbox.evaluate(policy, request, config, Arc::clone(&history));
-        match run.decision(name) {
-            Decision::Allow(t) => terms = terms.narrowest(t),
-            Decision::Deny(reason) => denies.push(reason),
-            Decision::RequireApproval { reason, terms: t } => {
-                escalations.push(reason);
-                terms = terms.narrowest(t);
-            }
-        }
+        tally.add(run.decision(name));
     }
-    Verdict::combine(denies, escalations, terms).into()
+    tally.verdict().into()
 }
 
 fn merchant() -> Merchant {

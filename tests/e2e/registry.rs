@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
-use spendguard::storage::{Actor, AgentRecord, Attachment, Backend, Role, StorageError};
+use spendguard::storage::{Actor, AgentRecord, Attachment, Backend, Conflict, Role, StorageError};
 
 use crate::support::{Kind, on_each_backend};
 
@@ -239,7 +239,7 @@ fn an_agent_id_is_created_once_and_revoked_once(kind: Kind) {
     let (_, again) = token();
     assert!(matches!(
         b.create_agent(&new_agent("ag_x", vec![]), &again, &Actor::System, T0 + 1),
-        Err(StorageError::InvalidState(_))
+        Err(StorageError::Conflict(Conflict::AlreadyExists, _))
     ));
     assert_eq!(b.token(&again).unwrap(), None);
 
@@ -247,7 +247,7 @@ fn an_agent_id_is_created_once_and_revoked_once(kind: Kind) {
     assert!(b.agent("ag_x").unwrap().unwrap().revoked);
     assert_eq!(
         b.revoke_agent("ag_x", &Actor::System, T0 + 3),
-        Err(StorageError::InvalidState("agent `ag_x` is already revoked".into()))
+        Err(StorageError::Conflict(Conflict::AlreadyRevoked, "agent `ag_x` is already revoked".into()))
     );
     assert_eq!(
         b.revoke_agent("ag_nobody", &Actor::System, T0 + 3),
@@ -255,7 +255,7 @@ fn an_agent_id_is_created_once_and_revoked_once(kind: Kind) {
     );
     assert!(matches!(
         b.set_attachments("ag_x", &[], &Actor::System, T0 + 4),
-        Err(StorageError::InvalidState(_))
+        Err(StorageError::Conflict(Conflict::AgentRevoked, _))
     ));
     assert_eq!(audit_kinds(b), ["agent_created", "agent_revoked"]);
 }

@@ -168,7 +168,16 @@ fn revocation_race_run(kind: Kind, seed: u64) {
                     let reply = w2.post(&format!("/v1/approvals/{id}/approve"), &w2.operator, json!({}));
                     match reply.status {
                         200 => {}
-                        _ => reply.refused(409, "conflict", "an approval racing the revocation"),
+                        // Denied by the revocation, or its agent found revoked.
+                        _ => {
+                            let code = reply.json["error"]["code"].as_str().unwrap_or_default();
+                            let code = if code == "agent_revoked" {
+                                "agent_revoked"
+                            } else {
+                                "not_pending_approval"
+                            };
+                            reply.refused(409, code, "an approval racing the revocation")
+                        }
                     }
                 }
                 if !revoked2.load(Ordering::SeqCst) && answered2.load(Ordering::SeqCst) >= revoke_after {
@@ -349,7 +358,7 @@ fn revoking_voids_cards_releases_holds_and_denies_pending_spends(kind: Kind) {
     assert!(spend["reasons"].as_array().unwrap().contains(&json!("the agent was revoked")), "{spend}");
     let approve =
         w.post(&format!("/v1/approvals/{}/approve", waiting["id"].as_str().unwrap()), &w.operator, json!({}));
-    approve.refused(409, "conflict", "approving a revoked agent's spend");
+    approve.refused(409, "not_pending_approval", "approving a revoked agent's spend");
     assert_eq!(
         charge(&w, &open["card"], "5.00", "api.openai.com", None).expect(200, "charge"),
         declined("card_voided")
@@ -357,8 +366,11 @@ fn revoking_voids_cards_releases_holds_and_denies_pending_spends(kind: Kind) {
     assert_eq!(w.charge(&kept["card"], "7.00", "api.openai.com"), crate::support::approved());
     w.get(&format!("/v1/spends/{uncollected_id}"), &bot.token).refused(401, "revoked_token", "collecting");
     w.assert_wallet("93.00", "0.00", "7.00");
-    w.post(&format!("/v1/agents/{}/revoke", bot.id), &w.operator, json!({}))
-        .refused(409, "conflict", "twice");
+    w.post(&format!("/v1/agents/{}/revoke", bot.id), &w.operator, json!({})).refused(
+        409,
+        "already_revoked",
+        "twice",
+    );
     w.store().check_invariants().unwrap();
     assert_eq!(w.read("/v1/audit/verify")["ok"], true);
 }

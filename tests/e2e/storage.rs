@@ -11,8 +11,8 @@ use spendguard::history::{History, HistoryScope, PastSpend, StaticHistory};
 use spendguard::money::Amount;
 use spendguard::policy::{CardTerms, Merchant, SpendFilter};
 use spendguard::storage::{
-    Actor, AuthorizationOutcome, Backend as Store, CardIssuance, Decided, NewSpend, Proposed, SpendStatus,
-    Storage, StorageError, Verdict, new_id,
+    Actor, AuthorizationOutcome, Backend as Store, CardIssuance, Conflict, Decided, NewSpend, Proposed,
+    SpendStatus, Storage, StorageError, Verdict, new_id,
 };
 
 use crate::support::{Backend, Kind, XorShift, on_each_backend, simulated_cards};
@@ -201,7 +201,7 @@ fn expired_and_voided_cards_release_their_holds_once(kind: Kind) {
     b.storage.void_card(&v.card_id, &Actor::System, T0 + 1).unwrap();
     assert!(matches!(
         b.storage.void_card(&v.card_id, &Actor::System, T0 + 2),
-        Err(StorageError::InvalidState(_))
+        Err(StorageError::Conflict(Conflict::CardNotOpen, _))
     ));
     let out = b.storage.authorize(&charge(&v, usd("1.00"), "m.com"), &key, &Actor::System, T0 + 3).unwrap();
     assert_eq!(out.decline_code, Some(DeclineCode::CardVoided));
@@ -731,7 +731,10 @@ fn randomized_operations_keep_every_invariant(kind: Kind) {
                     bal.available += issued[i].cap.units();
                     issued[i].state = CardState::Voided;
                 } else {
-                    assert!(matches!(result, Err(StorageError::InvalidState(_))), "{ctx}: {result:?}");
+                    assert!(
+                        matches!(result, Err(StorageError::Conflict(Conflict::CardNotOpen, _))),
+                        "{ctx}: {result:?}"
+                    );
                 }
             }
             _ => {

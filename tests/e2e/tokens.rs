@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use spendguard::storage::{Actor, Backend, Role, StorageError};
+use spendguard::storage::{Actor, Backend, Conflict, Role, StorageError};
 
 use crate::support::{
     Body, Kind, Reply, Wallet, bearer, on_each_backend, path, proposal, spendguard, stdout,
@@ -55,7 +55,10 @@ fn tokens_are_listed_revoked_one_at_a_time_and_the_last_operator_token_stays(kin
     let revoked = b.revoke_token(&op1, &Actor::System, T0 + 10).unwrap();
     assert_eq!(revoked.revoked_at_ms, Some(T0 + 10));
     assert!(b.token(&hash(1)).unwrap().unwrap().revoked, "refused from now on");
-    assert!(matches!(b.revoke_token(&op1, &Actor::System, T0 + 11), Err(StorageError::InvalidState(_))));
+    assert!(matches!(
+        b.revoke_token(&op1, &Actor::System, T0 + 11),
+        Err(StorageError::Conflict(Conflict::AlreadyRevoked, _))
+    ));
     assert_eq!(
         b.revoke_token(&op2, &Actor::System, T0 + 12),
         Err(StorageError::LastOperatorToken(op2.clone())),
@@ -163,7 +166,11 @@ fn operator_and_network_tokens_are_made_listed_and_revoked_at_once() {
     assert_eq!((&revoked["id"], &revoked["role"]), (&json!(init_op), &json!("operator")));
     assert!(revoked["revoked_at"].is_string(), "{revoked}");
     w.get("/v1/wallet", &w.operator).refused(401, "revoked_token", "a revoked operator token");
-    post_empty(&w, &format!("/v1/tokens/{init_op}/revoke"), &ci_token).refused(409, "conflict", "twice");
+    post_empty(&w, &format!("/v1/tokens/{init_op}/revoke"), &ci_token).refused(
+        409,
+        "already_revoked",
+        "twice",
+    );
     post_empty(&w, "/v1/tokens/tok_nobody/revoke", &ci_token).refused(404, "not_found", "unknown");
 
     // The last operator token cannot be revoked; it keeps working.

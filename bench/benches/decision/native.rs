@@ -10,11 +10,7 @@ use crate::rules::{Rule, Verdict, scope};
 
 /// Every rule, in order, combined as the daemon combines policies.
 pub fn decide(rules: &[Rule], request: &SpendRequest, history: &dyn History) -> Verdict {
-    let mut verdict = Verdict::default();
-    for rule in rules {
-        verdict.add(check(rule, request, history));
-    }
-    verdict
+    Verdict::combine(rules.iter().map(|rule| check(rule, request, history)))
 }
 
 fn check(rule: &Rule, request: &SpendRequest, history: &dyn History) -> Decision {

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use spendguard::decide::Tally;
 use spendguard::history::{HistoryScope, PastSpend, StaticHistory};
 use spendguard::money::{Amount, format_units};
 use spendguard::policy::{Agent, CardTerms, Decision, Merchant, SpendFilter, SpendRequest};
@@ -269,31 +270,34 @@ pub enum Outcome {
     Deny,
 }
 
-/// What the attached policies decided together, as the daemon's
-/// `evaluate_all` combines them: every policy runs, deny wins, and the card
-/// gets the narrowest terms any allowing policy set.
+impl Outcome {
+    /// The outcome of the decisions tallied so far.
+    pub fn of(tally: &Tally) -> Outcome {
+        match tally.kind() {
+            "deny" => Outcome::Deny,
+            "require_approval" => Outcome::RequireApproval,
+            _ => Outcome::Allow,
+        }
+    }
+}
+
+/// What the attached policies decided together, combined by the daemon's
+/// own rule ([`Tally`]): every policy runs, deny wins, and the card gets the
+/// narrowest terms any allowing policy or escalation set. The reasons are
+/// left out: each engine words its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     pub outcome: Outcome,
     pub terms: CardTerms,
 }
 
-impl Default for Verdict {
-    fn default() -> Self {
-        Verdict { outcome: Outcome::Allow, terms: CardTerms::default() }
-    }
-}
-
 impl Verdict {
-    pub fn add(&mut self, decision: Decision) {
-        let outcome = match decision {
-            Decision::Allow(terms) => {
-                self.terms = std::mem::take(&mut self.terms).narrowest(terms);
-                Outcome::Allow
-            }
-            Decision::Deny(_) => Outcome::Deny,
-            Decision::RequireApproval { .. } => Outcome::RequireApproval,
-        };
-        self.outcome = self.outcome.max(outcome);
+    /// Every decision, in order, combined.
+    pub fn combine(decisions: impl IntoIterator<Item = Decision>) -> Verdict {
+        let mut tally = Tally::default();
+        for decision in decisions {
+            tally.add(decision);
+        }
+        Verdict { outcome: Outcome::of(&tally), terms: tally.terms().clone() }
     }
 }

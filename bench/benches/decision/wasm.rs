@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
+use spendguard::decide::Tally;
 use spendguard::history::History;
 use spendguard::policy::SpendRequest;
 use spendguard::sandbox::{Limits, LoadedPolicy, Sandbox};
@@ -73,12 +74,9 @@ impl WasmRules<'_> {
     /// Every attached policy in a fresh instance, combined as the daemon's
     /// `evaluate_all` does.
     pub fn decide(&self, request: &SpendRequest, history: &Arc<dyn History>) -> Verdict {
-        let mut verdict = Verdict::default();
-        for (name, policy, config) in &self.attached {
-            let run = self.sandbox.evaluate(policy, request, config, Arc::clone(history));
-            verdict.add(run.decision(name));
-        }
-        verdict
+        Verdict::combine(self.attached.iter().map(|(name, policy, config)| {
+            self.sandbox.evaluate(policy, request, config, Arc::clone(history)).decision(name)
+        }))
     }
 
     /// [`WasmRules::decide`] for the timing loop: a fault is an error
@@ -89,15 +87,15 @@ impl WasmRules<'_> {
         request: &SpendRequest,
         history: &Arc<dyn History>,
     ) -> Result<Outcome, String> {
-        let mut verdict = Verdict::default();
+        let mut tally = Tally::default();
         for (name, policy, config) in &self.attached {
             let run = self.sandbox.evaluate(policy, request, config, Arc::clone(history));
             match run.outcome {
-                Ok(decision) => verdict.add(decision),
+                Ok(decision) => tally.add(decision),
                 Err(fault) => return Err(format!("{name} faulted after {:?}: {fault}", run.elapsed)),
             }
         }
-        Ok(verdict.outcome)
+        Ok(Outcome::of(&tally))
     }
 
     /// Fuel (Wasm instructions) the attached policies use on `request`;

@@ -158,7 +158,7 @@ pub fn mint(
     agent: Option<String>,
     label: &str,
 ) -> anyhow::Result<Minted> {
-    server::token_label(label).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    server::parse::token_label(label).map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let opened = datadir::open(dir, &database.database()?)?;
     let role = match (role, agent) {
         (TokenRole::Operator, None) => Role::Operator,

@@ -5,6 +5,8 @@ use std::fmt;
 
 use serde::Serialize;
 
+pub use crate::policy::{LogLevel, LogLine};
+
 /// Why a module was refused at load.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LoadError {
@@ -90,19 +92,4 @@ impl fmt::Display for Fault {
 /// The deny reason for a fault of policy `name`.
 pub fn fault_reason(name: &str, fault: &Fault) -> String {
     format!("policy `{name}` failed: {fault}")
-}
-
-/// A log line's level, as the policy chose it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogLevel {
-    Debug,
-    Info,
-    Warn,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct LogLine {
-    pub level: LogLevel,
-    pub message: String,
 }

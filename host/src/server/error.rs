@@ -73,7 +73,7 @@ impl From<StorageError> for ApiError {
             StorageError::IdempotencyConflict(_) => ApiError::conflict("idempotency_conflict", e.to_string()),
             StorageError::NotFound(what) => ApiError::not_found(what),
             StorageError::Revoked(m) => ApiError::unauthorized("revoked_token", m),
-            StorageError::InvalidState(m) => ApiError::conflict("conflict", m),
+            StorageError::Conflict(conflict, m) => ApiError::conflict(conflict.code(), m),
             StorageError::LastOperatorToken(_) => ApiError::conflict("last_operator_token", e.to_string()),
             StorageError::Issuer(_) | StorageError::Database(_) | StorageError::Invariant(_) => {
                 ApiError::internal(e.to_string())

@@ -14,10 +14,8 @@ use serde_json::{Value, json};
 
 use super::extract::PathId;
 use super::json::{self, parse_bytes};
-use super::routes::{
-    MAX_NAME_CHARS, MAX_PURPOSE_CHARS, QueryResult, amount, blocking, merchant_id, query, text,
-};
-use super::{ApiError, AppState, Caller};
+use super::parse::{MAX_NAME_CHARS, MAX_PURPOSE_CHARS, QueryResult, amount, merchant_id, query, text};
+use super::{ApiError, AppState, Caller, blocking};
 use crate::cases::check_mcc;
 use crate::datadir::now_ms;
 use crate::mandates::{

@@ -16,13 +16,13 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
-use super::routes::{blocking, evaluate_all, load_policies, parse_proposal, policy_agent};
-use super::{ApiError, AppState, Caller, json};
+use super::spends::{Opening, evaluate_all, live_agent, load_policies, open, policy_agent};
+use super::{ApiError, AppState, Caller, blocking};
 use crate::datadir::now_ms;
+use crate::decide::card_terms;
 use crate::mandates::{MandateRecord, bound, clip_ttl};
 use crate::money::Amount;
 use crate::policy::{self, CardTerms};
-use crate::storage::sql::spends::card_terms;
 use crate::storage::{Verdict, new_ordered_id};
 
 /// The card a spend would get under these terms: the narrowest cap and the
@@ -40,21 +40,14 @@ pub async fn preview(
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let agent_id = caller.agent()?.to_owned();
-    state.admit_proposal(&agent_id).await?;
     // The body of a proposal; an `Idempotency-Key` means nothing here.
-    let proposal = parse_proposal(&json::body(body)?, &HeaderMap::new())?;
-    let received_at_ms = now_ms();
-    let turn = state.agent_turn(&agent_id).await?;
+    let Opening { agent_id, proposal, received_at_ms, turn } =
+        open(&state, &caller, body, &HeaderMap::new()).await?;
     let s = Arc::clone(&state);
     let actor = caller.actor();
     let answer = blocking(move || {
         let _turn = turn;
-        let agent = s
-            .backend
-            .agent(&agent_id)?
-            .filter(|a| !a.revoked)
-            .ok_or_else(|| ApiError::unauthorized("revoked_token", "this agent was revoked"))?;
+        let agent = live_agent(&s, &agent_id)?;
         // As a proposal: a mandate that is not the agent's own is not
         // found, and nothing is recorded; the policies see the mandate as
         // it stands now, and the mandate's own check bounds their verdict.

@@ -46,7 +46,7 @@ use cards::authorize;
 use ledger::resolve_hold;
 use spends::{agent_revoked, resolve_approval};
 
-use super::{Actor, AuthorizationOutcome, StorageError};
+use super::{Actor, AuthorizationOutcome, Conflict, StorageError};
 use crate::audit::AuditKey;
 use crate::cards::{AuthorizationRequest, CardKey};
 use crate::money::Amount;
@@ -179,7 +179,9 @@ pub(crate) const EXPIRY_DUE_SQL: &str = "SELECT h.id, h.currency, h.units FROM h
      WHERE h.expires_at_ms > ?1 AND h.expires_at_ms <= ?2 AND r.hold_id IS NULL";
 
 pub(crate) fn ms(value: u64) -> Result<i64, StorageError> {
-    i64::try_from(value).map_err(|_| StorageError::InvalidState(format!("time {value} ms is out of range")))
+    i64::try_from(value).map_err(|_| {
+        StorageError::Conflict(Conflict::TimeOutOfRange, format!("time {value} ms is out of range"))
+    })
 }
 
 pub(crate) fn from_ms(value: i64) -> u64 {
@@ -188,6 +190,25 @@ pub(crate) fn from_ms(value: i64) -> u64 {
 
 fn amount(units: i64, currency: &str) -> Result<Amount, StorageError> {
     Amount::from_units(units, currency).map_err(|e| StorageError::Invariant(format!("stored amount: {e}")))
+}
+
+/// Record a resolution that may happen once: a hold's, a spend's approval,
+/// a mandate's answer or end. `insert` is an `INSERT … ON CONFLICT DO
+/// NOTHING` into a table keyed by what it resolves, so the second of two
+/// resolutions, even racing from another connection or daemon, inserts
+/// nothing and is refused as `conflict`, saying `message`; its transaction
+/// then rolls back whatever it did before.
+fn resolve_once(
+    conn: &dyn Conn,
+    insert: &str,
+    args: &[Arg<'_>],
+    conflict: Conflict,
+    message: impl FnOnce() -> String,
+) -> Result<(), StorageError> {
+    match conn.execute(insert, args)? {
+        1 => Ok(()),
+        _ => Err(StorageError::Conflict(conflict, message())),
+    }
 }
 
 /// The wallet on one SQL engine: the [`Storage`] and

@@ -691,9 +691,13 @@ mod tests {
         assert_eq!(durability.fsyncs.load(Ordering::Relaxed), fsyncs + 1, "one fsync for the 50");
         // A job's error is its answer; a panic closes its channel; the
         // writer thread goes on, and neither wrote anything.
-        let refused =
-            storage.engine.submit::<i64>(Box::new(|_| Err(StorageError::InvalidState("no".into()))));
-        assert_eq!(refused.blocking_recv().unwrap(), Err(StorageError::InvalidState("no".into())));
+        let refused = storage.engine.submit::<i64>(Box::new(|_| {
+            Err(StorageError::Conflict(crate::storage::Conflict::AlreadyExists, "no".into()))
+        }));
+        assert_eq!(
+            refused.blocking_recv().unwrap(),
+            Err(StorageError::Conflict(crate::storage::Conflict::AlreadyExists, "no".into()))
+        );
         let lost = storage.engine.submit::<i64>(Box::new(|lender| {
             Conn::execute(lender.conn()?, "INSERT INTO expiry_sweeps (swept_to_ms) VALUES (-1)", &[])?;
             panic!("a bug in a queued write")

@@ -2,6 +2,7 @@
 //! transaction they describe, and read back in order.
 
 use super::{Conn, args, from_ms};
+use crate::audit::AuditEvent;
 use crate::storage::{AUDIT_GENESIS, Actor, AuditRecord, StorageError, audit_hash};
 
 /// Append one record to the audit chain, inside the caller's transaction
@@ -45,6 +46,16 @@ pub(crate) fn append_audit(
         args![seq, now, kind, &text, &prev_hash, &hash],
     )?;
     Ok(())
+}
+
+/// Append a typed [`AuditEvent`], as [`append_audit`] does.
+pub(crate) fn append_event(
+    conn: &dyn Conn,
+    event: &AuditEvent<'_>,
+    actor: &Actor,
+    now: i64,
+) -> Result<(), StorageError> {
+    append_audit(conn, event.kind(), &event.record(), actor, now)
 }
 
 pub(super) fn read_audit(

@@ -1,14 +1,13 @@
 //! Cards in SQL: the card rows with their hold's state, issuing a card for
 //! a hold (hashes only), and a merchant's charge against one.
 
-use serde_json::json;
-
-use super::audit::append_audit;
+use super::audit::append_event;
 use super::ledger::resolve_hold;
 use super::{Conn, Row, amount, args, from_ms, ms};
+use crate::audit::AuditEvent;
 use crate::cards::{
     AuthorizationRequest, CardKey, CardRequest, CardState, CardView, DeclineCode, IssuedCard, MAX_WRONG_CVV,
-    decide,
+    charge_outcome,
 };
 use crate::money::Amount;
 use crate::storage::{Actor, AuthorizationOutcome, CardIssuance, CardRecord, StorageError, new_ordered_id};
@@ -178,43 +177,39 @@ pub(super) fn authorize(
     {
         return Ok(earlier);
     }
-    let card = find_card(tx, "pan_hash", &key.hash_pan(&request.pan))?;
-    let view = match &card {
-        Some(c) => {
-            let standing = tx.one(CARD_STANDING_SQL, args![&c.record.id, &c.record.agent_id])?;
+    // The card as the charge sees it, and the hold it resolves.
+    let card = match find_card(tx, "pan_hash", &key.hash_pan(&request.pan))? {
+        Some(CardRow { record, hold_id, cvv_hash }) => {
+            let standing = tx.one(CARD_STANDING_SQL, args![&record.id, &record.agent_id])?;
             let tries: i64 = standing.get(0)?;
-            Some(CardView {
-                card_id: c.record.id.clone(),
-                cvv_hash: c.cvv_hash.clone(),
-                exp_month: c.record.exp_month,
-                exp_year: c.record.exp_year,
-                cap: c.record.cap.clone(),
-                merchant_id: c.record.merchant_id.clone(),
-                expires_at_ms: c.record.expires_at_ms,
-                state: c.record.state,
+            let view = CardView {
+                record,
+                cvv_hash,
                 wrong_cvv_tries: u32::try_from(tries).unwrap_or(u32::MAX),
                 agent_revoked: standing.get(1)?,
-            })
+            };
+            Some((view, hold_id))
         }
         None => None,
     };
-    let decision = decide(key, view.as_ref(), request, now_ms);
+    let decision = charge_outcome(key, card.as_ref().map(|(view, _)| view), request, now_ms);
     // Why this authorization voided the card, if it did.
     let mut voided = None;
-    if let (Some(card), Some(view)) = (&card, &view) {
-        let cap = card.record.cap.units();
-        let currency = card.record.cap.currency();
-        let open = card.record.state == CardState::Open;
+    if let Some((view, hold_id)) = &card {
+        let hold_id = *hold_id;
+        let cap = view.record.cap.units();
+        let currency = view.record.cap.currency();
+        let open = view.record.state == CardState::Open;
         match decision {
-            Ok(()) => resolve_hold(tx, card.hold_id, "captured", currency, cap, request.amount.units(), now)?,
+            Ok(()) => resolve_hold(tx, hold_id, "captured", currency, cap, request.amount.units(), now)?,
             // The last wrong try the card allows: voided now, its hold released.
             Err(DeclineCode::WrongCvv) if open && view.wrong_cvv_tries + 1 >= MAX_WRONG_CVV => {
-                resolve_hold(tx, card.hold_id, "voided", currency, cap, 0, now)?;
+                resolve_hold(tx, hold_id, "voided", currency, cap, 0, now)?;
                 voided = Some(format!("{MAX_WRONG_CVV} authorizations with a wrong CVV"));
             }
             // Locked out or its agent revoked, yet still open: voided now.
             Err(DeclineCode::CardVoided) if open => {
-                resolve_hold(tx, card.hold_id, "voided", currency, cap, 0, now)?;
+                resolve_hold(tx, hold_id, "voided", currency, cap, 0, now)?;
                 voided = Some(if view.agent_revoked {
                     "the agent was revoked".to_owned()
                 } else {
@@ -223,12 +218,12 @@ pub(super) fn authorize(
             }
             // Seen past its life before the sweep got to it: expire it now.
             Err(DeclineCode::CardExpired) if open => {
-                resolve_hold(tx, card.hold_id, "expired", currency, cap, 0, now)?
+                resolve_hold(tx, hold_id, "expired", currency, cap, 0, now)?
             }
             Err(_) => {}
         }
     }
-    let card_id = card.as_ref().map(|c| c.record.id.clone());
+    let card_id = card.as_ref().map(|(view, _)| view.record.id.clone());
     let code = decision.err().map(DeclineCode::as_str);
     tx.execute(
         "INSERT INTO authorizations (card_id, units, currency, merchant_id, approved, decline_code, created_at_ms,
@@ -246,22 +241,17 @@ pub(super) fn authorize(
             &fingerprint
         ],
     )?;
-    append_audit(
-        tx,
-        "authorization",
-        &json!({
-            "card_id": card_id,
-            "amount": request.amount.to_decimal().to_string(),
-            "currency": request.amount.currency(),
-            "merchant_id": request.merchant_id,
-            "approved": decision.is_ok(),
-            "decline_code": code,
-        }),
-        actor,
-        now,
-    )?;
+    let authorization = AuditEvent::Authorization {
+        card_id: card_id.as_deref(),
+        amount: &request.amount,
+        merchant_id: &request.merchant_id,
+        approved: decision.is_ok(),
+        decline_code: decision.err(),
+    };
+    append_event(tx, &authorization, actor, now)?;
     if let Some(reason) = voided {
-        append_audit(tx, "card_void", &json!({ "card_id": card_id, "reason": reason }), actor, now)?;
+        let void = AuditEvent::CardVoid { card_id: card_id.as_deref(), reason: Some(&reason) };
+        append_event(tx, &void, actor, now)?;
     }
     Ok(AuthorizationOutcome {
         approved: decision.is_ok(),

@@ -1,11 +1,11 @@
 //! The double-entry ledger: accounts per currency, balances, transfers with
 //! their two entries, and holds placed and resolved exactly once.
 
-use super::{Conn, args};
+use super::{Conn, args, resolve_once};
 use crate::ledger::{AccountKind, TransferKind};
 use crate::money::Amount;
 use crate::policy::Merchant;
-use crate::storage::StorageError;
+use crate::storage::{Conflict, StorageError};
 
 pub(super) fn account_id(
     conn: &dyn Conn,
@@ -89,14 +89,14 @@ pub(super) fn resolve_hold(
     captured_units: i64,
     now_ms: i64,
 ) -> Result<(), StorageError> {
-    let inserted = conn.execute(
+    resolve_once(
+        conn,
         "INSERT INTO hold_resolutions (hold_id, kind, captured_units, resolved_at_ms) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT DO NOTHING",
         args![hold_id, kind, captured_units, now_ms],
+        Conflict::HoldAlreadyResolved,
+        || format!("hold {hold_id} is already resolved"),
     )?;
-    if inserted != 1 {
-        return Err(StorageError::InvalidState(format!("hold {hold_id} is already resolved")));
-    }
     if captured_units > 0 {
         transfer(conn, TransferKind::Capture, currency, captured_units, Some(hold_id), now_ms)?;
     }

@@ -10,10 +10,10 @@
 
 use serde_json::json;
 
-use super::{Conn, Engine, SqlStore, append_audit, args, from_ms, ms};
+use super::{Conn, Engine, SqlStore, append_audit, args, from_ms, ms, resolve_once};
 use crate::mandates::{Answer, Creator, End, MandateRecord, Mandates, NewMandate};
 use crate::money::Amount;
-use crate::storage::{Actor, StorageError};
+use crate::storage::{Actor, Conflict, StorageError};
 
 const MANDATE_SELECT: &str =
     "SELECT m.id, m.agent_id, m.units, m.currency, m.purpose, m.merchant_ids, m.mccs,
@@ -149,13 +149,13 @@ pub(crate) fn end_mandate(
     now: i64,
 ) -> Result<(), StorageError> {
     let id = m.id();
-    let inserted = tx.execute(
+    resolve_once(
+        tx,
         "INSERT INTO mandate_ends (mandate_id, kind, ended_at_ms) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
         args![id, end.as_str(), now],
+        Conflict::MandateEnded,
+        || format!("mandate `{id}` has already ended"),
     )?;
-    if inserted != 1 {
-        return Err(StorageError::InvalidState(format!("mandate `{id}` has already ended")));
-    }
     let mut cards_voided = Vec::new();
     let mut holds_released = 0_usize;
     for hold in tx.rows(OPEN_HOLDS_OF_MANDATE_SQL, args![id])? {
@@ -226,7 +226,10 @@ impl<E: Engine> Mandates for SqlStore<E> {
                 return Err(StorageError::NotFound(format!("agent `{agent_id}`")));
             }
             if super::agent_revoked(tx, agent_id)? {
-                return Err(StorageError::InvalidState(format!("agent `{agent_id}` is revoked")));
+                return Err(StorageError::Conflict(
+                    Conflict::AgentRevoked,
+                    format!("agent `{agent_id}` is revoked"),
+                ));
             }
             let list =
                 |l: &[String]| serde_json::to_string(l).map_err(|e| StorageError::Invariant(e.to_string()));
@@ -305,23 +308,26 @@ impl<E: Engine> Mandates for SqlStore<E> {
                 mandate_by_id(tx, id)?.ok_or_else(|| StorageError::NotFound(format!("mandate `{id}`")))?;
             let status = m.status(now_ms, approval_ttl_ms);
             if status != crate::mandates::MandateStatus::PendingApproval {
-                return Err(StorageError::InvalidState(format!(
-                    "mandate `{id}` is {}, not waiting for approval",
-                    status.as_str()
-                )));
+                return Err(StorageError::Conflict(
+                    Conflict::NotPendingApproval,
+                    format!("mandate `{id}` is {}, not waiting for approval", status.as_str()),
+                ));
             }
             if super::agent_revoked(tx, &m.mandate.agent_id)? {
-                return Err(StorageError::InvalidState(format!("the agent of mandate `{id}` was revoked")));
+                return Err(StorageError::Conflict(
+                    Conflict::AgentRevoked,
+                    format!("the agent of mandate `{id}` was revoked"),
+                ));
             }
             let answer = if approve { Answer::Approved } else { Answer::Denied };
-            let inserted = tx.execute(
+            resolve_once(
+                tx,
                 "INSERT INTO mandate_answers (mandate_id, decision, answered_at_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT DO NOTHING",
                 args![id, answer.as_str(), now],
+                Conflict::MandateAnswered,
+                || format!("mandate `{id}` is already answered"),
             )?;
-            if inserted != 1 {
-                return Err(StorageError::InvalidState(format!("mandate `{id}` is already answered")));
-            }
             audit_mandate(tx, answer.as_str(), &m, json!({}), actor, now)?;
             Ok(MandateRecord { answer: Some((answer, now_ms)), ..m })
         })
@@ -337,10 +343,10 @@ impl<E: Engine> Mandates for SqlStore<E> {
             let status = m.status(now_ms, u64::MAX);
             use crate::mandates::MandateStatus as S;
             if !matches!(status, S::Active | S::Exhausted | S::PendingApproval) {
-                return Err(StorageError::InvalidState(format!(
-                    "mandate `{id}` is already {}",
-                    status.as_str()
-                )));
+                return Err(StorageError::Conflict(
+                    Conflict::MandateEnded,
+                    format!("mandate `{id}` is already {}", status.as_str()),
+                ));
             }
             let by = match actor {
                 Actor::Token { role: crate::storage::Role::Agent(_), .. } => "revoked by its agent",

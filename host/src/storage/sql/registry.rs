@@ -13,8 +13,8 @@ use super::ledger::resolve_hold;
 use super::spends::resolve_approval;
 use super::{Conn, Engine, Row, SqlStore, args, from_ms, ms};
 use crate::storage::{
-    Actor, AgentRecord, Attachment, PolicyRecord, Registry, Role, StorageError, TokenInfo, TokenRecord,
-    new_id,
+    Actor, AgentRecord, Attachment, Conflict, PolicyRecord, Registry, Role, StorageError, TokenInfo,
+    TokenRecord, new_id,
 };
 
 /// A token by its hash (the `UNIQUE` index on `hash`), revoked when the
@@ -258,7 +258,7 @@ impl<E: Engine> Registry for SqlStore<E> {
         self.write(|tx| {
             let token = token_by_id(tx, id)?.ok_or_else(|| StorageError::NotFound(format!("token `{id}`")))?;
             if token.revoked_at_ms.is_some() {
-                return Err(StorageError::InvalidState(format!("token `{id}` is already revoked")));
+                return Err(StorageError::Conflict(Conflict::AlreadyRevoked, format!("token `{id}` is already revoked")));
             }
             // Under the write lock: two revocations racing for the last two
             // operator tokens cannot both pass this check.
@@ -378,10 +378,13 @@ impl<E: Engine> Registry for SqlStore<E> {
     ) -> Result<AgentRecord, StorageError> {
         let now = ms(now_ms)?;
         let labels = serde_json::to_string(&agent.labels)
-            .map_err(|e| StorageError::InvalidState(format!("labels of agent `{}`: {e}", agent.id)))?;
+            .map_err(|e| StorageError::Invariant(format!("labels of agent `{}`: {e}", agent.id)))?;
         self.write(|tx| {
             if agent_exists(tx, &agent.id)? {
-                return Err(StorageError::InvalidState(format!("agent `{}` already exists", agent.id)));
+                return Err(StorageError::Conflict(
+                    Conflict::AlreadyExists,
+                    format!("agent `{}` already exists", agent.id),
+                ));
             }
             tx.execute(
                 "INSERT INTO agents (id, name, labels, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -424,7 +427,10 @@ impl<E: Engine> Registry for SqlStore<E> {
             let agent =
                 agent_by_id(tx, id)?.ok_or_else(|| StorageError::NotFound(format!("agent `{id}`")))?;
             if agent.revoked {
-                return Err(StorageError::InvalidState(format!("agent `{id}` is already revoked")));
+                return Err(StorageError::Conflict(
+                    Conflict::AlreadyRevoked,
+                    format!("agent `{id}` is already revoked"),
+                ));
             }
             tx.execute(
                 "INSERT INTO agent_revocations (agent_id, revoked_at_ms) VALUES (?1, ?2)",
@@ -480,7 +486,10 @@ impl<E: Engine> Registry for SqlStore<E> {
             let agent =
                 agent_by_id(tx, id)?.ok_or_else(|| StorageError::NotFound(format!("agent `{id}`")))?;
             if agent.revoked {
-                return Err(StorageError::InvalidState(format!("agent `{id}` is revoked")));
+                return Err(StorageError::Conflict(
+                    Conflict::AgentRevoked,
+                    format!("agent `{id}` is revoked"),
+                ));
             }
             insert_set(tx, id, attachments, now)?;
             append_audit(

@@ -8,13 +8,14 @@ use super::audit::append_audit;
 use super::cards::issue_card;
 use super::ledger::{balance, place_hold};
 use super::mandates::check_mandate;
-use super::{Conn, INSUFFICIENT_FUNDS, Row, amount, args, from_ms, ms};
+use super::{Conn, INSUFFICIENT_FUNDS, Row, amount, args, from_ms, ms, resolve_once};
+use crate::decide::card_terms;
 use crate::ledger::AccountKind;
 use crate::mandates::clip_ttl;
-use crate::money::Amount;
 use crate::policy::{CardTerms, Merchant};
 use crate::storage::{
-    Actor, CardIssuance, Decided, NewSpend, Proposed, SpendRecord, SpendStatus, StorageError, Verdict,
+    Actor, CardIssuance, Conflict, Decided, NewSpend, Proposed, SpendRecord, SpendStatus, StorageError,
+    Verdict,
 };
 
 /// The columns of a spend with its outcome: the first decision, overridden
@@ -97,18 +98,6 @@ pub(super) fn insert_spend(
         ],
     )?;
     Ok(())
-}
-
-/// The card a spend may get: the narrowest cap any policy set, never above
-/// the requested amount nor in another currency; the shortest life, never
-/// above the default.
-pub(crate) fn card_terms(amount: &Amount, terms: &CardTerms, default_ttl_seconds: u32) -> (Amount, u32) {
-    let cap = match &terms.max_amount {
-        Some(cap) if cap.currency() == amount.currency() && cap.units() < amount.units() => cap.clone(),
-        _ => amount.clone(),
-    };
-    let ttl = terms.ttl_seconds.unwrap_or(default_ttl_seconds).clamp(1, default_ttl_seconds.max(1));
-    (cap, ttl)
 }
 
 /// The outcome of the part of a proposal that runs after the policies.
@@ -220,13 +209,16 @@ pub(super) fn pending_spend(
     let spend =
         spend_by_id(conn, spend_id)?.ok_or_else(|| StorageError::NotFound(format!("spend `{spend_id}`")))?;
     if spend.status != SpendStatus::PendingApproval {
-        return Err(StorageError::InvalidState(format!(
-            "spend `{spend_id}` is {}, not waiting for approval",
-            spend.status.as_str()
-        )));
+        return Err(StorageError::Conflict(
+            Conflict::NotPendingApproval,
+            format!("spend `{spend_id}` is {}, not waiting for approval", spend.status.as_str()),
+        ));
     }
     if spend.received_at_ms.saturating_add(approval_ttl_ms) <= now_ms {
-        return Err(StorageError::InvalidState(format!("the approval of spend `{spend_id}` has expired")));
+        return Err(StorageError::Conflict(
+            Conflict::ApprovalExpired,
+            format!("the approval of spend `{spend_id}` has expired"),
+        ));
     }
     Ok(spend)
 }
@@ -239,14 +231,14 @@ pub(super) fn resolve_approval(
     actor: &Actor,
     now: i64,
 ) -> Result<(), StorageError> {
-    let inserted = conn.execute(
+    resolve_once(
+        conn,
         "INSERT INTO approval_resolutions (spend_id, decision, reason, resolved_at_ms) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT DO NOTHING",
         args![spend_id, decision, reason, now],
+        Conflict::AlreadyResolved,
+        || format!("spend `{spend_id}` is already resolved"),
     )?;
-    if inserted != 1 {
-        return Err(StorageError::InvalidState(format!("spend `{spend_id}` is already resolved")));
-    }
     append_audit(
         conn,
         "approval",
@@ -292,10 +284,10 @@ pub(super) fn commit_approval(
     // (a limit used up since, say) still wins.
     let terms = match decided.verdict {
         Verdict::Deny(reasons) => {
-            return Err(StorageError::InvalidState(format!(
-                "the policies now deny spend `{spend_id}`: {}",
-                reasons.join("; ")
-            )));
+            return Err(StorageError::Conflict(
+                Conflict::PoliciesDeny,
+                format!("the policies now deny spend `{spend_id}`: {}", reasons.join("; ")),
+            ));
         }
         Verdict::Approve(terms) | Verdict::RequireApproval { terms, .. } => terms,
     };
@@ -319,15 +311,17 @@ pub(super) fn commit_approval(
     let ttl = match mandate {
         Ok(left) => clip_ttl(ttl, left),
         Err(reason) => {
-            return Err(StorageError::InvalidState(format!(
-                "spend `{spend_id}` no longer fits its {reason}"
-            )));
+            return Err(StorageError::Conflict(
+                Conflict::MandateRefused,
+                format!("spend `{spend_id}` no longer fits its {reason}"),
+            ));
         }
     };
     if balance(tx, cap.currency(), AccountKind::Available)? < cap.units() {
-        return Err(StorageError::InvalidState(format!(
-            "{INSUFFICIENT_FUNDS}: spend `{spend_id}` needs {cap}"
-        )));
+        return Err(StorageError::Conflict(
+            Conflict::InsufficientFunds,
+            format!("{INSUFFICIENT_FUNDS}: spend `{spend_id}` needs {cap}"),
+        ));
     }
     resolve_approval(tx, spend_id, "approved", "approved by the operator", actor, now)?;
     let received = ms(spend.received_at_ms)?;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use super::audit::{append_audit, read_audit};
+use super::audit::{append_audit, append_event, read_audit};
 use super::cards::{CARD_COLUMNS, authorize, card_row, find_card, issue_card};
 use super::invariants::check_invariants;
 use super::ledger::{balance, ensure_accounts, resolve_hold, transfer};
@@ -14,14 +14,15 @@ use super::spends::{
     resolve_approval, spend_by_id, spend_record,
 };
 use super::{EXPIRY_DUE_SQL, Engine, SWEEP_OVERLAP, SqlStore, amount, args, ms};
+use crate::audit::AuditEvent;
 use crate::audit::{AuditHead, Checkpoint};
 use crate::cards::{AuthorizationRequest, CardKey, CardState, IssuedCard};
 use crate::history::History;
 use crate::ledger::{AccountKind, Balance, TransferKind};
 use crate::money::{self, Amount};
 use crate::storage::{
-    Actor, AuditBreak, AuditRecord, AuthorizationOutcome, CardIssuance, CardRecord, Decided, DepositRecord,
-    NewSpend, Proposed, SpendRecord, Storage, StorageError, new_id, verify_chain,
+    Actor, AuditBreak, AuditRecord, AuthorizationOutcome, CardIssuance, CardRecord, Conflict, Decided,
+    DepositRecord, NewSpend, Proposed, SpendRecord, Storage, StorageError, new_id, verify_chain,
 };
 
 impl<E: Engine> Storage for SqlStore<E> {
@@ -143,9 +144,10 @@ impl<E: Engine> Storage for SqlStore<E> {
             move |conn| {
                 let spend = pending_spend(conn, &spend_id, approval_ttl_ms, now_ms)?;
                 if agent_revoked(conn, &spend.agent_id)? {
-                    return Err(StorageError::InvalidState(format!(
-                        "the agent of spend `{spend_id}` was revoked"
-                    )));
+                    return Err(StorageError::Conflict(
+                        Conflict::AgentRevoked,
+                        format!("the agent of spend `{spend_id}` was revoked"),
+                    ));
                 }
                 Ok(Ok(spend))
             },
@@ -301,15 +303,15 @@ impl<E: Engine> Storage for SqlStore<E> {
             let card = find_card(tx, "id", card_id)?
                 .ok_or_else(|| StorageError::NotFound(format!("card `{card_id}`")))?;
             if card.record.state != CardState::Open {
-                return Err(StorageError::InvalidState(format!(
-                    "card `{card_id}` is already {}",
-                    card.record.state.as_str()
-                )));
+                return Err(StorageError::Conflict(
+                    Conflict::CardNotOpen,
+                    format!("card `{card_id}` is already {}", card.record.state.as_str()),
+                ));
             }
             let now = ms(now_ms)?;
             let cap = &card.record.cap;
             resolve_hold(tx, card.hold_id, "voided", cap.currency(), cap.units(), 0, now)?;
-            append_audit(tx, "card_void", &json!({ "card_id": card_id }), actor, now)?;
+            append_event(tx, &AuditEvent::CardVoid { card_id: Some(card_id), reason: None }, actor, now)?;
             find_card(tx, "id", card_id)?
                 .map(|c| c.record)
                 .ok_or_else(|| StorageError::Invariant("voided card vanished".into()))
