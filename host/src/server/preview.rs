@@ -16,7 +16,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
-use super::spends::{Opening, evaluate_all, live_agent, load_policies, open, policy_agent};
+use super::spends::{Opening, evaluate_all, live_agent, load_policies, open, own_mandate, policy_agent};
 use super::{ApiError, AppState, Caller, blocking};
 use crate::datadir::now_ms;
 use crate::decide::card_terms;
@@ -51,15 +51,7 @@ pub async fn preview(
         // As a proposal: a mandate that is not the agent's own is not
         // found, and nothing is recorded; the policies see the mandate as
         // it stands now, and the mandate's own check bounds their verdict.
-        let mandate = match &proposal.mandate_id {
-            Some(mandate_id) => Some(
-                s.backend
-                    .mandate(mandate_id)?
-                    .filter(|m| m.mandate.agent_id == agent_id)
-                    .ok_or_else(|| ApiError::not_found(format!("mandate `{mandate_id}`")))?,
-            ),
-            None => None,
-        };
+        let mandate = own_mandate(&s, &agent_id, proposal.mandate_id.as_deref())?;
         let request = policy::SpendRequest {
             id: new_ordered_id("pv", received_at_ms),
             agent: policy_agent(&agent),

@@ -47,15 +47,7 @@ pub async fn propose(
         // A mandate that is not the agent's own is not found, and nothing
         // is recorded (storage checks again in the committing transaction).
         // The policies see the mandate as it stands now (contract 0.2.0).
-        let mandate = match &spend.mandate_id {
-            Some(mandate_id) => Some(
-                s.backend
-                    .mandate(mandate_id)?
-                    .filter(|m| m.mandate.agent_id == agent_id)
-                    .ok_or_else(|| ApiError::not_found(format!("mandate `{mandate_id}`")))?,
-            ),
-            None => None,
-        };
+        let mandate = own_mandate(&s, &agent_id, spend.mandate_id.as_deref())?;
         let request = policy::SpendRequest {
             id: spend.id.clone(),
             agent: policy_agent(&agent),
@@ -215,4 +207,21 @@ pub async fn list_spends(
     let s = Arc::clone(&state);
     let spends = blocking(move || Ok(s.backend.spends(reader.as_deref(), limit)?)).await?;
     ok(json!({ "spends": spends.iter().map(|sp| json::spend(sp, None)).collect::<Vec<_>>() }))
+}
+
+/// The mandate a proposal or a preview names, if it is the agent's own;
+/// another agent's (or none by that id) is not found, before anything is
+/// recorded.
+pub(super) fn own_mandate(
+    state: &AppState,
+    agent_id: &str,
+    mandate_id: Option<&str>,
+) -> Result<Option<MandateRecord>, ApiError> {
+    let Some(mandate_id) = mandate_id else { return Ok(None) };
+    let mandate = state
+        .backend
+        .mandate(mandate_id)?
+        .filter(|m| m.mandate.agent_id == agent_id)
+        .ok_or_else(|| ApiError::not_found(format!("mandate `{mandate_id}`")))?;
+    Ok(Some(mandate))
 }
